@@ -1,0 +1,140 @@
+"""The ``stream-forecaster`` command.
+
+User errors (configuration, data, missing model) print one line and exit 2;
+Ctrl-C exits 130 without leaving anything half-written. TensorFlow is imported
+only by the commands that need it, so ``--help`` and config errors are instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .config import Config, load_config
+from .errors import UserError
+from .records import SAMPLE_PATH, read_uci
+from .registry import ModelStore
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+log = logging.getLogger("stream_forecaster")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", metavar="FILE",
+        help="YAML configuration (default: ./config.yaml if it exists, else built-in defaults)",
+    )
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override one setting (YAML value); repeatable",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stream-forecaster", description="Streaming one-step-ahead LSTM forecasts for sensor fleets on Kafka.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a model version on a UCI file and test it")
+    _common(train)
+    train.add_argument("--data", metavar="PATH", help="UCI .txt/.zip/.gz (default: data.path, else the bundled sample)")
+    train.add_argument("--quiet", action="store_true", help="no Keras progress display")
+
+    evaluate = commands.add_parser("evaluate", help="one-step-ahead backtest of a model over every window of a file")
+    _common(evaluate)
+    evaluate.add_argument("--data", metavar="PATH", help="UCI .txt/.zip/.gz (default: data.path, else the bundled sample)")
+    evaluate.add_argument("--model", metavar="VERSION_OR_PATH", help="model version in the store or a version directory (default: current)")
+    evaluate.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    evaluate.add_argument("--plot", metavar="FILE.png", help="plot the first 100 predictions against the truth")
+    evaluate.add_argument("--csv-dir", metavar="DIR", help="write predicted.csv and test_data.csv")
+    return parser
+
+
+def _config(args) -> Config:
+    path = args.config
+    if path is None and Path("config.yaml").is_file():
+        path = "config.yaml"
+    return load_config(path, args.overrides)
+
+
+def _data_path(args, config: Config) -> Path:
+    return Path(args.data or config.data.path or SAMPLE_PATH)
+
+
+def _read(path: Path, columns, config: Config):
+    return read_uci(path, columns, ratio=config.data.ratio, on_error=config.data.on_error)
+
+
+def _union(*groups) -> list[str]:
+    return list(dict.fromkeys(name for group in groups for name in group))
+
+
+def cmd_train(args) -> int:
+    config = _config(args)
+    from .report import format_table
+    from .training import train
+
+    series = _read(_data_path(args, config), _union(config.data.features, config.data.targets), config)
+    log.info("read %s: %d readings, %d missing skipped, %d malformed skipped",
+             series.source, len(series), series.missing, series.malformed)
+    trained = train(config, series, verbose=0 if args.quiet else "auto")
+    store = ModelStore(config.model_store.path, config.model_store.keep)
+    version = store.publish(trained.forecaster.save)
+    summary = trained.test.summary()
+    first, last = trained.forecaster.metadata["data"]["test_range"]
+    print(f"model version {version} written to {store.directory(version)} (trained in {trained.seconds:.1f} s)")
+    print(f"test split: {summary['n']} windows, {first} to {last}")
+    print(format_table(summary))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    config = _config(args)
+    store = ModelStore(config.model_store.path, config.model_store.keep)
+    directory, version = store.resolve(args.model)
+    store.verify(directory)
+    from .model import Forecaster
+    from .report import format_table, to_json, write_csvs, write_plot
+    from .training import backtest
+
+    forecaster = Forecaster.load(directory, version)
+    series = _read(_data_path(args, config), _union(forecaster.features, forecaster.targets), config)
+    result = backtest(forecaster, series)
+    summary = result.summary()
+    if args.plot:
+        write_plot(result, args.plot)
+    if args.csv_dir:
+        write_csvs(result, args.csv_dir)
+    if args.json:
+        print(to_json(summary, data=series.summary()))
+    else:
+        print(f"model version {version} on {series.source}: {summary['n']} windows "
+              f"({series.missing} missing and {series.malformed} malformed lines skipped)")
+        print(format_table(summary))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"stream-forecaster {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"stream-forecaster {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

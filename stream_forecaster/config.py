@@ -1,0 +1,314 @@
+"""Typed, frozen configuration loaded from YAML.
+
+Every setting is one dataclass field with its default and its allowed range;
+``config.yaml`` at the top of the repository shows each with a one-line comment
+(a test keeps the two identical). Values come from, in increasing priority: the defaults, the YAML file,
+environment variables ``STREAM_FORECASTER__SECTION__KEY=value`` and
+``--set section.key=value`` overrides (both parsed as YAML). Any problem is a
+:class:`ConfigError` that names where the value came from, the key and what is
+allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "KafkaConfig",
+    "MetricsConfig",
+    "ModelConfig",
+    "ModelStoreConfig",
+    "RetrainConfig",
+    "ENV_PREFIX",
+    "load_config",
+    "parse_duration",
+]
+
+ENV_PREFIX = "STREAM_FORECASTER__"
+
+
+class ConfigError(UserError, ValueError):
+    """A user error in the configuration; the CLI prints it and exits 2."""
+
+
+def _spec(default, *, low=None, high=None, low_open=False, choices=None):
+    """A field with a default (copied for lists) and its allowed range."""
+    meta = {"low": low, "high": high, "low_open": low_open, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+Duration = typing.NewType("Duration", float)  # seconds; YAML may say 90, "30s", "5m", "6h", "14d"
+
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value) -> float:
+    """Seconds from a number or a string such as ``"30s"``, ``"5m"``, ``"14d"``."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string like '30s', '5m', '6h', '14d'")
+    if isinstance(value, (int, float)):
+        return float(value)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h|d|w)?\s*", str(value))
+    if not match:
+        raise ValueError("a duration is a number of seconds or a string like '30s', '5m', '6h', '14d'")
+    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str | None = _spec(None)
+    features: tuple[str, ...] = _spec(["Global_active_power"])
+    targets: tuple[str, ...] = _spec(["Global_active_power"])
+    ratio: float = _spec(1.0, low=0.0, high=1.0, low_open=True)
+    train_split: float = _spec(0.9, low=0.0, high=1.0, low_open=True)
+    on_error: str = _spec("raise", choices=("raise", "skip"))
+    normalization: str = _spec("standardize", choices=("center", "standardize"))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    sequence_length: int = _spec(50, low=2, high=10_000)
+    layers: tuple[int, ...] = _spec([1, 50, 100, 1], low=1)
+    dropout: float = _spec(0.2, low=0.0, high=1.0)
+    loss: str = _spec("mse", choices=("mse", "mae", "huber"))
+    optimizer: str = _spec("rmsprop", choices=("rmsprop", "adam", "sgd"))
+    learning_rate: float = _spec(0.001, low=0.0, high=10.0, low_open=True)
+    batch_size: int = _spec(512, low=1, high=1_000_000)
+    epochs: int = _spec(1, low=1, high=100_000)
+    validation_split: float = _spec(0.05, low=0.0, high=1.0)
+    seed: int = _spec(7, low=0)
+
+
+@dataclass(frozen=True)
+class ModelStoreConfig:
+    path: str = _spec("models")
+    keep: int = _spec(5, low=1, high=10_000)
+    poll_interval: Duration = _spec(5.0, low=0.1)
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    bootstrap_servers: tuple[str, ...] = _spec(["127.0.0.1:9092"])
+    input_topic: str = _spec("sensor-readings")
+    output_topic: str = _spec("sensor-predictions")
+    dead_letter_topic: str | None = _spec(None)
+    group_id: str = _spec("stream-forecaster")
+    auto_offset_reset: str = _spec("earliest", choices=("earliest", "latest"))
+    session_timeout_ms: int = _spec(10_000, low=1_000, high=3_600_000)
+    max_poll_records: int = _spec(5_000, low=1, high=1_000_000)
+    security_protocol: str = _spec("PLAINTEXT", choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"))
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    host: str = _spec("127.0.0.1")
+    port: int = _spec(9464, low=0, high=65535)
+    rolling_window: int = _spec(1000, low=1, high=10_000_000)
+    labelled_sensors: tuple[str, ...] = _spec([])
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    interval: Duration = _spec(21600.0, low=1.0)
+    history: Duration = _spec(14 * 86400.0, low=60.0)
+    warm_start: bool = _spec(True)
+    min_improvement: float = _spec(0.0, low=0.0, high=1.0)
+    group_id: str = _spec("stream-forecaster-retrain")
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    model_store: ModelStoreConfig = field(default_factory=ModelStoreConfig)
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
+
+    def replace(self, section: str, **changes) -> "Config":
+        """A copy with some keys of one section changed (checked like loaded values)."""
+        current = dataclasses.asdict(getattr(self, section))
+        current.update(changes)
+        origins = {(section, key): "replace()" for key in changes}
+        return _build({**_as_plain(self), section: current}, origins, "replace()")
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: Iterable[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Load ``path`` (or only defaults), then apply environment and ``--set`` overrides."""
+    source = str(path) if path is not None else "defaults"
+    raw: dict = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read the configuration file: {exc.strerror}") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    origins: dict[tuple[str, str], str] = {}
+    environ = os.environ if environ is None else environ
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX):
+            dotted = name[len(ENV_PREFIX):].lower().replace("__", ".")
+            _apply_override(raw, origins, dotted, environ[name], f"environment variable {name}")
+    for item in overrides:
+        dotted, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item}: expected section.key=value, e.g. --set model.epochs=3")
+        _apply_override(raw, origins, dotted.strip(), value, f"--set {dotted.strip()}")
+    return _build(raw, origins, source)
+
+
+def _apply_override(raw: dict, origins: dict, dotted: str, value: str, origin: str) -> None:
+    section, sep, key = dotted.partition(".")
+    if not sep or not key or "." in key:
+        raise ConfigError(f"{origin}: expected section.key, e.g. model.epochs")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{origin}: value is not valid YAML: {exc}") from None
+    target = raw.setdefault(section, {})
+    if not isinstance(target, dict):
+        raise ConfigError(f"{origin}: section {section!r} in the file is not a mapping")
+    target[key] = parsed
+    origins[(section, key)] = origin
+
+
+def _build(raw: Mapping, origins: Mapping, source: str) -> Config:
+    sections = {}
+    hints = typing.get_type_hints(Config)
+    for name in raw:
+        if name not in hints:
+            raise ConfigError(f"{source}: unknown section {name!r}; sections are: {', '.join(hints)}")
+    for name, cls in hints.items():
+        values = raw.get(name) or {}
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{source}: section {name!r} must be a mapping of keys")
+        sections[name] = _build_section(name, cls, values, origins, source)
+    config = Config(**sections)
+    _check_consistency(config, source)
+    return config
+
+
+def _build_section(section: str, cls, values: Mapping, origins: Mapping, source: str):
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            where = origins.get((section, key), source)
+            raise ConfigError(
+                f"{where}: unknown key {section}.{key}; keys of {section!r} are: {', '.join(known)}"
+            )
+    kwargs = {}
+    for key, value in values.items():
+        where = origins.get((section, key), source)
+        try:
+            kwargs[key] = _coerce(value, hints[key], known[key].metadata)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {section}.{key}: {exc} (got {value!r})") from None
+    return cls(**kwargs)
+
+
+def _coerce(value, hint, meta):
+    if hint is Duration:
+        value = parse_duration(value)
+        _check_range(value, meta)
+        return value
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple:
+        item = args[0]
+        if isinstance(value, str) and item is str:
+            value = [value]  # a single string where a list of strings is expected
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"must be a list of {item.__name__}")
+        return tuple(_coerce(v, item, meta) for v in value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError("must be true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("must be a whole number")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError("must be a number")
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError("must be a finite number")
+    elif hint is str:
+        if not isinstance(value, str) or not value:
+            raise ValueError("must be a non-empty string")
+    _check_range(value, meta)
+    return value
+
+
+def _check_range(value, meta) -> None:
+    low, high, choices = meta.get("low"), meta.get("high"), meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ValueError(f"must be one of {', '.join(map(str, choices))}")
+    if low is not None and (value <= low if meta.get("low_open") else value < low):
+        bound = ">" if meta.get("low_open") else ">="
+        raise ValueError(f"must be {bound} {low}" + (f" and <= {high}" if high is not None else ""))
+    if high is not None and value > high:
+        raise ValueError(f"must be <= {high}" + (f" and >= {low}" if low is not None else ""))
+
+
+def _check_consistency(config: Config, source: str) -> None:
+    data, model = config.data, config.model
+    for name in ("features", "targets"):
+        columns = getattr(data, name)
+        if not columns:
+            raise ConfigError(f"{source}: data.{name}: must name at least one column")
+        if len(set(columns)) != len(columns):
+            raise ConfigError(f"{source}: data.{name}: a column is named twice ({', '.join(columns)})")
+    if len(model.layers) < 3:
+        raise ConfigError(
+            f"{source}: model.layers: needs input width, at least one LSTM size and output width, "
+            f"e.g. [1, 50, 100, 1] (got {list(model.layers)})"
+        )
+    if model.layers[0] != len(data.features):
+        raise ConfigError(
+            f"{source}: model.layers: the first entry is the input width and must equal the number "
+            f"of data.features ({len(data.features)}), got {model.layers[0]}"
+        )
+    if model.layers[-1] != len(data.targets):
+        raise ConfigError(
+            f"{source}: model.layers: the last entry is the output width and must equal the number "
+            f"of data.targets ({len(data.targets)}), got {model.layers[-1]}"
+        )
+    if not model.dropout < 1.0:
+        raise ConfigError(f"{source}: model.dropout: must be >= 0 and < 1 (got {model.dropout})")
+    if not model.validation_split < 1.0:
+        raise ConfigError(f"{source}: model.validation_split: must be >= 0 and < 1 (got {model.validation_split})")
+
+
+def _as_plain(config: Config) -> dict:
+    return {f.name: dataclasses.asdict(getattr(config, f.name)) for f in dataclasses.fields(config)}

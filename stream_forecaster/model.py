@@ -1,0 +1,202 @@
+"""The stacked LSTM: build, train, forecast, save and load.
+
+The only module that imports TensorFlow and Keras. A :class:`Forecaster` is a
+Keras model plus the metadata needed to use it (features, targets, window
+length, normalisation), and :meth:`Forecaster.forecast` is the one inference
+path: the offline backtest and the streaming daemon both call it, so the same
+window gives the same number in both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter off stderr
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from .config import ModelConfig  # noqa: E402
+
+__all__ = [
+    "MODEL_FILE",
+    "METADATA_FILE",
+    "Forecaster",
+    "Scaler",
+    "build_model",
+    "compile_model",
+    "fit",
+    "library_versions",
+]
+
+MODEL_FILE = "model.keras"
+METADATA_FILE = "metadata.json"
+_MAX_CHUNK = 4096  # windows per compiled call; bounds the memory of one call
+
+
+@dataclass(frozen=True)
+class Scaler:
+    """Per-column affine normalisation: ``(x - mean) / scale``."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+
+    @classmethod
+    def fit(cls, values: np.ndarray, method: str) -> "Scaler":
+        mean = values.mean(axis=0, dtype=np.float64)
+        if method == "center":
+            scale = np.ones_like(mean)
+        elif method == "standardize":
+            scale = values.std(axis=0, dtype=np.float64)
+            scale[~(scale > 0)] = 1.0  # a constant column stays merely centred
+        else:
+            raise ValueError(f"unknown normalisation {method!r}; use center or standardize")
+        return cls(mean.astype(np.float32), scale.astype(np.float32))
+
+    def transform(self, values: np.ndarray) -> np.ndarray:
+        return ((values - self.mean) / self.scale).astype(np.float32, copy=False)
+
+    def inverse(self, values: np.ndarray) -> np.ndarray:
+        return values * self.scale + self.mean
+
+    def subset(self, index: Sequence[int]) -> "Scaler":
+        return Scaler(self.mean[list(index)], self.scale[list(index)])
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean.tolist(), "scale": self.scale.tolist()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Scaler":
+        return cls(np.asarray(data["mean"], np.float32), np.asarray(data["scale"], np.float32))
+
+
+def build_model(config: ModelConfig) -> keras.Model:
+    """Stacked LSTM from ``config.layers = [inputs, lstm..., outputs]``.
+
+    Every LSTM but the last returns sequences so the next one can read them;
+    dropout follows each LSTM; a linear Dense layer gives the outputs.
+    """
+    keras.utils.set_random_seed(config.seed)
+    width_in, *lstm_sizes, width_out = config.layers
+    layers: list = [keras.Input(shape=(config.sequence_length - 1, width_in), name="window")]
+    for i, units in enumerate(lstm_sizes):
+        layers.append(keras.layers.LSTM(units, return_sequences=i < len(lstm_sizes) - 1))
+        layers.append(keras.layers.Dropout(config.dropout))
+    layers.append(keras.layers.Dense(width_out, activation="linear", name="forecast"))
+    model = keras.Sequential(layers, name="stacked_lstm")
+    compile_model(model, config)
+    return model
+
+
+def compile_model(model: keras.Model, config: ModelConfig) -> None:
+    optimizers = {"rmsprop": keras.optimizers.RMSprop, "adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}
+    losses = {"mse": "mse", "mae": "mae", "huber": keras.losses.Huber()}
+    model.compile(optimizer=optimizers[config.optimizer](learning_rate=config.learning_rate), loss=losses[config.loss])
+
+
+class _Windows(keras.utils.PyDataset):
+    """Batches gathered from a window view by index, so only a batch is ever copied."""
+
+    def __init__(self, windows, indices, feature_index, target_index, batch_size, shuffle_seed=None):
+        super().__init__()
+        self.windows, self.indices = windows, np.asarray(indices)
+        self.feature_index, self.target_index = list(feature_index), list(target_index)
+        self.batch_size = batch_size
+        self.rng = None if shuffle_seed is None else np.random.default_rng(shuffle_seed)
+        self.order = self.indices.copy()
+        self.on_epoch_end()
+
+    def __len__(self):
+        return -(-len(self.indices) // self.batch_size)
+
+    def __getitem__(self, i):
+        chosen = self.windows[self.order[i * self.batch_size:(i + 1) * self.batch_size]]
+        return chosen[:, :-1][:, :, self.feature_index], chosen[:, -1][:, self.target_index]
+
+    def on_epoch_end(self):
+        if self.rng is not None:
+            self.rng.shuffle(self.order)
+
+
+def fit(
+    model: keras.Model,
+    windows: np.ndarray,
+    train_indices: np.ndarray,
+    validation_indices: np.ndarray,
+    feature_index: Sequence[int],
+    target_index: Sequence[int],
+    config: ModelConfig,
+    verbose: int | str = "auto",
+) -> dict:
+    """Train on normalised ``windows[train_indices]`` (shuffled each epoch).
+
+    Returns Keras' history. ``validation_indices`` are scored, unshuffled,
+    after each epoch when not empty.
+    """
+    train = _Windows(windows, train_indices, feature_index, target_index, config.batch_size, config.seed)
+    validation = None
+    if len(validation_indices):
+        validation = _Windows(windows, validation_indices, feature_index, target_index, config.batch_size)
+    history = model.fit(train, validation_data=validation, epochs=config.epochs, verbose=verbose)
+    return {k: [float(v) for v in vs] for k, vs in history.history.items()}
+
+
+class Forecaster:
+    """A trained model with what it takes to feed it and read its output."""
+
+    def __init__(self, model: keras.Model, metadata: dict, version: str | None = None):
+        self.model = model
+        self.metadata = metadata
+        self.version = version
+        self.features: tuple[str, ...] = tuple(metadata["features"])
+        self.targets: tuple[str, ...] = tuple(metadata["targets"])
+        self.sequence_length: int = int(metadata["sequence_length"])
+        norm = metadata["normalization"]
+        self.feature_scaler = Scaler.from_dict(norm["features"])
+        self.target_scaler = Scaler.from_dict(norm["targets"])
+        spec = tf.TensorSpec([None, self.sequence_length - 1, len(self.features)], tf.float32)
+        # One traced graph for any batch size: no per-call retracing, no model.predict overhead.
+        self._call = tf.function(lambda x: self.model(x, training=False), input_signature=[spec])
+
+    def forecast(self, windows: np.ndarray) -> np.ndarray:
+        """Predictions ``[n, targets]`` in data units for input windows ``[n, sequence_length - 1, features]``."""
+        windows = np.asarray(windows)
+        expected = (self.sequence_length - 1, len(self.features))
+        if windows.ndim != 3 or windows.shape[1:] != expected:
+            raise ValueError(f"expected windows of shape [n, {expected[0]}, {expected[1]}], got {windows.shape}")
+        out = np.empty((len(windows), len(self.targets)), dtype=np.float32)
+        for start in range(0, len(windows), _MAX_CHUNK):
+            chunk = self.feature_scaler.transform(windows[start:start + _MAX_CHUNK])
+            out[start:start + len(chunk)] = self._call(chunk).numpy()
+        return self.target_scaler.inverse(out)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write the Keras file and the metadata into an existing directory."""
+        directory = Path(directory)
+        self.model.save(directory / MODEL_FILE)
+        (directory / METADATA_FILE).write_text(json.dumps(self.metadata, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, version: str | None = None) -> "Forecaster":
+        directory = Path(directory)
+        metadata = json.loads((directory / METADATA_FILE).read_text())
+        model = keras.models.load_model(directory / MODEL_FILE, compile=False, safe_mode=True)
+        return cls(model, metadata, version)
+
+
+def library_versions() -> dict:
+    from . import __version__
+
+    return {
+        "stream_forecaster": __version__,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }

@@ -1,0 +1,275 @@
+"""Readings in, predictions out: the one parser of the UCI household power format.
+
+The same :class:`UciLineParser` reads training files line by line and, in the
+daemon, the value of each Kafka message, so a reading means the same thing
+offline and online. A missing value (``?`` or an empty field) in a used column
+makes the whole reading *missing*: it is skipped and counted, never filled in.
+Anything else that does not parse is *malformed* and raises :class:`RecordError`
+with the reason.
+"""
+
+from __future__ import annotations
+
+import array
+import datetime as dt
+import gzip
+import io
+import math
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Iterator, Sequence
+
+import numpy as np
+
+from .errors import UserError
+
+__all__ = [
+    "MISSING",
+    "SAMPLE_PATH",
+    "UCI_COLUMNS",
+    "RecordError",
+    "Series",
+    "UciLineParser",
+    "iso_time",
+    "open_text",
+    "read_uci",
+]
+
+UCI_COLUMNS = (
+    "Global_active_power",
+    "Global_reactive_power",
+    "Voltage",
+    "Global_intensity",
+    "Sub_metering_1",
+    "Sub_metering_2",
+    "Sub_metering_3",
+)
+
+# Four weeks of the real data set, 16/12/2006 17:24 onward (see data/README.md).
+SAMPLE_PATH = Path(__file__).with_name("data") / "household_power_sample.txt.gz"
+
+MISSING = None  # what a parser returns for a reading with a missing value
+_EPOCH = dt.date(1970, 1, 1)
+_CACHE_LIMIT = 100_000  # distinct dates/times remembered; bounds memory on hostile input
+
+
+class RecordError(UserError, ValueError):
+    """A reading that cannot be parsed; the message says why."""
+
+
+class UciLineParser:
+    """Parses ``d/m/yyyy;hh:mm:ss;v1;...`` lines into (timestamp, values).
+
+    ``columns`` are the value columns wanted, in order; ``header`` names the
+    value columns as they stand in the line (the standard UCI order by
+    default). Timestamps are seconds since 1970-01-01 of the wall-clock time
+    written in the line (no time zone is implied by the data set).
+    """
+
+    def __init__(self, columns: Sequence[str], header: Sequence[str] = UCI_COLUMNS):
+        unknown = [c for c in columns if c not in header]
+        if unknown:
+            raise RecordError(
+                f"column(s) {', '.join(unknown)} not in the data; available: {', '.join(header)}"
+            )
+        self.columns = tuple(columns)
+        self.n_fields = 2 + len(header)
+        self._indices = [2 + list(header).index(c) for c in columns]
+        self._dates: dict[str, int] = {}
+        self._times: dict[str, int] = {}
+
+    @classmethod
+    def from_header(cls, line: str, columns: Sequence[str]) -> "UciLineParser":
+        fields = line.strip().split(";")
+        if fields[:2] != ["Date", "Time"]:
+            raise RecordError(f"not a UCI header line (expected 'Date;Time;...'): {line[:80]!r}")
+        return cls(columns, fields[2:])
+
+    @staticmethod
+    def is_header(line: str) -> bool:
+        return line.startswith("Date;Time;")
+
+    def parse(self, line: str) -> tuple[int, list[float]] | None:
+        """``(timestamp, values)``, or :data:`MISSING`; raises :class:`RecordError`."""
+        fields = line.strip().split(";")
+        if len(fields) != self.n_fields:
+            raise RecordError(f"expected {self.n_fields} fields separated by ';', got {len(fields)}")
+        values = []
+        for i in self._indices:
+            text = fields[i]
+            if text == "?" or text == "":
+                return MISSING
+            try:
+                value = float(text)
+            except ValueError:
+                raise RecordError(f"bad number {text[:40]!r} in column {i + 1}") from None
+            if not math.isfinite(value):
+                raise RecordError(f"non-finite number {text[:40]!r} in column {i + 1}")
+            values.append(value)
+        return self._timestamp(fields[0], fields[1]), values
+
+    def _timestamp(self, date: str, time: str) -> int:
+        day = self._dates.get(date)
+        if day is None:
+            day = self._remember(self._dates, date, _parse_date(date))
+        seconds = self._times.get(time)
+        if seconds is None:
+            seconds = self._remember(self._times, time, _parse_time(time))
+        return day + seconds
+
+    @staticmethod
+    def _remember(cache: dict, key: str, value: int) -> int:
+        if len(cache) >= _CACHE_LIMIT:
+            cache.clear()
+        cache[key] = value
+        return value
+
+
+def _parse_date(text: str) -> int:
+    try:
+        day, month, year = (int(p) for p in text.split("/"))
+        return (dt.date(year, month, day) - _EPOCH).days * 86400
+    except ValueError:
+        raise RecordError(f"bad date {text[:40]!r} (expected d/m/yyyy)") from None
+
+
+def _parse_time(text: str) -> int:
+    parts = text.split(":")
+    try:
+        hour, minute, second = (int(p) for p in parts)
+    except ValueError:
+        raise RecordError(f"bad time {text[:40]!r} (expected hh:mm:ss)") from None
+    if not (0 <= hour < 24 and 0 <= minute < 60 and 0 <= second < 60):
+        raise RecordError(f"bad time {text[:40]!r} (expected hh:mm:ss)")
+    return hour * 3600 + minute * 60 + second
+
+
+@dataclass(frozen=True)
+class Series:
+    """Accepted readings of a file, in file order."""
+
+    columns: tuple[str, ...]
+    timestamps: np.ndarray  # int64 seconds, shape [n]
+    values: np.ndarray  # float32, shape [n, len(columns)]
+    source: str
+    lines: int  # data lines looked at (after the ratio cut)
+    missing: int  # skipped: a used column was '?' or empty
+    malformed: int  # skipped: did not parse (only with on_error="skip")
+    errors: tuple[str, ...] = field(default=())  # the first few malformed-line messages
+
+    def __len__(self) -> int:
+        return len(self.timestamps)
+
+    def column(self, name: str) -> np.ndarray:
+        return self.values[:, self.columns.index(name)]
+
+    def summary(self) -> dict:
+        return {
+            "source": self.source,
+            "rows": len(self),
+            "lines": self.lines,
+            "missing": self.missing,
+            "malformed": self.malformed,
+            "first": iso_time(self.timestamps[0]) if len(self) else None,
+            "last": iso_time(self.timestamps[-1]) if len(self) else None,
+        }
+
+
+def iso_time(seconds) -> str:
+    """ISO-8601 of a timestamp as written in the data (no zone)."""
+    return dt.datetime.fromtimestamp(int(seconds), dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def open_text(path: str | os.PathLike) -> IO[str]:
+    """Open a UCI file as text: plain, gzip (``.gz``) or the ``.txt`` inside a ``.zip``."""
+    path = Path(path)
+    # surrogateescape: a stray non-UTF-8 byte fails its own line, not the whole file
+    text = dict(encoding="utf-8", errors="surrogateescape", newline=None)
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), **text)
+    if path.suffix == ".zip":
+        archive = zipfile.ZipFile(path)
+        members = [m for m in archive.namelist() if m.endswith(".txt")] or archive.namelist()
+        if not members:
+            raise RecordError(f"{path}: the zip archive is empty")
+        return io.TextIOWrapper(archive.open(members[0]), **text)
+    return open(path, **text)
+
+
+def _count_lines(path: Path) -> int:
+    with open_text(path) as f:
+        return sum(1 for _ in f)
+
+
+def read_uci(
+    path: str | os.PathLike,
+    columns: Sequence[str],
+    *,
+    ratio: float = 1.0,
+    on_error: str = "raise",
+) -> Series:
+    """Read the accepted readings of ``columns`` from a UCI household power file.
+
+    ``ratio`` keeps only the first fraction of the data lines. With
+    ``on_error="raise"`` a malformed line raises :class:`RecordError` naming
+    the file and line number; with ``"skip"`` it is counted and skipped.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise RecordError(f"{path}: no such file")
+    limit = None
+    if ratio < 1.0:
+        limit = int((_count_lines(path) - 1) * ratio)
+    stamps = array.array("q")
+    values = array.array("f")  # float32 straight away: the array is what dominates memory
+    missing = malformed = lines = 0
+    errors: list[str] = []
+    with open_text(path) as f:
+        first = next(f, "")
+        if UciLineParser.is_header(first):
+            parser = UciLineParser.from_header(first, columns)
+            body: Iterator[str] = f
+            lineno = 1
+        else:
+            parser = UciLineParser(columns)
+            body = _chain(first, f)
+            lineno = 0
+        parse, add_stamp, add_values = parser.parse, stamps.append, values.extend
+        for line in body:
+            lineno += 1
+            if limit is not None and lines >= limit:
+                break
+            lines += 1
+            try:
+                reading = parse(line)
+            except RecordError as exc:
+                message = f"{path}:{lineno}: {exc}"
+                if on_error == "raise":
+                    raise RecordError(message + " (set data.on_error: skip to skip such lines)") from None
+                malformed += 1
+                if len(errors) < 5:
+                    errors.append(message)
+                continue
+            if reading is MISSING:
+                missing += 1
+                continue
+            add_stamp(reading[0])
+            add_values(reading[1])
+    return Series(
+        columns=parser.columns,
+        timestamps=np.frombuffer(stamps, dtype=np.int64),
+        values=np.frombuffer(values, dtype=np.float32).reshape(-1, len(parser.columns)),
+        source=str(path),
+        lines=lines,
+        missing=missing,
+        malformed=malformed,
+        errors=tuple(errors),
+    )
+
+
+def _chain(first: str, rest: Iterator[str]) -> Iterator[str]:
+    if first:
+        yield first
+    yield from rest

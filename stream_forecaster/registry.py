@@ -1,0 +1,185 @@
+"""The model store: numbered, checksummed, atomically published model versions.
+
+Layout (as TensorFlow Serving expects numbered version directories)::
+
+    <store>/1/model.keras
+    <store>/1/metadata.json
+    <store>/1/checksums.sha256     # `sha256sum -c` can check it too
+    <store>/CURRENT                # the version being served, e.g. "1"
+
+A version is written into a hidden temporary directory, synced, and renamed into
+place; ``CURRENT`` is replaced with ``os.replace``. Readers therefore see a
+complete version or none, even after a crash. This module knows files, not
+models: callers pass a function that writes the model into a directory, which
+keeps TensorFlow out of the ``models`` commands.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+from .errors import UserError
+
+__all__ = ["ModelStore", "ModelStoreError", "CHECKSUM_FILE", "POINTER_FILE"]
+
+CHECKSUM_FILE = "checksums.sha256"
+POINTER_FILE = "CURRENT"
+_TMP_PREFIX = ".tmp-"
+_STALE_TMP_SECONDS = 3600
+
+
+class ModelStoreError(UserError, RuntimeError):
+    """A missing, incomplete or corrupted model version."""
+
+
+class ModelStore:
+    def __init__(self, path: str | os.PathLike, keep: int = 5):
+        self.path = Path(path)
+        self.keep = keep
+
+    def versions(self) -> list[str]:
+        """Complete versions, oldest first."""
+        if not self.path.is_dir():
+            return []
+        found = [p.name for p in self.path.iterdir() if p.name.isdigit() and p.is_dir()]
+        return sorted(found, key=int)
+
+    def current(self) -> str | None:
+        """The version ``CURRENT`` points at, or None for an empty store."""
+        try:
+            version = (self.path / POINTER_FILE).read_text().strip()
+        except FileNotFoundError:
+            return None
+        return version or None
+
+    def directory(self, version: str) -> Path:
+        return self.path / str(version)
+
+    def metadata(self, version: str) -> dict:
+        try:
+            return json.loads((self.directory(version) / "metadata.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelStoreError(f"model version {version} in {self.path}: unreadable metadata ({exc})") from None
+
+    def resolve(self, version_or_path: str | None = None) -> tuple[Path, str]:
+        """Directory and version name for a version number, a directory, or None (current)."""
+        if version_or_path is None:
+            version = self.current()
+            if version is None:
+                raise ModelStoreError(
+                    f"no model in {self.path}: train one first (stream-forecaster train) "
+                    "or pass --model VERSION_OR_PATH"
+                )
+            return self.directory(version), version
+        candidate = Path(version_or_path)
+        if str(version_or_path).isdigit() and self.directory(version_or_path).is_dir():
+            return self.directory(version_or_path), str(version_or_path)
+        if candidate.is_dir():
+            return candidate, candidate.name
+        raise ModelStoreError(
+            f"no model version or directory {version_or_path!r}; versions in {self.path}: "
+            f"{', '.join(self.versions()) or 'none'}"
+        )
+
+    def verify(self, directory: str | os.PathLike) -> Path:
+        """Check every file against the checksum list; raise :class:`ModelStoreError` if any differs."""
+        directory = Path(directory)
+        try:
+            listing = (directory / CHECKSUM_FILE).read_text().splitlines()
+        except OSError:
+            raise ModelStoreError(f"{directory}: no {CHECKSUM_FILE}; not a complete model version") from None
+        if not listing:
+            raise ModelStoreError(f"{directory}: {CHECKSUM_FILE} is empty")
+        for line in listing:
+            expected, _, name = line.partition("  ")
+            try:
+                actual = _sha256(directory / name)
+            except OSError:
+                raise ModelStoreError(f"{directory}: {name} is listed in {CHECKSUM_FILE} but missing") from None
+            if actual != expected:
+                raise ModelStoreError(f"{directory}: checksum mismatch for {name}; the file is corrupted")
+        return directory
+
+    def publish(self, write: Callable[[Path], None], make_current: bool = True) -> str:
+        """Write a new version with ``write(directory)``, rename it into place, return its name."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_tmp()
+        tmp = self.path / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+        tmp.mkdir()
+        try:
+            write(tmp)
+            files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+            lines = [f"{_sha256(tmp / name)}  {name}" for name in files]
+            (tmp / CHECKSUM_FILE).write_text("\n".join(lines) + "\n")
+            for name in files + [CHECKSUM_FILE]:
+                _fsync(tmp / name)
+            version = self._rename_into_place(tmp)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        _fsync(self.path)
+        if make_current:
+            self.set_current(version)
+        self._prune()
+        return version
+
+    def set_current(self, version: str) -> None:
+        """Point ``CURRENT`` at ``version`` atomically."""
+        self.verify(self.directory(version))
+        pointer = self.path / f"{_TMP_PREFIX}{POINTER_FILE}-{uuid.uuid4().hex}"
+        pointer.write_text(f"{version}\n")
+        _fsync(pointer)
+        os.replace(pointer, self.path / POINTER_FILE)
+        _fsync(self.path)
+
+    def _rename_into_place(self, tmp: Path) -> str:
+        number = int(self.versions()[-1]) + 1 if self.versions() else 1
+        while True:
+            try:
+                os.rename(tmp, self.directory(str(number)))
+                return str(number)
+            except OSError as exc:
+                # another writer took this number first: try the next one
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                number += 1
+
+    def _prune(self) -> None:
+        current = self.current()
+        old = self.versions()[: -self.keep]
+        for version in old:
+            if version != current:
+                shutil.rmtree(self.directory(version), ignore_errors=True)
+
+    def _remove_stale_tmp(self) -> None:
+        cutoff = time.time() - _STALE_TMP_SECONDS
+        for p in self.path.glob(f"{_TMP_PREFIX}*"):
+            try:
+                if p.stat().st_mtime < cutoff:
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+            except OSError:
+                pass
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

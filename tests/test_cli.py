@@ -1,0 +1,109 @@
+"""The commands end to end, in process, on slices of the real bundled data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import sample_lines, write_uci
+from stream_forecaster.cli import main
+from stream_forecaster.model import Forecaster
+from stream_forecaster.registry import ModelStore
+from stream_forecaster.training import backtest
+from stream_forecaster.records import read_uci
+
+TINY = ["--set", "model.sequence_length=10", "--set", "model.layers=[1, 8, 1]", "--set", "model.batch_size=64"]
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    lines = sample_lines(3000)
+    lines[100] = "16/12/2006;19:04:00;?;?;?;?;?;?;"
+    return write_uci(tmp_path / "slice.txt", lines)
+
+
+def store_args(tmp_path):
+    return ["--set", f"model_store.path={tmp_path / 'models'}"]
+
+
+def test_train_then_evaluate(tmp_path, data_file, capsys):
+    code = main(["train", "--data", str(data_file), "--quiet", *TINY, *store_args(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "model version 1 written" in out and "persistence" in out
+    store = ModelStore(tmp_path / "models")
+    assert store.current() == "1"
+    meta = store.metadata("1")
+    assert meta["data"]["missing"] == 1 and meta["data"]["rows"] == 2999
+    assert meta["data"]["test_windows"] == 2990 - int(2990 * 0.9)
+    assert meta["test"]["n"] == meta["data"]["test_windows"]
+    assert set(meta["libraries"]) >= {"tensorflow", "keras", "numpy"}
+
+    plot, csv_dir = tmp_path / "p.png", tmp_path / "csv"
+    code = main(["evaluate", "--data", str(data_file), "--json", "--plot", str(plot), "--csv-dir", str(csv_dir),
+                 *store_args(tmp_path)])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)  # exactly one JSON object
+    assert {"n", "rmse", "mae", "persistence_rmse", "persistence_mae", "per_target", "model_version"} <= set(report)
+    assert report["n"] == 2999 - 9 and report["model_version"] == "1"
+
+    # The persistence baseline is recomputed here from the file itself.
+    series = read_uci(data_file, ["Global_active_power"])
+    truth, last = series.values[9:, 0].astype(np.float64), series.values[8:-1, 0].astype(np.float64)
+    assert report["persistence_mae"] == pytest.approx(np.abs(truth - last).mean(), rel=1e-9)
+    assert report["persistence_rmse"] == pytest.approx(np.sqrt(np.square(truth - last).mean()), rel=1e-9)
+
+    # The model's score matches the loaded model run over the same windows.
+    result = backtest(Forecaster.load(store.directory("1"), "1"), series)
+    assert report["rmse"] == pytest.approx(result.model.rmse, rel=1e-6)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    predicted = (csv_dir / "predicted.csv").read_text().splitlines()
+    assert predicted[0] == "timestamp,Global_active_power" and len(predicted) == report["n"] + 1
+    assert len((csv_dir / "test_data.csv").read_text().splitlines()) == report["n"] + 1
+
+
+def test_multi_feature_multi_target(tmp_path, data_file, capsys):
+    args = ["--set", "data.features=[Global_active_power, Voltage, Global_intensity]",
+            "--set", "data.targets=[Global_active_power, Sub_metering_3]", "--set", "model.layers=[3, 6, 6, 2]"]
+    assert main(["train", "--data", str(data_file), "--quiet", *TINY[:2], *TINY[4:], *args, *store_args(tmp_path)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--data", str(data_file), "--json", *store_args(tmp_path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["per_target"]) == {"Global_active_power", "Sub_metering_3"}
+
+
+def test_user_errors_exit_2_with_one_line(tmp_path, data_file, capsys):
+    assert main(["train", "--set", "model.epochs=0"]) == 2
+    assert "model.epochs: must be >= 1" in capsys.readouterr().err
+    assert main(["evaluate", "--data", str(data_file), *store_args(tmp_path)]) == 2
+    assert "no model in" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "absent.txt"), *store_args(tmp_path)]) == 2
+    assert "no such file" in capsys.readouterr().err
+    short = write_uci(tmp_path / "short.txt", sample_lines(10))
+    assert main(["train", "--data", str(short), *TINY, *store_args(tmp_path)]) == 2
+    assert "too few to train" in capsys.readouterr().err
+    assert main(["train", "--data", str(data_file), "--set", "data.features=Volts", "--set", "data.targets=Volts",
+                 *store_args(tmp_path)]) == 2
+    assert "Volts not in the data" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_training_exits_130_and_writes_nothing(tmp_path):
+    store = tmp_path / "models"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stream_forecaster.cli", "train", "--set", "model.epochs=1000",
+         "--set", f"model_store.path={store}", *TINY],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path,
+    )
+    for line in proc.stdout:  # wait until Keras reports progress, then interrupt
+        if "loss:" in line or "Epoch 1/" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=60) == 130, rest
+    assert "interrupted" in rest and "Traceback" not in rest
+    assert not store.exists() or list(store.iterdir()) == []

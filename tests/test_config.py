@@ -1,0 +1,148 @@
+import pytest
+
+from stream_forecaster.config import Config, ConfigError, load_config, parse_duration
+
+REPO_CONFIG = __import__("pathlib").Path(__file__).parents[1] / "config.yaml"
+
+
+def test_repo_config_holds_exactly_the_defaults():
+    assert load_config(REPO_CONFIG, environ={}) == Config()
+
+
+def test_defaults_follow_the_seed_model():
+    config = load_config(None, environ={})
+    assert config.model.sequence_length == 50
+    assert config.model.layers == (1, 50, 100, 1)
+    assert config.model.dropout == 0.2
+    assert config.model.loss == "mse" and config.model.optimizer == "rmsprop"
+    assert config.data.train_split == 0.9
+
+
+def test_config_is_frozen():
+    config = load_config(None, environ={})
+    with pytest.raises(AttributeError):
+        config.model.epochs = 3
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "text, fragments",
+    [
+        ("model:\n  epoch: 3\n", ["unknown key model.epoch", "keys of 'model' are", "epochs"]),
+        ("modle:\n  epochs: 3\n", ["unknown section 'modle'", "model"]),
+        ("model:\n  epochs: three\n", ["model.epochs", "whole number", "'three'"]),
+        ("model:\n  epochs: 0\n", ["model.epochs", ">= 1"]),
+        ("model:\n  dropout: 1.0\n", ["model.dropout", "< 1"]),
+        ("model:\n  dropout: -0.1\n", ["model.dropout", ">= 0"]),
+        ("model:\n  loss: hinge\n", ["model.loss", "mse, mae, huber"]),
+        ("model:\n  epochs: true\n", ["model.epochs", "whole number"]),
+        ("data:\n  ratio: 0\n", ["data.ratio", "> 0"]),
+        ("data:\n  ratio: .nan\n", ["data.ratio", "finite"]),
+        ("data:\n  features: [Voltage, Voltage]\n  \n", ["data.features", "named twice"]),
+        ("data:\n  features: [Voltage, Global_intensity]\n", ["model.layers", "input width", "2"]),
+        ("data:\n  targets: [Voltage, Global_intensity]\n", ["model.layers", "output width", "2"]),
+        ("model:\n  layers: [1, 1]\n", ["model.layers", "at least one LSTM"]),
+        ("model:\n  layers: [1, 0, 1]\n", ["model.layers", ">= 1"]),
+        ("model_store:\n  poll_interval: soon\n", ["model_store.poll_interval", "duration"]),
+        ("kafka:\n  bootstrap_servers: 9092\n", ["kafka.bootstrap_servers", "list of str"]),
+        ("- just\n- a list\n", ["top level must be a mapping"]),
+        ("model: [1, 2]\n", ["section 'model' must be a mapping"]),
+        ("model: {epochs: [}\n", ["not valid YAML"]),
+    ],
+)
+def test_bad_file_values_name_file_key_and_what_is_allowed(tmp_path, text, fragments):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    message = str(info.value)
+    assert message.startswith(str(path))
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.yaml", environ={})
+
+
+def test_set_overrides_parse_yaml_and_beat_the_file(tmp_path):
+    path = write(tmp_path, "model:\n  epochs: 2\n")
+    config = load_config(path, ["model.epochs=5", "kafka.bootstrap_servers=[a:1, b:2]"], environ={})
+    assert config.model.epochs == 5
+    assert config.kafka.bootstrap_servers == ("a:1", "b:2")
+
+
+def test_single_string_is_accepted_for_a_list_of_strings():
+    config = load_config(None, ["kafka.bootstrap_servers=host:9092", "data.features=Voltage",
+                                "data.targets=Voltage"], environ={})
+    assert config.kafka.bootstrap_servers == ("host:9092",)
+    assert config.data.features == ("Voltage",)
+
+
+def test_environment_overrides_and_set_beats_environment():
+    env = {"STREAM_FORECASTER__MODEL__EPOCHS": "4", "STREAM_FORECASTER__KAFKA__GROUP_ID": "g1", "OTHER": "x"}
+    assert load_config(None, environ=env).model.epochs == 4
+    assert load_config(None, environ=env).kafka.group_id == "g1"
+    assert load_config(None, ["model.epochs=6"], environ=env).model.epochs == 6
+
+
+@pytest.mark.parametrize(
+    "override, fragments",
+    [
+        ("model.epochs", ["--set model.epochs", "section.key=value"]),
+        ("epochs=3", ["--set epochs", "section.key"]),
+        ("model.nope=3", ["--set model.nope", "unknown key model.nope"]),
+        ("model.epochs=-1", ["--set model.epochs", ">= 1"]),
+    ],
+)
+def test_bad_overrides_name_the_override(override, fragments):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override], environ={})
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+def test_bad_environment_value_names_the_variable():
+    with pytest.raises(ConfigError, match="environment variable STREAM_FORECASTER__MODEL__DROPOUT"):
+        load_config(None, environ={"STREAM_FORECASTER__MODEL__DROPOUT": "2"})
+
+
+@pytest.mark.parametrize("text, seconds", [(90, 90.0), ("30s", 30.0), ("5m", 300.0), ("6h", 21600.0),
+                                           ("14d", 1209600.0), ("1.5h", 5400.0), ("250ms", 0.25)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+def test_durations_in_config():
+    config = load_config(None, ["retrain.interval=2h", "retrain.history=3d"], environ={})
+    assert config.retrain.interval == 7200.0 and config.retrain.history == 3 * 86400.0
+
+
+def test_replace_checks_values():
+    config = load_config(None, environ={})
+    assert config.replace("data", path="x.txt").data.path == "x.txt"
+    with pytest.raises(ConfigError, match="data.ratio"):
+        config.replace("data", ratio=2)
+
+
+def all_keys():
+    import dataclasses
+    return [f"{s.name}.{f.name}" for s in dataclasses.fields(Config) for f in dataclasses.fields(getattr(Config(), s.name))]
+
+
+def test_every_key_is_commented_in_config_yaml_and_documented_in_readme():
+    import yaml
+    readme = (REPO_CONFIG.parent / "README.md").read_text()
+    raw = yaml.safe_load(REPO_CONFIG.read_text())
+    lines = REPO_CONFIG.read_text().splitlines()
+    for dotted in all_keys():
+        section, key = dotted.split(".")
+        assert key in raw[section], f"{dotted} missing from config.yaml"
+        line = next(l for l in lines if l.strip().startswith(f"{key}:"))
+        assert "#" in line, f"{dotted} has no comment in config.yaml"
+        assert f"| `{dotted}` |" in readme, f"{dotted} missing from the README's configuration table"

@@ -1,0 +1,82 @@
+import numpy as np
+import pytest
+
+from stream_forecaster.config import load_config
+from stream_forecaster.model import Forecaster, Scaler, build_model
+
+keras = pytest.importorskip("keras")
+
+
+def spec(layers, sequence_length=8, features=None, targets=None):
+    features = features or [f"f{i}" for i in range(layers[0])]
+    targets = targets or [f"t{i}" for i in range(layers[-1])]
+    return load_config(None, [f"model.layers={list(layers)}", f"model.sequence_length={sequence_length}",
+                              f"data.features={features}", f"data.targets={targets}"], environ={}).model
+
+
+@pytest.mark.parametrize("layers", [[1, 6, 1], [1, 6, 5, 1], [3, 4, 5, 6, 2]])
+def test_stacked_lstm_wiring(layers):
+    model = build_model(spec(layers))
+    lstms = [l for l in model.layers if isinstance(l, keras.layers.LSTM)]
+    dropouts = [l for l in model.layers if isinstance(l, keras.layers.Dropout)]
+    assert [l.units for l in lstms] == layers[1:-1]
+    assert [l.return_sequences for l in lstms] == [True] * (len(lstms) - 1) + [False]
+    assert len(dropouts) == len(lstms) and all(d.rate == 0.2 for d in dropouts)
+    assert model.layers[-1].units == layers[-1]
+    assert model.input_shape == (None, 7, layers[0])
+    assert model.output_shape == (None, layers[-1])
+    assert model.loss == "mse" and type(model.optimizer).__name__ == "RMSprop"
+
+
+def test_default_is_the_seed_architecture():
+    model = build_model(load_config(None, environ={}).model)
+    assert [type(l).__name__ for l in model.layers] == ["LSTM", "Dropout", "LSTM", "Dropout", "Dense"]
+    assert model.input_shape == (None, 49, 1)
+
+
+def metadata(features, targets, sequence_length, rng):
+    return {
+        "features": features, "targets": targets, "sequence_length": sequence_length,
+        "normalization": {
+            "features": Scaler(rng.normal(size=len(features)).astype(np.float32),
+                               rng.uniform(1, 2, size=len(features)).astype(np.float32)).to_dict(),
+            "targets": Scaler(np.full(len(targets), 3.0, np.float32), np.full(len(targets), 2.0, np.float32)).to_dict(),
+        },
+    }
+
+
+def test_forecast_normalises_in_and_out():
+    rng = np.random.default_rng(0)
+    model = build_model(spec([2, 4, 3], sequence_length=5))
+    meta = metadata(["a", "b"], ["x", "y", "z"], 5, rng)
+    forecaster = Forecaster(model, meta)
+    windows = rng.normal(size=(9, 4, 2)).astype(np.float32)
+    scaled = (windows - forecaster.feature_scaler.mean) / forecaster.feature_scaler.scale
+    expected = model(scaled, training=False).numpy() * 2.0 + 3.0
+    np.testing.assert_allclose(forecaster.forecast(windows), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_forecast_rejects_wrong_window_shape():
+    rng = np.random.default_rng(0)
+    forecaster = Forecaster(build_model(spec([1, 4, 1], sequence_length=5)), metadata(["a"], ["x"], 5, rng))
+    with pytest.raises(ValueError, match=r"\[n, 4, 1\]"):
+        forecaster.forecast(np.zeros((2, 5, 1)))
+
+
+def test_save_load_round_trip_gives_identical_predictions(tmp_path):
+    rng = np.random.default_rng(1)
+    forecaster = Forecaster(build_model(spec([2, 5, 4, 2], sequence_length=6)), metadata(["a", "b"], ["x", "y"], 6, rng))
+    windows = rng.normal(size=(17, 5, 2)).astype(np.float32)
+    forecaster.save(tmp_path)
+    loaded = Forecaster.load(tmp_path, version="9")
+    assert loaded.version == "9" and loaded.metadata == forecaster.metadata
+    np.testing.assert_array_equal(loaded.forecast(windows), forecaster.forecast(windows))
+
+
+def test_scaler_center_and_standardize():
+    values = np.array([[1.0, 5.0], [3.0, 5.0]], dtype=np.float32)
+    center = Scaler.fit(values, "center")
+    np.testing.assert_array_equal(center.transform(values), [[-1, 0], [1, 0]])
+    standard = Scaler.fit(values, "standardize")
+    np.testing.assert_array_equal(standard.scale, [1.0, 1.0])  # constant column keeps scale 1
+    np.testing.assert_allclose(standard.inverse(standard.transform(values)), values)

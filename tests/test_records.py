@@ -1,0 +1,141 @@
+import gzip
+import zipfile
+
+import numpy as np
+import pytest
+
+from conftest import HEADER, sample_lines, write_uci
+from stream_forecaster.records import MISSING, SAMPLE_PATH, UCI_COLUMNS, RecordError, UciLineParser, read_uci
+
+GOOD = "16/12/2006;17:24:00;4.216;0.418;234.840;18.400;0.000;1.000;17.000"
+
+
+def test_parses_the_wanted_columns_in_order():
+    parser = UciLineParser(["Voltage", "Global_active_power"])
+    stamp, values = parser.parse(GOOD + " \n")
+    assert values == [234.84, 4.216]
+    assert stamp == np.datetime64("2006-12-16T17:24:00").astype("datetime64[s]").astype(int)
+
+
+@pytest.mark.parametrize("line", [
+    "21/12/2006;11:23:00;?;?;?;?;?;?;",  # the data set's own missing row
+    "16/12/2006;17:24:00;?;0.418;234.840;18.400;0.000;1.000;17.000",
+    "16/12/2006;17:24:00;;0.418;234.840;18.400;0.000;1.000;17.000",
+])
+def test_missing_values_in_a_used_column(line):
+    assert UciLineParser(["Global_active_power"]).parse(line) is MISSING
+
+
+def test_missing_value_in_an_unused_column_is_ignored():
+    line = "16/12/2006;17:24:00;4.2;?;234.840;18.400;0.000;1.000;17.000"
+    assert UciLineParser(["Global_active_power"]).parse(line)[1] == [4.2]
+
+
+@pytest.mark.parametrize("line, reason", [
+    ("16/12/2006;17:24:00;4.216;0.418", "expected 9 fields"),
+    ("16/12/2006,17:24:00,4.216,0.418,234.840,18.400,0.000,1.000,17.000", "expected 9 fields"),
+    ("16/12/2006;17:24:00;4,216;0.418;234.840;18.400;0.000;1.000;17.000", "bad number"),
+    ("16/12/2006;17:24:00;nan;0.418;234.840;18.400;0.000;1.000;17.000", "non-finite"),
+    ("16/12/2006;17:24:00;inf;0.418;234.840;18.400;0.000;1.000;17.000", "non-finite"),
+    ("31/2/2007;17:24:00;4.2;0.418;234.840;18.400;0.000;1.000;17.000", "bad date"),
+    ("2007-02-01;17:24:00;4.2;0.418;234.840;18.400;0.000;1.000;17.000", "bad date"),
+    ("16/12/2006;25:00:00;4.2;0.418;234.840;18.400;0.000;1.000;17.000", "bad time"),
+    ("16/12/2006;17h24;4.2;0.418;234.840;18.400;0.000;1.000;17.000", "bad time"),
+])
+def test_malformed_lines_say_why(line, reason):
+    with pytest.raises(RecordError, match=reason):
+        UciLineParser(["Global_active_power"]).parse(line)
+
+
+def test_unknown_column_lists_the_available_ones():
+    with pytest.raises(RecordError, match="Power.*available: Global_active_power"):
+        UciLineParser(["Power"])
+
+
+@pytest.mark.parametrize("kind", ["txt", "gz", "zip"])
+def test_reads_txt_gz_and_zip_alike(tmp_path, kind):
+    lines = sample_lines(30)
+    text = "\n".join([HEADER] + lines) + "\n"
+    path = tmp_path / f"data.{kind}"
+    if kind == "txt":
+        path.write_text(text)
+    elif kind == "gz":
+        path.write_bytes(gzip.compress(text.encode()))
+    else:
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("household_power_consumption.txt", text)
+    series = read_uci(path, ["Global_active_power", "Voltage"])
+    assert series.values.shape == (30, 2) and series.values.dtype == np.float32
+    expected = [[float(line.split(";")[2]), float(line.split(";")[4])] for line in lines]
+    np.testing.assert_allclose(series.values, expected, rtol=1e-6)
+    assert np.all(np.diff(series.timestamps) == 60)
+
+
+def test_missing_rows_are_skipped_and_counted(tmp_path):
+    lines = sample_lines(10)
+    lines[3] = "16/12/2006;17:27:00;?;?;?;?;?;?;"
+    lines[7] = lines[7].replace(lines[7].split(";")[4], "?", 1)  # Voltage missing only
+    path = write_uci(tmp_path / "d.txt", lines)
+    only_power = read_uci(path, ["Global_active_power"])
+    assert (len(only_power), only_power.missing) == (9, 1)
+    with_voltage = read_uci(path, ["Global_active_power", "Voltage"])
+    assert (len(with_voltage), with_voltage.missing) == (8, 2)
+
+
+def test_malformed_line_raises_with_its_line_number(tmp_path):
+    lines = sample_lines(5)
+    lines[2] = "garbage"
+    path = write_uci(tmp_path / "d.txt", lines)
+    with pytest.raises(RecordError, match=r"d\.txt:4: expected 9 fields.*on_error: skip"):
+        read_uci(path, ["Global_active_power"])
+
+
+def test_malformed_lines_can_be_skipped_and_counted(tmp_path):
+    lines = sample_lines(6)
+    lines[1] = "garbage"
+    lines[4] = lines[4].replace(";", ";x", 1)
+    path = write_uci(tmp_path / "d.txt", lines)
+    series = read_uci(path, ["Global_active_power"], on_error="skip")
+    assert (len(series), series.malformed, series.missing) == (4, 2, 0)
+    assert series.errors[0].endswith("d.txt:3: expected 9 fields separated by ';', got 1")
+
+
+def test_non_utf8_bytes_fail_their_line_only(tmp_path):
+    lines = sample_lines(4)
+    path = tmp_path / "d.txt"
+    raw = "\n".join([HEADER] + lines).encode()
+    path.write_bytes(raw.replace(b"4.216", b"4.\xff16", 1) + b"\n")
+    series = read_uci(path, ["Global_active_power"], on_error="skip")
+    assert (len(series), series.malformed) == (3, 1)
+
+
+def test_header_decides_the_column_order(tmp_path):
+    path = tmp_path / "d.txt"
+    path.write_text("Date;Time;Voltage;Global_active_power\n16/12/2006;17:24:00;230.5;4.25\n")
+    series = read_uci(path, ["Global_active_power"])
+    assert series.values.tolist() == [[4.25]]
+
+
+def test_file_without_header_uses_the_uci_order(tmp_path):
+    path = write_uci(tmp_path / "d.txt", sample_lines(3), header=None)
+    assert len(read_uci(path, UCI_COLUMNS)) == 3
+
+
+def test_ratio_keeps_the_first_fraction_of_lines(tmp_path):
+    path = write_uci(tmp_path / "d.txt", sample_lines(100))
+    series = read_uci(path, ["Global_active_power"], ratio=0.25)
+    full = read_uci(path, ["Global_active_power"])
+    assert series.lines == 25
+    np.testing.assert_array_equal(series.values, full.values[:25])
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(RecordError, match="no such file"):
+        read_uci(tmp_path / "nope.txt", ["Voltage"])
+
+
+def test_bundled_sample_is_four_weeks_of_real_data():
+    series = read_uci(SAMPLE_PATH, UCI_COLUMNS)
+    assert series.lines == 28 * 1440
+    assert series.summary()["first"] == "2006-12-16T17:24:00"
+    assert len(series) + series.missing == series.lines

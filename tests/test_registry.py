@@ -1,0 +1,95 @@
+import json
+
+import pytest
+
+from stream_forecaster.registry import CHECKSUM_FILE, ModelStore, ModelStoreError
+
+
+def writer(payload: str):
+    def write(directory):
+        (directory / "model.keras").write_text(payload)
+        (directory / "metadata.json").write_text(json.dumps({"payload": payload}))
+    return write
+
+
+def test_publish_numbers_versions_and_moves_current(tmp_path):
+    store = ModelStore(tmp_path / "store", keep=5)
+    assert store.current() is None and store.versions() == []
+    assert store.publish(writer("a")) == "1"
+    assert store.publish(writer("b")) == "2"
+    assert store.versions() == ["1", "2"] and store.current() == "2"
+    assert store.metadata("2") == {"payload": "b"}
+    assert store.publish(writer("c"), make_current=False) == "3"
+    assert store.current() == "2"
+
+
+def test_checksum_file_lists_every_file(tmp_path):
+    store = ModelStore(tmp_path)
+    version = store.publish(writer("a"))
+    names = sorted(line.split("  ")[1] for line in (store.directory(version) / CHECKSUM_FILE).read_text().splitlines())
+    assert names == ["metadata.json", "model.keras"]
+    assert store.verify(store.directory(version)) == store.directory(version)
+
+
+def test_corrupted_or_truncated_file_is_refused(tmp_path):
+    store = ModelStore(tmp_path)
+    directory = store.directory(store.publish(writer("abcdef")))
+    (directory / "model.keras").write_text("abc")
+    with pytest.raises(ModelStoreError, match="checksum mismatch for model.keras"):
+        store.verify(directory)
+    (directory / "model.keras").unlink()
+    with pytest.raises(ModelStoreError, match="model.keras is listed.*missing"):
+        store.verify(directory)
+    (directory / CHECKSUM_FILE).unlink()
+    with pytest.raises(ModelStoreError, match="not a complete model version"):
+        store.verify(directory)
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path):
+    store = ModelStore(tmp_path)
+
+    def broken(directory):
+        (directory / "model.keras").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        store.publish(broken)
+    assert store.versions() == [] and store.current() is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_keeps_the_newest_versions(tmp_path):
+    store = ModelStore(tmp_path, keep=2)
+    for payload in "abcd":
+        store.publish(writer(payload))
+    assert store.versions() == ["3", "4"]
+
+
+def test_pruning_never_deletes_the_current_version(tmp_path):
+    store = ModelStore(tmp_path, keep=1)
+    store.publish(writer("a"))
+    store.publish(writer("b"), make_current=False)
+    store.publish(writer("c"), make_current=False)
+    assert store.current() == "1" and store.versions() == ["1", "3"]
+
+
+def test_version_numbers_skip_a_name_another_writer_took(tmp_path, monkeypatch):
+    store = ModelStore(tmp_path)
+    store.publish(writer("a"))
+    monkeypatch.setattr(store, "versions", lambda: ["1"])  # listed before the other writer renamed "2" in
+    (tmp_path / "2").mkdir()
+    (tmp_path / "2" / "model.keras").write_text("the other writer's")
+    assert store.publish(writer("b")) == "3"
+    assert (tmp_path / "2" / "model.keras").read_text() == "the other writer's"
+
+
+def test_resolve(tmp_path):
+    store = ModelStore(tmp_path / "s")
+    with pytest.raises(ModelStoreError, match="no model in .*stream-forecaster train"):
+        store.resolve(None)
+    store.publish(writer("a"))
+    assert store.resolve(None) == (store.directory("1"), "1")
+    assert store.resolve("1") == (store.directory("1"), "1")
+    assert store.resolve(str(store.directory("1"))) == (store.directory("1"), "1")
+    with pytest.raises(ModelStoreError, match="versions in .*: 1"):
+        store.resolve("7")
