@@ -53,6 +53,28 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     evaluate.add_argument("--plot", metavar="FILE.png", help="plot the first 100 predictions against the truth")
     evaluate.add_argument("--csv-dir", metavar="DIR", help="write predicted.csv and test_data.csv")
+
+    run = commands.add_parser("run", help="the daemon: forecast every reading of the input topic")
+    _common(run)
+
+    replay = commands.add_parser("replay", help="produce the lines of a UCI file into the input topic")
+    _common(replay)
+    replay.add_argument("--data", metavar="FILE", help="UCI .txt/.zip/.gz (default: data.path, else the bundled sample)")
+    replay.add_argument("--sensor", default="house-1", help="message key, the sensor id (default: house-1)")
+    pace = replay.add_mutually_exclusive_group()
+    pace.add_argument("--rate", type=float, default=100.0, metavar="N", help="messages per second (default 100)")
+    pace.add_argument("--max", action="store_true", help="as fast as the broker takes them")
+    replay.add_argument("--skip", type=int, default=0, metavar="N", help="start after the first N data lines")
+    replay.add_argument("--limit", type=int, metavar="N", help="send at most N lines")
+
+    broker = commands.add_parser("broker", help="run the embedded development broker until Ctrl-C")
+    _common(broker)
+
+    demo = commands.add_parser("demo", help="broker, model, daemon and replay together, with a live view")
+    _common(demo)
+    demo.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this long (default: when the replay is done)")
+    demo.add_argument("--rate", type=float, default=200.0, metavar="N", help="replayed readings per second (default 200)")
+    demo.add_argument("--out", default="out", metavar="DIR", help="where the plot goes (default: out)")
     return parser
 
 
@@ -120,7 +142,44 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate}
+def cmd_run(args) -> int:
+    from .service import Daemon
+
+    return Daemon(_config(args)).run()
+
+
+def cmd_replay(args) -> int:
+    from .replay import replay_file
+
+    config = _config(args)
+    sent = replay_file(config.kafka, _data_path(args, config), args.sensor,
+                       rate=None if args.max else args.rate, skip=args.skip, limit=args.limit)
+    print(f"sent {sent} messages to {config.kafka.input_topic}")
+    return 0
+
+
+def cmd_broker(args) -> int:
+    from .devbroker import DevBroker
+
+    config = _config(args)
+    host, _, port = config.kafka.bootstrap_servers[0].rpartition(":")
+    with DevBroker(host or "127.0.0.1", int(port)) as broker:
+        print(f"development broker listening on {broker.address} (in memory only); Ctrl-C stops it", flush=True)
+        try:
+            broker.process.wait()
+        except KeyboardInterrupt:
+            print("stopping the broker", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(_config(args), args.overrides, duration=args.duration, rate=args.rate, out_dir=Path(args.out))
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "run": cmd_run, "replay": cmd_replay,
+            "broker": cmd_broker, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -79,6 +79,7 @@ class DataConfig:
     train_split: float = _spec(0.9, low=0.0, high=1.0, low_open=True)
     on_error: str = _spec("raise", choices=("raise", "skip"))
     normalization: str = _spec("standardize", choices=("center", "standardize"))
+    interval: Duration = _spec(60.0, low=0.0, low_open=True)
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,7 @@ class KafkaConfig:
     session_timeout_ms: int = _spec(10_000, low=1_000, high=3_600_000)
     max_poll_records: int = _spec(5_000, low=1, high=1_000_000)
     security_protocol: str = _spec("PLAINTEXT", choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"))
+    max_message_bytes: int = _spec(65536, low=16, high=100_000_000)
 
 
 @dataclass(frozen=True)

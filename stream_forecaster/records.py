@@ -1,8 +1,10 @@
-"""Readings in, predictions out: the one parser of the UCI household power format.
+"""Readings in, predictions out: the one parser of readings, the one format of predictions.
 
 The same :class:`UciLineParser` reads training files line by line and, in the
-daemon, the value of each Kafka message, so a reading means the same thing
-offline and online. A missing value (``?`` or an empty field) in a used column
+daemon, UCI-formatted Kafka messages, so a reading means the same thing offline
+and online. :class:`MessageParser` also takes JSON and bare numbers and returns
+errors as data (:class:`Invalid`), so the daemon never needs a try block per
+message. A missing value (``?`` or an empty field) in a used column
 makes the whole reading *missing*: it is skipped and counted, never filled in.
 Anything else that does not parse is *malformed* and raises :class:`RecordError`
 with the reason.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import array
 import datetime as dt
+import json
 import gzip
 import io
 import math
@@ -26,7 +29,15 @@ import numpy as np
 from .errors import UserError
 
 __all__ = [
+    "DEFAULT_SENSOR",
+    "HEADER",
     "MISSING",
+    "Invalid",
+    "MessageParser",
+    "OutRecord",
+    "Reading",
+    "encode_prediction",
+    "format_time",
     "SAMPLE_PATH",
     "UCI_COLUMNS",
     "RecordError",
@@ -50,7 +61,16 @@ UCI_COLUMNS = (
 # Four weeks of the real data set, 16/12/2006 17:24 onward (see data/README.md).
 SAMPLE_PATH = Path(__file__).with_name("data") / "household_power_sample.txt.gz"
 
-MISSING = None  # what a parser returns for a reading with a missing value
+class _Marker:
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+MISSING = _Marker("MISSING")  # a reading with a missing value: skipped, counted
+HEADER = _Marker("HEADER")  # a UCI header line: not a reading at all
 _EPOCH = dt.date(1970, 1, 1)
 _CACHE_LIMIT = 100_000  # distinct dates/times remembered; bounds memory on hostile input
 
@@ -91,7 +111,7 @@ class UciLineParser:
     def is_header(line: str) -> bool:
         return line.startswith("Date;Time;")
 
-    def parse(self, line: str) -> tuple[int, list[float]] | None:
+    def parse(self, line: str) -> "tuple[int, list[float]] | _Marker":
         """``(timestamp, values)``, or :data:`MISSING`; raises :class:`RecordError`."""
         fields = line.strip().split(";")
         if len(fields) != self.n_fields:
@@ -273,3 +293,163 @@ def _chain(first: str, rest: Iterator[str]) -> Iterator[str]:
     if first:
         yield first
     yield from rest
+
+
+DEFAULT_SENSOR = "default"  # the sensor of a message without a key
+
+
+@dataclass(frozen=True, slots=True)
+class OutRecord:
+    """A message to publish: a prediction or a dead letter."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One accepted reading: values of the configured columns, in order."""
+
+    sensor: str
+    values: list[float]
+    timestamp: float | None  # seconds since 1970 of the time in the reading, if it carried one
+    aware: bool = False  # the timestamp carried a zone (it is UTC seconds); else wall clock
+
+
+@dataclass(frozen=True, slots=True)
+class Invalid:
+    """A message that is not a reading; ``reason`` says why."""
+
+    sensor: str
+    reason: str
+
+
+class MessageParser:
+    """Parses a Kafka message (key, value) into a :class:`Reading`, :data:`MISSING` or :class:`Invalid`.
+
+    Values may be a UCI line ``d/m/yyyy;hh:mm:ss;v1;...;v7``, a JSON object
+    ``{"timestamp": "...", "values": {"column": 4.2, ...}}`` (or ``"value": 4.2``
+    when one column is used), a bare number (one column), or ``?``. A UCI
+    header line returns :data:`HEADER`.
+    """
+
+    def __init__(self, columns: Sequence[str], max_bytes: int = 65536):
+        self.columns = tuple(columns)
+        self.max_bytes = max_bytes
+        self._uci = UciLineParser(self.columns) if set(self.columns) <= set(UCI_COLUMNS) else None
+
+    def parse(self, key: bytes | None, value: bytes | None):
+        sensor = key.decode("utf-8", "backslashreplace") if key else DEFAULT_SENSOR
+        if not value:
+            return Invalid(sensor, "empty message")
+        if len(value) > self.max_bytes:
+            return Invalid(sensor, f"oversized message: {len(value)} bytes > {self.max_bytes}")
+        try:
+            text = value.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            return Invalid(sensor, "not UTF-8")
+        if text == "?":
+            return MISSING
+        try:
+            if text.startswith("{"):
+                return self._json(sensor, text)
+            if ";" in text:
+                return self._line(sensor, text)
+            return self._number(sensor, text)
+        except RecordError as exc:
+            return Invalid(sensor, str(exc))
+
+    def _line(self, sensor: str, text: str):
+        if UciLineParser.is_header(text):
+            return HEADER
+        if self._uci is None:
+            raise RecordError(f"UCI lines carry only the columns {', '.join(UCI_COLUMNS)}")
+        reading = self._uci.parse(text)
+        if reading is MISSING:
+            return MISSING
+        return Reading(sensor, reading[1], float(reading[0]))
+
+    def _number(self, sensor: str, text: str):
+        if len(self.columns) != 1:
+            raise RecordError(f"a bare number is one value, but {len(self.columns)} columns are configured")
+        return Reading(sensor, [_finite(text)], None)
+
+    def _json(self, sensor: str, text: str):
+        try:
+            obj = json.loads(text)
+        except ValueError as exc:
+            raise RecordError(f"bad JSON: {exc}") from None
+        if not isinstance(obj, dict):
+            raise RecordError("a JSON reading must be an object")
+        if "values" in obj:
+            values = obj["values"]
+            if not isinstance(values, dict):
+                raise RecordError('"values" must be an object of column: number')
+        elif "value" in obj and len(self.columns) == 1:
+            values = {self.columns[0]: obj["value"]}
+        else:
+            raise RecordError(f'expected "values": {{{", ".join(self.columns)}}}'
+                              + (' or "value"' if len(self.columns) == 1 else ""))
+        parsed = []
+        for column in self.columns:
+            v = values.get(column)
+            if v is None or v == "?":
+                return MISSING
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise RecordError(f"{column} must be a number, got {str(v)[:40]!r}")
+            parsed.append(_finite(v))
+        timestamp, aware = _json_time(obj.get("timestamp"))
+        return Reading(sensor, parsed, timestamp, aware)
+
+
+def _finite(value) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise RecordError(f"bad number {str(value)[:40]!r}") from None
+    if not math.isfinite(number):
+        raise RecordError(f"non-finite number {str(value)[:40]!r}")
+    return number
+
+
+def _json_time(value) -> tuple[float | None, bool]:
+    if value is None:
+        return None, False
+    if isinstance(value, bool) or not isinstance(value, str):
+        raise RecordError('"timestamp" must be an ISO-8601 string')
+    try:
+        stamp = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise RecordError(f"bad timestamp {value[:40]!r} (expected ISO-8601)") from None
+    if stamp.tzinfo is None:
+        return (stamp - dt.datetime(1970, 1, 1)).total_seconds(), False
+    return stamp.timestamp(), True
+
+
+def format_time(seconds: float, aware: bool) -> str:
+    """ISO-8601 of a reading's time: with a zone (UTC) if the input had one."""
+    stamp = dt.datetime.fromtimestamp(seconds, dt.timezone.utc)
+    text = stamp.strftime("%Y-%m-%dT%H:%M:%S")
+    return text + "Z" if aware else text
+
+
+def encode_prediction(
+    sensor: str,
+    timestamp: str | None,
+    prediction: Sequence[float],
+    targets: Sequence[str],
+    model_version: str | None,
+    partition: int,
+    offset: int,
+) -> bytes:
+    """The JSON value of a prediction message, in the data's own units."""
+    value = float(prediction[0]) if len(targets) == 1 else {t: float(v) for t, v in zip(targets, prediction)}
+    return json.dumps({
+        "sensor": sensor,
+        "timestamp": timestamp,
+        "prediction": value,
+        "model_version": model_version,
+        "source": {"partition": partition, "offset": offset},
+    }, separators=(",", ":")).encode()

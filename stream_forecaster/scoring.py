@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["Scores", "score"]
+__all__ = ["PendingForecasts", "RollingErrors", "Scores", "score"]
 
 
 @dataclass(frozen=True)
@@ -41,3 +41,56 @@ def score(truth: np.ndarray, predicted: np.ndarray, targets: Sequence[str]) -> S
         for i, name in enumerate(targets)
     }
     return Scores(len(truth), float(np.sqrt(squared.mean())), float(absolute.mean()), per_target)
+
+
+class RollingErrors:
+    """Absolute and squared errors of the last ``span`` scored forecasts, per target."""
+
+    def __init__(self, span: int, n_targets: int):
+        self.span = span
+        self._abs = np.zeros((span, n_targets))
+        self._sq = np.zeros((span, n_targets))
+        self._next = 0
+        self.count = 0
+
+    def add(self, error: np.ndarray) -> None:
+        self._abs[self._next] = np.abs(error)
+        self._sq[self._next] = np.square(error)
+        self._next = (self._next + 1) % self.span
+        self.count = min(self.count + 1, self.span)
+
+    def mae(self, target: int) -> float:
+        return float(self._abs[: self.count, target].mean()) if self.count else float("nan")
+
+    def rmse(self, target: int) -> float:
+        return float(np.sqrt(self._sq[: self.count, target].mean())) if self.count else float("nan")
+
+
+class PendingForecasts:
+    """Each sensor's forecast of its next reading, and persistence's, until that reading arrives.
+
+    Progressive validation: forecast now, score when the truth arrives. Slots
+    are the sensor slots of :class:`~stream_forecaster.window.SensorWindows`.
+    """
+
+    def __init__(self, n_targets: int, capacity: int = 1024):
+        self._model = np.full((capacity, n_targets), np.nan, dtype=np.float32)
+        self._baseline = np.full((capacity, n_targets), np.nan, dtype=np.float32)
+
+    def put(self, slot: int, forecast, baseline) -> None:
+        if slot >= len(self._model):
+            old, width = len(self._model), self._model.shape[1]
+            grown = max(2 * old, slot + 1)
+            self._model = np.resize(self._model, (grown, width))
+            self._baseline = np.resize(self._baseline, (grown, width))
+            self._model[old:] = np.nan  # np.resize repeats the old rows; empty the new slots
+        self._model[slot] = forecast
+        self._baseline[slot] = baseline
+
+    def take(self, slot: int):
+        """``(forecast, baseline)`` pending for the slot, or None; the slot is emptied."""
+        if slot >= len(self._model) or np.isnan(self._model[slot, 0]):
+            return None
+        pending = self._model[slot].copy(), self._baseline[slot].copy()
+        self._model[slot] = np.nan
+        return pending

@@ -3,14 +3,17 @@
 A window is ``sequence_length`` consecutive accepted readings: the first
 ``sequence_length - 1`` are the model input, the last is the truth the model
 predicts. Offline windows are strided views, never copies, so windowing the full
-2-million-row data set costs no memory.
+2-million-row data set costs no memory. Online, :class:`SensorWindows` keeps the
+last ``sequence_length - 1`` readings of each sensor in one preallocated array,
+and copies a sensor's window out in time order, the same rows the offline view
+would give.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["sliding_windows", "split_index"]
+__all__ = ["SensorWindows", "sliding_windows", "split_index"]
 
 
 def sliding_windows(values: np.ndarray, length: int) -> np.ndarray:
@@ -26,3 +29,62 @@ def sliding_windows(values: np.ndarray, length: int) -> np.ndarray:
 def split_index(n_windows: int, train_fraction: float) -> int:
     """Number of leading (oldest) windows that go to training in a time-ordered split."""
     return int(n_windows * train_fraction)
+
+
+class SensorWindows:
+    """Ring buffers of the last ``size`` accepted readings of each sensor.
+
+    All sensors share one array ``[capacity, size, width]`` that doubles when
+    full, so appending a reading writes one row in place: no per-reading
+    allocation, O(1) whatever the window length.
+    """
+
+    def __init__(self, size: int, width: int, capacity: int = 1024):
+        self.size, self.width = size, width
+        self.slots: dict[str, int] = {}
+        self._rows = np.zeros((capacity, size, width), dtype=np.float32)
+        self._head = np.zeros(capacity, dtype=np.int64)  # next row to write
+        self._count = np.zeros(capacity, dtype=np.int64)  # rows held, at most size
+        # _order[h] lists the rows oldest first when the next write goes to row h
+        self._order = (np.arange(size)[None, :] + np.arange(size)[:, None]) % size
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    @property
+    def capacity(self) -> int:
+        return len(self._rows)
+
+    def slot(self, sensor: str) -> int:
+        """The sensor's slot, allocated on its first reading."""
+        slot = self.slots.get(sensor)
+        if slot is None:
+            slot = len(self.slots)
+            if slot == self.capacity:
+                self._grow()
+            self.slots[sensor] = slot
+        return slot
+
+    def append(self, slot: int, values) -> bool:
+        """Add a reading; True when the sensor's window is full."""
+        head = self._head[slot]
+        self._rows[slot, head] = values
+        self._head[slot] = (head + 1) % self.size
+        if self._count[slot] < self.size:
+            self._count[slot] += 1
+        return self._count[slot] == self.size
+
+    def window(self, slot: int) -> np.ndarray:
+        """The sensor's readings, oldest first (a copy)."""
+        return self._rows[slot, self._order[self._head[slot]]]
+
+    def last(self, slot: int) -> np.ndarray:
+        return self._rows[slot, (self._head[slot] - 1) % self.size]
+
+    def _grow(self) -> None:
+        new = 2 * self.capacity
+        self._rows = np.concatenate([self._rows, np.zeros_like(self._rows)])
+        self._head = np.resize(self._head, new)
+        self._head[new // 2:] = 0
+        self._count = np.resize(self._count, new)
+        self._count[new // 2:] = 0

@@ -45,3 +45,23 @@ def tiny_config(tmp_path):
         )
 
     return make
+
+
+def make_forecaster(features=("Global_active_power",), targets=("Global_active_power",), sequence_length=6,
+                    hidden=(8,), version="1", seed=3):
+    """An untrained but deterministic forecaster with a real normalisation."""
+    import numpy as np
+
+    from stream_forecaster.model import Forecaster, Scaler, build_model
+
+    spec = load_config(None, [f"data.features={list(features)}", f"data.targets={list(targets)}",
+                              f"model.layers={[len(features), *hidden, len(targets)]}",
+                              f"model.sequence_length={sequence_length}", f"model.seed={seed}"], environ={}).model
+    meta = {
+        "features": list(features), "targets": list(targets), "sequence_length": sequence_length,
+        "normalization": {
+            "features": Scaler(np.full(len(features), 1.0, np.float32), np.full(len(features), 0.5, np.float32)).to_dict(),
+            "targets": Scaler(np.full(len(targets), 1.2, np.float32), np.full(len(targets), 0.8, np.float32)).to_dict(),
+        },
+    }
+    return Forecaster(build_model(spec), meta, version)

@@ -1,0 +1,175 @@
+"""Kafka source and sink: the only module that imports kafka-python.
+
+The pipeline sees plain records (``topic``, ``partition``, ``offset``,
+``timestamp`` in ms, ``key``, ``value``, ``headers``) and a sink with
+``publish(records, stop)``; ``stream_forecaster.testing`` has in-memory
+stand-ins with the same shape. Written for Apache Kafka's documented
+behaviour (see ``devbroker`` for where the development broker differs).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Iterable, Sequence
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.structs import OffsetAndMetadata
+
+from .config import KafkaConfig
+from .records import OutRecord
+
+__all__ = ["KafkaSink", "KafkaSource", "ensure_topics", "read_topic"]
+
+log = logging.getLogger(__name__)
+
+
+def _common(config: KafkaConfig, client_id: str) -> dict:
+    return {
+        "bootstrap_servers": list(config.bootstrap_servers),
+        "security_protocol": config.security_protocol,
+        "client_id": client_id,
+    }
+
+
+class KafkaSource:
+    """The input topic, read in a consumer group with manual commits."""
+
+    def __init__(self, config: KafkaConfig, group_id: str | None = None, client_id: str = "stream-forecaster"):
+        self.topic = config.input_topic
+        self._consumer = KafkaConsumer(
+            config.input_topic,
+            group_id=group_id or config.group_id,
+            enable_auto_commit=False,  # offsets are committed only after the predictions are acknowledged
+            auto_offset_reset=config.auto_offset_reset,
+            session_timeout_ms=config.session_timeout_ms,
+            heartbeat_interval_ms=max(100, config.session_timeout_ms // 3),
+            max_poll_records=config.max_poll_records,
+            **_common(config, client_id),
+        )
+
+    def poll(self, timeout_s: float) -> list:
+        """The next batch of records, oldest first within each partition."""
+        batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000))
+        return [record for records in batches.values() for record in records]
+
+    def commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        """Commit ``{(topic, partition): next offset to read}``."""
+        if offsets:
+            self._consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()})
+
+    def lag(self) -> int | None:
+        """Readings not yet consumed, summed over the assigned partitions (None until known)."""
+        total, known = 0, False
+        for tp in self._consumer.assignment():
+            highwater = self._consumer.highwater(tp)
+            if highwater is None:
+                continue
+            total += max(0, highwater - self._consumer.position(tp, timeout_ms=1000))
+            known = True
+        return total if known else None
+
+    def assigned(self) -> bool:
+        return bool(self._consumer.assignment())
+
+    def close(self) -> None:
+        self._consumer.close(autocommit=False)
+
+
+class KafkaSink:
+    """An idempotent producer with ``acks=all``; ``publish`` returns once every record is acknowledged."""
+
+    def __init__(self, config: KafkaConfig, client_id: str = "stream-forecaster", on_retry=None):
+        self._producer = KafkaProducer(
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=5,
+            **_common(config, client_id),
+        )
+        self._on_retry = on_retry
+
+    def publish(self, records: Sequence[OutRecord], stop: threading.Event | None = None,
+                backoff_s: float = 0.5, max_backoff_s: float = 10.0) -> bool:
+        """Send ``records`` and wait for their acknowledgements, resending failures with backoff.
+
+        Returns False only when ``stop`` was set before every record was
+        acknowledged: the caller must then not commit their offsets.
+        """
+        pending = list(records)
+        while pending:
+            futures = [(r, self.send(r)) for r in pending]
+            self._producer.flush()
+            failed = []
+            for record, future in futures:
+                try:
+                    future.get(timeout=0)
+                except KafkaError as exc:
+                    failed.append((record, exc))
+            if not failed:
+                return True
+            log.warning("%d of %d records not acknowledged (%s); retrying in %.1f s",
+                        len(failed), len(pending), failed[0][1], backoff_s)
+            if self._on_retry:
+                self._on_retry(len(failed))
+            pending = [record for record, _ in failed]
+            if stop is not None and stop.wait(backoff_s):
+                return False
+            backoff_s = min(max_backoff_s, backoff_s * 2)
+        return True
+
+    def send(self, record: OutRecord):
+        """Queue one record without waiting; returns its future (``.get()`` raises on failure)."""
+        return self._producer.send(record.topic, key=record.key, value=record.value, headers=record.headers or None)
+
+    def flush(self) -> None:
+        self._producer.flush()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self._producer.close(timeout=timeout_s)
+
+
+def ensure_topics(config: KafkaConfig, topics: Iterable[str], partitions: int = 1) -> None:
+    """Create the topics that do not exist yet (for development and tests; production provisions its own)."""
+    admin = KafkaAdminClient(**_common(config, "stream-forecaster-admin"))
+    try:
+        existing = set(admin.list_topics())
+        new = [NewTopic(t, partitions, 1) for t in dict.fromkeys(topics) if t and t not in existing]
+        if new:
+            try:
+                admin.create_topics(new)
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        admin.close()
+
+
+def read_topic(config: KafkaConfig, topic: str, stop: threading.Event, idle_s: float | None = None):
+    """Yield every record of ``topic`` from the beginning, without a consumer group.
+
+    Ends when ``stop`` is set, or after ``idle_s`` seconds without a new record.
+    For the demo and tests; the daemon reads through :class:`KafkaSource`.
+    """
+    consumer = KafkaConsumer(enable_auto_commit=False, **_common(config, "stream-forecaster-reader"))
+    try:
+        partitions = None
+        while partitions is None and not stop.is_set():
+            partitions = consumer.partitions_for_topic(topic)
+            if partitions is None:
+                stop.wait(0.2)  # the topic does not exist yet
+        if partitions is None:
+            return
+        consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
+        consumer.seek_to_beginning()
+        last = time.monotonic()
+        while not stop.is_set():
+            batch = consumer.poll(timeout_ms=200)
+            for records in batch.values():
+                yield from records
+                last = time.monotonic()
+            if idle_s is not None and time.monotonic() - last > idle_s:
+                return
+    finally:
+        consumer.close(autocommit=False)

@@ -1,0 +1,140 @@
+"""Prometheus metrics and the HTTP endpoint: ``/metrics``, ``/healthz``, ``/readyz``.
+
+The only module that imports prometheus_client. Every metric is created on the
+registry passed in, so tests build a fresh registry and read values back.
+There is no per-sensor label unless a sensor is listed in
+``metrics.labelled_sensors``: one label value per sensor would overwhelm
+Prometheus at fleet scale.
+"""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.parser import text_string_to_metric_families
+
+__all__ = ["Metrics", "MetricsServer", "scrape"]
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """The daemon's metrics, all prefixed ``stream_forecaster_``."""
+
+    def __init__(self, targets: Sequence[str], labelled_sensors: Sequence[str] = (),
+                 registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        readings = Counter("stream_forecaster_readings", "Input messages by outcome: accepted, missing "
+                           "('?' or a feature absent), invalid, ignored (UCI header lines)", ["outcome"], registry=r)
+        self.accepted, self.missing = readings.labels("accepted"), readings.labels("missing")
+        self.invalid, self.ignored = readings.labels("invalid"), readings.labels("ignored")
+        self.predictions = Counter("stream_forecaster_predictions", "Predictions published", registry=r)
+        self.scored = Counter("stream_forecaster_scored_predictions",
+                              "Predictions scored against the reading they predicted", registry=r)
+        self.dead_letters = Counter("stream_forecaster_dead_letters",
+                                    "Invalid messages forwarded to the dead-letter topic", registry=r)
+        self.publish_retries = Counter("stream_forecaster_publish_retries",
+                                       "Publish attempts that failed and were retried", registry=r)
+        abs_error = Histogram("stream_forecaster_prediction_abs_error",
+                              "Absolute error of scored predictions, in the target's units", ["target"],
+                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100), registry=r)
+        self.abs_error = [abs_error.labels(t) for t in targets]
+        self.rolling_mae = Gauge("stream_forecaster_rolling_mae", "Mean absolute error over the last "
+                                 "metrics.rolling_window scored predictions", ["target", "forecaster"], registry=r)
+        self.rolling_rmse = Gauge("stream_forecaster_rolling_rmse", "Root mean squared error over the last "
+                                  "metrics.rolling_window scored predictions", ["target", "forecaster"], registry=r)
+        self.sensor_abs_error = Gauge("stream_forecaster_sensor_abs_error",
+                                      "Absolute error of the last scored prediction of a labelled sensor",
+                                      ["sensor", "target"], registry=r)
+        self.labelled_sensors = frozenset(labelled_sensors)
+        self.inference_seconds = Histogram("stream_forecaster_batch_inference_seconds",
+                                           "Time of one batched model call", buckets=_LATENCY_BUCKETS, registry=r)
+        self.latency_seconds = Histogram("stream_forecaster_reading_to_published_seconds",
+                                         "From a reading's Kafka timestamp to its prediction acknowledged",
+                                         buckets=_LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("stream_forecaster_batch_readings", "Messages handled per poll batch",
+                                    buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000), registry=r)
+        self.active_sensors = Gauge("stream_forecaster_active_sensors", "Sensors with a window", registry=r)
+        self.consumer_lag = Gauge("stream_forecaster_consumer_lag",
+                                  "Readings in the input topic not yet consumed (sum over partitions)", registry=r)
+        self.model_version = Gauge("stream_forecaster_model_version", "Version number of the model serving",
+                                   registry=r)
+        self.ready = Gauge("stream_forecaster_ready", "1 when connected with a model loaded", registry=r)
+
+    def bind_rolling(self, targets: Sequence[str], model, baseline) -> None:
+        """Rolling gauges read from :class:`~stream_forecaster.scoring.RollingErrors` at scrape time."""
+        for i, target in enumerate(targets):
+            for name, errors in (("model", model), ("persistence", baseline)):
+                self.rolling_mae.labels(target, name).set_function(lambda e=errors, i=i: e.mae(i))
+                self.rolling_rmse.labels(target, name).set_function(lambda e=errors, i=i: e.rmse(i))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsServer:
+    """``/metrics``, ``/healthz`` (the process is alive) and ``/readyz`` (``is_ready()``) on a thread."""
+
+    def __init__(self, metrics: Metrics, host: str, port: int, is_ready: Callable[[], bool]):
+        handler = _handler(metrics, is_ready)
+        self._server = ThreadingHTTPServer((host, port), handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    def start(self) -> "MetricsServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _handler(metrics: Metrics, is_ready: Callable[[], bool]):
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the http.server API)
+            path = self.path.split("?")[0]
+            if path == "/metrics":
+                self._reply(200, metrics.exposition(), CONTENT_TYPE_LATEST)
+            elif path == "/healthz":
+                self._reply(200, b"ok\n")
+            elif path == "/readyz":
+                ready = is_ready()
+                self._reply(200 if ready else 503, b"ready\n" if ready else b"not ready\n")
+            else:
+                self._reply(404, b"not found: try /metrics, /healthz or /readyz\n")
+
+        def _reply(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8"):
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):  # scrapes are not worth a log line each
+            pass
+
+    return Handler
+
+
+def scrape(url: str, timeout_s: float = 5.0) -> dict[str, float]:
+    """Samples of a ``/metrics`` endpoint as ``{'name{label="v",...}': value}`` (labels sorted)."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        text = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return samples

@@ -1,0 +1,71 @@
+"""Produce a UCI file into the input topic: for demos, load tests and backfills."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .config import KafkaConfig
+from .errors import UserError
+from .kafka_io import KafkaSink
+from .records import OutRecord, UciLineParser, open_text
+
+__all__ = ["replay_file", "replay_lines"]
+
+
+def replay_file(config: KafkaConfig, path: Path, sensor: str, *, rate: float | None = None, skip: int = 0,
+                limit: int | None = None, stop: threading.Event | None = None, progress: bool = True) -> int:
+    """Send the data lines of ``path`` (after ``skip``, at most ``limit``) keyed by ``sensor``."""
+    if not Path(path).exists():
+        raise UserError(f"{path}: no such file")
+    with open_text(path) as f:
+        total = sum(1 for line in f if not UciLineParser.is_header(line))
+    total = max(0, min(total - skip, limit if limit is not None else total))
+    with open_text(path) as f:
+        lines = (line.rstrip("\n") for line in f if not UciLineParser.is_header(line))
+        return replay_lines(config, itertools.islice(lines, skip, skip + total), sensor,
+                            rate=rate, total=total, stop=stop, progress=progress)
+
+
+def replay_lines(config: KafkaConfig, lines, sensor: str, *, rate: float | None = None, total: int | None = None,
+                 stop: threading.Event | None = None, progress: bool = True) -> int:
+    stop = stop or threading.Event()
+    sink = KafkaSink(config, client_id="stream-forecaster-replay")
+    failures: list[Exception] = []
+    key = sensor.encode()
+    started = last_shown = time.monotonic()
+    sent = 0
+    try:
+        for sent, line in enumerate(lines, 1):
+            sink.send(OutRecord(config.input_topic, key, line.encode())).add_errback(failures.append)
+            now = time.monotonic()
+            if rate:
+                ahead = started + sent / rate - now
+                if ahead > 0 and stop.wait(ahead):  # pacing to the requested rate
+                    break
+            elif stop.is_set():
+                break
+            if progress and now - last_shown >= 0.2:
+                _show(sent, total, now - started)
+                last_shown = now
+        sink.flush()
+    finally:
+        sink.close()
+    if progress:
+        _show(sent, total, time.monotonic() - started, end="\n")
+    if failures:
+        raise UserError(f"{len(failures)} of {sent} messages were not acknowledged: {failures[0]}")
+    return sent
+
+
+def _show(sent: int, total: int | None, seconds: float, end: str = "") -> None:
+    rate = sent / seconds if seconds > 0 else 0.0
+    if total:
+        filled = int(30 * sent / total)
+        bar = f"[{'#' * filled}{'.' * (30 - filled)}] {sent:,}/{total:,}"
+    else:
+        bar = f"{sent:,}"
+    print(f"\rreplay {bar} messages, {rate:,.0f}/s   ", end=end, file=sys.stderr, flush=True)

@@ -1,0 +1,180 @@
+"""The pipeline on in-memory records: exact counts, same numbers as offline, honest scores."""
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from conftest import make_forecaster, sample_lines
+from stream_forecaster.config import load_config
+from stream_forecaster.metrics import Metrics
+from stream_forecaster.pipeline import Pipeline, Stopped
+from stream_forecaster.records import UciLineParser
+from stream_forecaster.testing import FakeRecord, ListSink
+
+L = 6
+
+
+def config(*overrides):
+    return load_config(None, ["model.sequence_length=6", "model.layers=[1, 8, 1]", "metrics.rolling_window=1000",
+                              *overrides], environ={})
+
+
+def build(*overrides, sink=None, forecaster=None):
+    forecaster = forecaster or make_forecaster(sequence_length=L)
+    metrics = Metrics(forecaster.targets)
+    sink = sink if sink is not None else ListSink()
+    return Pipeline(config(*overrides), forecaster, sink, metrics), sink, metrics
+
+
+def value(metrics, name, **labels):
+    return metrics.registry.get_sample_value(name, labels or None)
+
+
+def stream(sensors=("a", "b", "c"), n=40):
+    """Interleaved UCI lines of the real sample, with '?' and garbage mixed in; returns records and truth."""
+    records, accepted = [], {s: [] for s in sensors}
+    for k, sensor in enumerate(sensors):
+        for j, line in enumerate(sample_lines(n, start=1000 * k)):
+            if j % 11 == 5:
+                line = line.split(";", 2)[0] + ";" + line.split(";", 2)[1] + ";?;?;?;?;?;?;"
+            elif j % 13 == 7:
+                line = "garbage;" + line
+            else:
+                accepted[sensor].append(line)
+            records.append((j, sensor, line))
+    records.sort()  # interleave the sensors minute by minute
+    out = [FakeRecord("in", hash(s) % 3, i, s.encode(), line.encode(), timestamp=0) for i, (_, s, line) in enumerate(records)]
+    return out, accepted
+
+
+def offline(forecaster, lines):
+    parser = UciLineParser(["Global_active_power"])
+    values = np.array([parser.parse(line)[1] for line in lines], dtype=np.float32)
+    windows = np.lib.stride_tricks.sliding_window_view(values, L - 1, axis=0).transpose(0, 2, 1)
+    return values, forecaster.forecast(windows)
+
+
+@pytest.mark.parametrize("batch", [1, 7, 1000])
+def test_every_full_window_gives_one_prediction_equal_to_offline(batch):
+    pipeline, sink, metrics = build()
+    records, accepted = stream()
+    for i in range(0, len(records), batch):
+        pipeline.process(records[i:i + batch])
+    by_sensor = {}
+    for r in sink.records:
+        by_sensor.setdefault(r.key.decode(), []).append(json.loads(r.value))
+    for sensor, lines in accepted.items():
+        got = by_sensor[sensor]
+        assert len(got) == len(lines) - (L - 1) + 1
+        values, expected = offline(pipeline.forecaster, lines)
+        np.testing.assert_allclose([g["prediction"] for g in got], expected[:, 0], rtol=1e-5, atol=1e-6)
+        # each prediction is stamped with the minute after the last reading of its window
+        first = UciLineParser(["Global_active_power"]).parse(lines[L - 2])[0]
+        assert got[0]["timestamp"] == np.datetime64(first + 60, "s").astype(str)
+        assert all(g["model_version"] == "1" and g["sensor"] == sensor for g in got)
+    n_missing = sum(1 for r in records if b";?;" in r.value)
+    n_invalid = sum(1 for r in records if r.value.startswith(b"garbage"))
+    assert value(metrics, "stream_forecaster_readings_total", outcome="missing") == n_missing
+    assert value(metrics, "stream_forecaster_readings_total", outcome="invalid") == n_invalid
+    assert value(metrics, "stream_forecaster_readings_total", outcome="accepted") == sum(map(len, accepted.values()))
+    assert value(metrics, "stream_forecaster_predictions_total") == len(sink.records)
+    assert value(metrics, "stream_forecaster_active_sensors") == 3
+
+
+def test_scores_each_prediction_when_its_truth_arrives():
+    pipeline, sink, metrics = build()
+    records, accepted = stream(sensors=("a",), n=60)
+    pipeline.process(records[:25])
+    pipeline.process(records[25:])
+    values, predicted = offline(pipeline.forecaster, accepted["a"])
+    # prediction k (after reading k + L - 2) is scored by reading k + L - 1; the last one is still pending
+    truth, last = values[L - 1:, 0], values[L - 2:-1, 0]
+    model_err, base_err = predicted[:-1, 0] - truth, last - truth
+    assert value(metrics, "stream_forecaster_scored_predictions_total") == len(truth)
+    assert value(metrics, "stream_forecaster_rolling_mae", target="Global_active_power", forecaster="model") == \
+        pytest.approx(np.abs(model_err).mean(), rel=1e-5)
+    assert value(metrics, "stream_forecaster_rolling_rmse", target="Global_active_power", forecaster="persistence") == \
+        pytest.approx(np.sqrt(np.square(base_err).mean()), rel=1e-5)
+    assert value(metrics, "stream_forecaster_prediction_abs_error_count", target="Global_active_power") == len(truth)
+
+
+def test_rolling_window_keeps_only_the_last_scores():
+    pipeline, sink, metrics = build("metrics.rolling_window=5")
+    records, accepted = stream(sensors=("a",), n=60)
+    pipeline.process(records)
+    values, predicted = offline(pipeline.forecaster, accepted["a"])
+    truth = values[L - 1:, 0]
+    assert value(metrics, "stream_forecaster_rolling_mae", target="Global_active_power", forecaster="model") == \
+        pytest.approx(np.abs(predicted[:-1, 0] - truth)[-5:].mean(), rel=1e-5)
+
+
+def test_offsets_to_commit_cover_every_record_of_the_batch():
+    pipeline, sink, _ = build()
+    records = [FakeRecord("in", p, o, b"s", b"?") for p, o in [(0, 5), (1, 9), (0, 6), (1, 10), (2, 3)]]
+    assert pipeline.process(records) == {("in", 0): 7, ("in", 1): 11, ("in", 2): 4}
+
+
+def test_invalid_messages_go_to_the_dead_letter_topic_with_the_reason():
+    pipeline, sink, metrics = build("kafka.dead_letter_topic=dead")
+    bad = [b"\xff\xfe", b"nan", b"1;2;3", b"", b"x" * 70000, b'{"value": "high"}', b"31/2/2007;10:00:00;1;2;3;4;5;6;7"]
+    records = [FakeRecord("in", 0, i, b"s1", v, headers=[("trace", b"t1")]) for i, v in enumerate(bad)]
+    assert pipeline.process(records) == {("in", 0): len(bad)}
+    assert [r.topic for r in sink.records] == ["dead"] * len(bad)
+    assert [r.value for r in sink.records] == bad
+    reasons = [dict(r.headers)["error"].decode() for r in sink.records]
+    for reason, fragment in zip(reasons, ["not UTF-8", "non-finite", "expected 9 fields", "empty", "oversized",
+                                          "must be a number", "bad date"]):
+        assert fragment in reason
+    assert dict(sink.records[0].headers)["trace"] == b"t1"
+    assert dict(sink.records[0].headers)["source"] == b"in/0/0"
+    assert value(metrics, "stream_forecaster_dead_letters_total") == len(bad)
+
+
+def test_json_and_bare_number_inputs():
+    pipeline, sink, _ = build()
+    values = [0.5, 1.5, 2.5, 1.0, 0.7, 0.9, 1.1]
+    records = []
+    for i, v in enumerate(values):
+        if i % 2:
+            payload = json.dumps({"timestamp": f"2024-03-01T10:{i:02d}:00+00:00", "values": {"Global_active_power": v}})
+        else:
+            payload = str(v)
+        records.append(FakeRecord("in", 0, i, None, payload.encode()))
+    pipeline.process(records)
+    got = [json.loads(r.value) for r in sink.records]
+    assert len(got) == len(values) - (L - 1) + 1
+    assert got[0]["sensor"] == "default"
+    assert got[0]["timestamp"] is None  # the window ends with a bare number: no time
+    assert got[1]["timestamp"] == "2024-03-01T10:06:00Z"  # last reading 10:05 (zoned) + 1 minute
+    window = np.array(values[1:6], dtype=np.float32).reshape(1, 5, 1)
+    assert got[1]["prediction"] == pytest.approx(float(pipeline.forecaster.forecast(window)[0, 0]), rel=1e-5)
+
+
+def test_multi_target_prediction_is_an_object_per_target():
+    forecaster = make_forecaster(features=("Global_active_power", "Voltage"), targets=("Global_active_power", "Sub_metering_3"),
+                                 sequence_length=L)
+    pipeline, sink, _ = build("data.features=[Global_active_power, Voltage]",
+                              "data.targets=[Global_active_power, Sub_metering_3]", "model.layers=[2, 8, 2]",
+                              forecaster=forecaster)
+    records = [FakeRecord("in", 0, i, b"h", line.encode()) for i, line in enumerate(sample_lines(10))]
+    pipeline.process(records)
+    got = [json.loads(r.value) for r in sink.records]
+    assert len(got) == 10 - (L - 1) + 1
+    assert set(got[0]["prediction"]) == {"Global_active_power", "Sub_metering_3"}
+
+
+def test_failed_publish_is_retried_and_a_stop_during_retries_commits_nothing():
+    sink = ListSink(failures=2)
+    pipeline, sink, _ = build(sink=sink)
+    records = [FakeRecord("in", 0, i, b"s", line.encode()) for i, line in enumerate(sample_lines(8))]
+    assert pipeline.process(records) == {("in", 0): 8}
+    assert sink.attempts == 3 and len(sink.records) == 8 - (L - 1) + 1
+
+    stopped = threading.Event()
+    stopped.set()
+    pipeline, sink, _ = build(sink=ListSink(failures=1))
+    pipeline.stop = stopped
+    with pytest.raises(Stopped):
+        pipeline.process(records)
