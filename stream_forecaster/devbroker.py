@@ -39,10 +39,12 @@ def _binary() -> str:
 class DevBroker:
     """A broker process on ``host:port``; a context manager that stops it on exit."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int | None = None, log_path: str | Path | None = None):
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None, log_path: str | Path | None = None,
+                 advertised: str | None = None):
         self.host = host
         self.port = port or free_port(host)
         self.log_path = log_path
+        self.advertised = advertised or self.address  # where clients are told to connect
         self.process: subprocess.Popen | None = None
 
     @property
@@ -50,10 +52,10 @@ class DevBroker:
         return f"{self.host}:{self.port}"
 
     def start(self, timeout: float = 30.0) -> "DevBroker":
-        url = f"tcp://{self.address}"
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(
-            [_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
+            [_binary(), "broker", "--listener-url", f"tcp://{self.address}",
+             "--advertised-listener-url", f"tcp://{self.advertised}"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + timeout

@@ -65,3 +65,22 @@ def make_forecaster(features=("Global_active_power",), targets=("Global_active_p
         },
     }
     return Forecaster(build_model(spec), meta, version)
+
+
+@pytest.fixture(scope="session")
+def broker():
+    """One embedded development broker for the test session, on a free port."""
+    from stream_forecaster.devbroker import DevBroker
+
+    with DevBroker() as b:
+        yield b
+
+
+@pytest.fixture
+def kafka_names(request):
+    """Topic and group names of this test alone, so tests share the broker without meeting."""
+    import re
+    import uuid
+
+    tag = re.sub(r"[^a-zA-Z0-9]", "-", request.node.name)[:40] + "-" + uuid.uuid4().hex[:6]
+    return {"input": f"in-{tag}", "output": f"out-{tag}", "dead": f"dead-{tag}", "group": f"g-{tag}"}

@@ -1,0 +1,140 @@
+"""The daemon as a process against the embedded broker: exact counts, same numbers, live metrics, clean stop."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from conftest import make_forecaster, sample_lines
+from daemon import DaemonProcess, wait_for
+from stream_forecaster.config import load_config
+from stream_forecaster.kafka_io import ensure_topics, read_topic
+from stream_forecaster.model import Forecaster
+from stream_forecaster.records import UciLineParser
+from stream_forecaster.registry import ModelStore
+
+L = 6
+SENSORS = ("house-a", "house-b", "house-c", "house-d")
+
+
+@pytest.fixture
+def setup(broker, kafka_names, tmp_path):
+    store = ModelStore(tmp_path / "models")
+    store.publish(make_forecaster(sequence_length=L).save)
+    overrides = [
+        f"kafka.bootstrap_servers={broker.address}",
+        f"kafka.input_topic={kafka_names['input']}",
+        f"kafka.output_topic={kafka_names['output']}",
+        f"kafka.dead_letter_topic={kafka_names['dead']}",
+        f"kafka.group_id={kafka_names['group']}",
+        "kafka.session_timeout_ms=6000",
+        f"model_store.path={store.path}",
+        "model.sequence_length=6", "model.layers=[1, 8, 1]",
+    ]
+    config = load_config(None, overrides, environ={})
+    ensure_topics(config.kafka, [kafka_names["input"], kafka_names["output"], kafka_names["dead"]], partitions=3)
+    return config, overrides, store
+
+
+def readings():
+    """Per sensor: real lines with '?' rows and garbage mixed in."""
+    messages, accepted = [], {s: [] for s in SENSORS}
+    for k, sensor in enumerate(SENSORS):
+        for j, line in enumerate(sample_lines(30, start=500 * k)):
+            if j == 9:
+                messages.append((sensor, "?"))
+            if j == 14:
+                messages.append((sensor, "not;a;reading"))
+                messages.append((sensor, "\udcff"))  # becomes a non-UTF-8 byte below
+            if j == 20:
+                date, time_, _ = line.split(";", 2)
+                messages.append((sensor, f"{date};{time_};?;?;?;?;?;?;"))
+                continue
+            messages.append((sensor, line))
+            accepted[sensor].append(line)
+    return messages, accepted
+
+
+def produce(config, messages):
+    producer = KafkaProducer(bootstrap_servers=list(config.kafka.bootstrap_servers), acks="all")
+    futures = [producer.send(config.kafka.input_topic, key=s.encode(),
+                             value=v.encode("utf-8", "surrogateescape")) for s, v in messages]
+    producer.flush()
+    offsets = [f.get(timeout=10) for f in futures]
+    producer.close()
+    last = {}
+    for m in offsets:
+        last[m.partition] = max(last.get(m.partition, -1), m.offset)
+    return last
+
+
+def collect(config, topic, expected, timeout=90):
+    got, stop = [], threading.Event()
+    timer = threading.Timer(timeout, stop.set)
+    timer.start()
+    try:
+        for record in read_topic(config.kafka, topic, stop):
+            got.append(record)
+            if len(got) >= expected:
+                break
+    finally:
+        timer.cancel()
+    return got
+
+
+def test_daemon_end_to_end(setup, tmp_path):
+    config, overrides, store = setup
+    messages, accepted = readings()
+    expected = {s: len(lines) - (L - 1) + 1 for s, lines in accepted.items()}
+    daemon = DaemonProcess(overrides, tmp_path / "daemon.log")
+    try:
+        last_offsets = produce(config, messages)  # before the group first joins: earliest must not skip them
+        daemon.wait_ready()
+        predictions = collect(config, config.kafka.output_topic, sum(expected.values()))
+        assert len(predictions) == sum(expected.values()), daemon.output()
+
+        forecaster = Forecaster.load(store.directory("1"), "1")
+        parser = UciLineParser(["Global_active_power"])
+        by_sensor = {}
+        for r in predictions:
+            by_sensor.setdefault(r.key.decode(), []).append(json.loads(r.value))
+        for sensor, lines in accepted.items():
+            got = sorted(by_sensor[sensor], key=lambda p: p["source"]["offset"])
+            assert len(got) == expected[sensor]
+            values = np.array([parser.parse(x)[1] for x in lines], dtype=np.float32)
+            windows = np.lib.stride_tricks.sliding_window_view(values, L - 1, axis=0).transpose(0, 2, 1)
+            np.testing.assert_allclose([p["prediction"] for p in got], forecaster.forecast(windows)[:, 0],
+                                       rtol=1e-5, atol=1e-6)
+            assert {p["model_version"] for p in got} == {"1"}
+            assert got[-1]["timestamp"] == np.datetime64(parser.parse(lines[-1])[0] + 60, "s").astype(str)
+
+        dead = collect(config, config.kafka.dead_letter_topic, 2 * len(SENSORS))
+        assert sorted(r.value for r in dead) == sorted([b"not;a;reading", b"\xff"] * len(SENSORS))
+        assert all(dict(r.headers)["error"] for r in dead)
+
+        n = {s: len(v) for s, v in accepted.items()}
+        m = wait_for(lambda: (lambda m: m if m["stream_forecaster_predictions_total"] == sum(expected.values())
+                              else None)(daemon.metrics()), 30, "the metrics to count every prediction")
+        assert m['stream_forecaster_readings_total{outcome="accepted"}'] == sum(n.values())
+        assert m['stream_forecaster_readings_total{outcome="missing"}'] == 2 * len(SENSORS)
+        assert m['stream_forecaster_readings_total{outcome="invalid"}'] == 2 * len(SENSORS)
+        assert m["stream_forecaster_scored_predictions_total"] == sum(expected.values()) - len(SENSORS)
+        assert m["stream_forecaster_active_sensors"] == len(SENSORS)
+        assert m["stream_forecaster_model_version"] == 1
+        assert m["stream_forecaster_reading_to_published_seconds_count"] == sum(expected.values())
+        assert daemon.status("/healthz") == 200
+
+        assert daemon.terminate() == 0, daemon.output()
+        consumer = KafkaConsumer(bootstrap_servers=list(config.kafka.bootstrap_servers),
+                                 group_id=config.kafka.group_id, enable_auto_commit=False)
+        # Compared with the offsets the producer was given, not end_offsets(): the development
+        # broker reports a partition's end offset as the last batch's base offset.
+        committed = {p: consumer.committed(TopicPartition(config.kafka.input_topic, p)) for p in last_offsets}
+        consumer.close()
+        assert committed == {p: o + 1 for p, o in last_offsets.items()}
+    finally:
+        daemon.close()
