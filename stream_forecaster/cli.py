@@ -175,7 +175,8 @@ def cmd_broker(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(_config(args), args.overrides, duration=args.duration, rate=args.rate, out_dir=Path(args.out))
+    path = args.config if args.config or not Path("config.yaml").is_file() else "config.yaml"
+    return run_demo(path, args.overrides, duration=args.duration, rate=args.rate, out_dir=Path(args.out))
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "run": cmd_run, "replay": cmd_replay,
@@ -185,6 +186,7 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "run": cmd_run, "repla
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # kafka-python logs every connection at INFO
     try:
         return COMMANDS[args.command](args)
     except UserError as exc:

@@ -164,6 +164,10 @@ class Forecaster:
         # One traced graph for any batch size: no per-call retracing, no model.predict overhead.
         self._call = tf.function(lambda x: self.model(x, training=False), input_signature=[spec])
 
+    def warm_up(self) -> None:
+        """Trace the compiled call and run it once, so the first real batch is not the slow one."""
+        self.forecast(np.zeros((1, self.sequence_length - 1, len(self.features)), dtype=np.float32))
+
     def forecast(self, windows: np.ndarray) -> np.ndarray:
         """Predictions ``[n, targets]`` in data units for input windows ``[n, sequence_length - 1, features]``."""
         windows = np.asarray(windows)

@@ -95,7 +95,9 @@ class Daemon:
             version = self.store.current()
             if version is not None:
                 directory = self.store.verify(self.store.directory(version))
-                return Forecaster.load(directory, version)
+                forecaster = Forecaster.load(directory, version)
+                forecaster.warm_up()
+                return forecaster
             if not told:
                 log.warning("no model in %s yet: waiting for one (train with `stream-forecaster train`)",
                             self.store.path)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 import threading
+import urllib.request
 
 import numpy as np
 import pytest
@@ -86,6 +90,18 @@ def collect(config, topic, expected, timeout=90):
     return got
 
 
+def check_with_promtool(url):
+    """``promtool check metrics`` (Debian's prometheus package) accepts the live exposition."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        assert not os.environ.get("CI"), "promtool is required in CI: apt-get install prometheus"
+        return
+    with urllib.request.urlopen(url) as response:
+        text = response.read()
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True)
+    assert result.returncode == 0, (result.stdout + result.stderr).decode()
+
+
 def test_daemon_end_to_end(setup, tmp_path):
     config, overrides, store = setup
     messages, accepted = readings()
@@ -127,6 +143,7 @@ def test_daemon_end_to_end(setup, tmp_path):
         assert m["stream_forecaster_model_version"] == 1
         assert m["stream_forecaster_reading_to_published_seconds_count"] == sum(expected.values())
         assert daemon.status("/healthz") == 200
+        check_with_promtool(daemon.url + "/metrics")
 
         assert daemon.terminate() == 0, daemon.output()
         consumer = KafkaConsumer(bootstrap_servers=list(config.kafka.bootstrap_servers),

@@ -1,0 +1,136 @@
+"""Benchmark: readings/s in and predictions/s out through the embedded broker, beside the model-only ceiling.
+
+    python benchmarks/throughput.py [--readings 40000] [--sensors 1 1000]
+
+Each sensor gets at least 100 readings (so 1,000 sensors send 100,000).
+
+The default model (config defaults, untrained weights: speed does not depend on
+them) is published to a temporary store. For each sensor count, a backlog of
+readings is produced first, then the daemon (a real `stream-forecaster run`
+process) is started and timed from its first accepted reading to its last
+published prediction, read off its own /metrics. The ceiling is the compiled,
+batched model call alone, in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from stream_forecaster.config import load_config  # noqa: E402
+from stream_forecaster.devbroker import DevBroker, free_port  # noqa: E402
+from stream_forecaster.kafka_io import KafkaSink, ensure_topics  # noqa: E402
+from stream_forecaster.metrics import scrape  # noqa: E402
+from stream_forecaster.model import Forecaster, Scaler, build_model  # noqa: E402
+from stream_forecaster.records import SAMPLE_PATH, OutRecord, open_text  # noqa: E402
+from stream_forecaster.registry import ModelStore  # noqa: E402
+
+
+def default_forecaster(config) -> Forecaster:
+    identity = Scaler(np.zeros(1, np.float32), np.ones(1, np.float32)).to_dict()
+    meta = {"features": list(config.data.features), "targets": list(config.data.targets),
+            "sequence_length": config.model.sequence_length,
+            "normalization": {"features": identity, "targets": identity}}
+    return Forecaster(build_model(config.model), meta)
+
+
+def ceiling(forecaster: Forecaster, seconds: float = 3.0) -> dict[int, float]:
+    rates = {}
+    rng = np.random.default_rng(0)
+    for batch in (64, 256, 1024, 4096):
+        windows = rng.normal(size=(batch, forecaster.sequence_length - 1, 1)).astype(np.float32)
+        forecaster.forecast(windows)
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            forecaster.forecast(windows)
+            n += batch
+        rates[batch] = n / (time.perf_counter() - start)
+    return rates
+
+
+def end_to_end(broker, store_path: Path, readings: int, sensors: int, workdir: Path) -> dict:
+    readings = max(readings, 100 * sensors)
+    tag = f"s{sensors}-{time.monotonic_ns()}"
+    overrides = [f"kafka.bootstrap_servers={broker.address}", f"kafka.input_topic=in-{tag}",
+                 f"kafka.output_topic=out-{tag}", f"kafka.group_id=g-{tag}", "kafka.session_timeout_ms=6000",
+                 f"model_store.path={store_path}", f"metrics.port={free_port()}"]
+    config = load_config(None, overrides, environ={})
+    ensure_topics(config.kafka, [config.kafka.input_topic, config.kafka.output_topic], partitions=3)
+    with open_text(SAMPLE_PATH) as f:
+        next(f)
+        lines = [line.rstrip("\n").encode() for line in f if "?" not in line]
+    sink = KafkaSink(config.kafka, client_id="benchmark")
+    keys = [f"sensor-{i}".encode() for i in range(sensors)]
+    per_sensor = -(-readings // sensors)
+    for i in range(readings):  # sensor-major order: each sensor's readings stay in time order
+        sink.send(OutRecord(config.kafka.input_topic, keys[i // per_sensor], lines[i % len(lines)]))
+    sink.flush()
+    sink.close()
+    expected = readings - sensors * (config.model.sequence_length - 2)  # every reading is accepted
+
+    args = [sys.executable, "-m", "stream_forecaster.cli", "run"]
+    for o in overrides:
+        args += ["--set", o]
+    log = open(workdir / f"daemon-{sensors}.log", "wb")
+    daemon = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{config.metrics.port}/metrics"
+    first = last = None
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and daemon.poll() is None:
+            try:
+                m = scrape(url)
+            except OSError:
+                time.sleep(0.05)
+                continue
+            now = time.monotonic()
+            got = m['stream_forecaster_readings_total{outcome="accepted"}']
+            done = m["stream_forecaster_predictions_total"]
+            if first is None and got > 0:
+                first = (now, got, done)
+            if done >= expected:
+                last = (now, got, done)
+                break
+            time.sleep(0.02)
+    finally:
+        daemon.terminate()
+        daemon.wait(60)
+    if first is None or last is None:
+        raise SystemExit(f"the daemon did not finish; see {workdir}")
+    seconds = last[0] - first[0]
+    return {"sensors": sensors, "readings": last[1], "predictions": last[2], "seconds": seconds,
+            "readings_per_s": (last[1] - first[1]) / seconds, "predictions_per_s": (last[2] - first[2]) / seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--readings", type=int, default=40_000)
+    parser.add_argument("--sensors", type=int, nargs="+", default=[1, 1000])
+    args = parser.parse_args()
+    config = load_config(None, environ={})
+    forecaster = default_forecaster(config)
+    rates = ceiling(forecaster)
+    print("model-only ceiling (default model, compiled batched call):")
+    for batch, rate in rates.items():
+        print(f"  batch {batch:>5}: {rate:>8,.0f} windows/s")
+    with tempfile.TemporaryDirectory() as tmp, DevBroker() as broker:
+        store = ModelStore(Path(tmp) / "models")
+        store.publish(forecaster.save)
+        print("end to end through the embedded broker (a backlog of readings, 3 partitions):")
+        print(f"  {'sensors':>7} {'readings':>9} {'readings/s':>11} {'predictions/s':>14} {'% of best ceiling':>18}")
+        for sensors in args.sensors:
+            r = end_to_end(broker, store.path, args.readings, sensors, Path(tmp))
+            print(f"  {sensors:>7} {r['readings']:>9,.0f} {r['readings_per_s']:>11,.0f} {r['predictions_per_s']:>14,.0f} "
+                  f"{100 * r['predictions_per_s'] / max(rates.values()):>17.0f}%")
+
+
+if __name__ == "__main__":
+    main()
