@@ -84,3 +84,16 @@ def kafka_names(request):
 
     tag = re.sub(r"[^a-zA-Z0-9]", "-", request.node.name)[:40] + "-" + uuid.uuid4().hex[:6]
     return {"input": f"in-{tag}", "output": f"out-{tag}", "dead": f"dead-{tag}", "group": f"g-{tag}"}
+
+
+def offline_forecasts(forecaster, lines: list[str]):
+    """The values of UCI ``lines`` and the forecaster's prediction after each full window, computed offline."""
+    import numpy as np
+
+    from stream_forecaster.records import UciLineParser
+
+    parser = UciLineParser(list(forecaster.features))
+    values = np.array([parser.parse(line)[1] for line in lines], dtype=np.float32)
+    size = forecaster.sequence_length - 1
+    windows = np.stack([values[i:i + size] for i in range(len(values) - size + 1)])
+    return values, forecaster.forecast(windows)

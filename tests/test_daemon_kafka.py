@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from conftest import make_forecaster, sample_lines
+from conftest import make_forecaster, offline_forecasts, sample_lines
 from daemon import DaemonProcess, wait_for
 from stream_forecaster.config import load_config
 from stream_forecaster.kafka_io import ensure_topics, read_topic
@@ -121,10 +121,8 @@ def test_daemon_end_to_end(setup, tmp_path):
         for sensor, lines in accepted.items():
             got = sorted(by_sensor[sensor], key=lambda p: p["source"]["offset"])
             assert len(got) == expected[sensor]
-            values = np.array([parser.parse(x)[1] for x in lines], dtype=np.float32)
-            windows = np.lib.stride_tricks.sliding_window_view(values, L - 1, axis=0).transpose(0, 2, 1)
-            np.testing.assert_allclose([p["prediction"] for p in got], forecaster.forecast(windows)[:, 0],
-                                       rtol=1e-5, atol=1e-6)
+            _, expected_values = offline_forecasts(forecaster, lines)
+            np.testing.assert_allclose([p["prediction"] for p in got], expected_values[:, 0], rtol=1e-5, atol=1e-6)
             assert {p["model_version"] for p in got} == {"1"}
             assert got[-1]["timestamp"] == np.datetime64(parser.parse(lines[-1])[0] + 60, "s").astype(str)
 

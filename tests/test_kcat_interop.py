@@ -10,14 +10,13 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import make_forecaster, sample_lines
+from conftest import make_forecaster, offline_forecasts, sample_lines
 from daemon import DaemonProcess
 from kafka_shim import KafkaShim
 from stream_forecaster.config import load_config
 from stream_forecaster.devbroker import DevBroker, free_port
 from stream_forecaster.kafka_io import ensure_topics
 from stream_forecaster.model import Forecaster
-from stream_forecaster.records import UciLineParser
 from stream_forecaster.registry import ModelStore
 
 L = 6
@@ -66,10 +65,8 @@ def test_kcat_produces_readings_and_reads_predictions(shimmed_broker, tmp_path):
     received = [line.split("\t", 1) for line in out.splitlines()]
     assert len(received) == expected
     forecaster = Forecaster.load(store.directory("1"), "1")
-    parser = UciLineParser(["Global_active_power"])
     for sensor, ls in lines.items():
         got = sorted((json.loads(v) for k, v in received if k == sensor), key=lambda p: p["source"]["offset"])
-        values = np.array([parser.parse(x)[1] for x in ls], dtype=np.float32)
-        windows = np.lib.stride_tricks.sliding_window_view(values, L - 1, axis=0).transpose(0, 2, 1)
-        np.testing.assert_allclose([p["prediction"] for p in got], forecaster.forecast(windows)[:, 0], rtol=1e-5)
+        _, expected = offline_forecasts(forecaster, ls)
+        np.testing.assert_allclose([p["prediction"] for p in got], expected[:, 0], rtol=1e-5)
         assert all(p["sensor"] == sensor for p in got)

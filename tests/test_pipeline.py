@@ -6,7 +6,7 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import make_forecaster, sample_lines
+from conftest import make_forecaster, offline_forecasts, sample_lines
 from stream_forecaster.config import load_config
 from stream_forecaster.metrics import Metrics
 from stream_forecaster.pipeline import Pipeline, Stopped
@@ -49,13 +49,6 @@ def stream(sensors=("a", "b", "c"), n=40):
     return out, accepted
 
 
-def offline(forecaster, lines):
-    parser = UciLineParser(["Global_active_power"])
-    values = np.array([parser.parse(line)[1] for line in lines], dtype=np.float32)
-    windows = np.lib.stride_tricks.sliding_window_view(values, L - 1, axis=0).transpose(0, 2, 1)
-    return values, forecaster.forecast(windows)
-
-
 @pytest.mark.parametrize("batch", [1, 7, 1000])
 def test_every_full_window_gives_one_prediction_equal_to_offline(batch):
     pipeline, sink, metrics = build()
@@ -68,7 +61,7 @@ def test_every_full_window_gives_one_prediction_equal_to_offline(batch):
     for sensor, lines in accepted.items():
         got = by_sensor[sensor]
         assert len(got) == len(lines) - (L - 1) + 1
-        values, expected = offline(pipeline.forecaster, lines)
+        values, expected = offline_forecasts(pipeline.forecaster, lines)
         np.testing.assert_allclose([g["prediction"] for g in got], expected[:, 0], rtol=1e-5, atol=1e-6)
         # each prediction is stamped with the minute after the last reading of its window
         first = UciLineParser(["Global_active_power"]).parse(lines[L - 2])[0]
@@ -88,7 +81,7 @@ def test_scores_each_prediction_when_its_truth_arrives():
     records, accepted = stream(sensors=("a",), n=60)
     pipeline.process(records[:25])
     pipeline.process(records[25:])
-    values, predicted = offline(pipeline.forecaster, accepted["a"])
+    values, predicted = offline_forecasts(pipeline.forecaster, accepted["a"])
     # prediction k (after reading k + L - 2) is scored by reading k + L - 1; the last one is still pending
     truth, last = values[L - 1:, 0], values[L - 2:-1, 0]
     model_err, base_err = predicted[:-1, 0] - truth, last - truth
@@ -104,7 +97,7 @@ def test_rolling_window_keeps_only_the_last_scores():
     pipeline, sink, metrics = build("metrics.rolling_window=5")
     records, accepted = stream(sensors=("a",), n=60)
     pipeline.process(records)
-    values, predicted = offline(pipeline.forecaster, accepted["a"])
+    values, predicted = offline_forecasts(pipeline.forecaster, accepted["a"])
     truth = values[L - 1:, 0]
     assert value(metrics, "stream_forecaster_rolling_mae", target="Global_active_power", forecaster="model") == \
         pytest.approx(np.abs(predicted[:-1, 0] - truth)[-5:].mean(), rel=1e-5)
