@@ -26,7 +26,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "household_po
 CHILD = r"""
 import json, sys, time
 from stream_forecaster.records import read_uci
-from stream_forecaster.window import sliding_windows, split_index
+from stream_forecaster.window import sliding_windows, split_windows
 
 def status(field):
     with open("/proc/self/status") as f:
@@ -39,8 +39,7 @@ before = status("VmRSS")
 start = time.perf_counter()
 series = read_uci(path, columns)
 windows = sliding_windows(series.values, 50)
-split = split_index(len(windows), 0.9)
-train, test = windows[:split], windows[split:]
+train, validation, test = split_windows(series.segments, len(series), 50, 0.9, 0.05)
 seconds = time.perf_counter() - start
 peak = status("VmHWM") - before
 print(json.dumps({"rows": len(series), "windows": len(windows), "seconds": seconds, "peak_bytes": peak,

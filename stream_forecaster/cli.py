@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from . import __version__
@@ -97,6 +99,14 @@ def _union(*groups) -> list[str]:
     return list(dict.fromkeys(name for group in groups for name in group))
 
 
+def _stop_on_signals() -> threading.Event:
+    """An event set by SIGINT or SIGTERM: long work stops at its next safe point instead of mid-step."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
 def cmd_train(args) -> int:
     config = _config(args)
     from .report import format_table
@@ -105,7 +115,7 @@ def cmd_train(args) -> int:
     series = _read(_data_path(args, config), _union(config.data.features, config.data.targets), config)
     log.info("read %s: %d readings, %d missing skipped, %d malformed skipped",
              series.source, len(series), series.missing, series.malformed)
-    trained = train(config, series, verbose=0 if args.quiet else "auto")
+    trained = train(config, series, verbose=0 if args.quiet else "auto", stop=_stop_on_signals())
     store = ModelStore(config.model_store.path, config.model_store.keep)
     version = store.publish(trained.forecaster.save)
     summary = trained.test.summary()

@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from .config import ModelConfig  # noqa: E402
+from .errors import Interrupted  # noqa: E402
 
 __all__ = [
     "MODEL_FILE",
@@ -30,6 +31,7 @@ __all__ = [
     "Forecaster",
     "Scaler",
     "build_model",
+    "clone_model",
     "compile_model",
     "fit",
     "library_versions",
@@ -94,6 +96,15 @@ def build_model(config: ModelConfig) -> keras.Model:
     return model
 
 
+def clone_model(model: keras.Model, config: ModelConfig) -> keras.Model:
+    """A trainable copy of ``model`` with its weights, compiled per ``config`` (for fine-tuning)."""
+    keras.utils.set_random_seed(config.seed)
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    compile_model(copy, config)
+    return copy
+
+
 def compile_model(model: keras.Model, config: ModelConfig) -> None:
     optimizers = {"rmsprop": keras.optimizers.RMSprop, "adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}
     losses = {"mse": "mse", "mae": "mae", "huber": keras.losses.Huber()}
@@ -124,6 +135,18 @@ class _Windows(keras.utils.PyDataset):
             self.rng.shuffle(self.order)
 
 
+class _StopWhenSet(keras.callbacks.Callback):
+    """Ends training after the current batch once ``event`` is set (a signal handler sets it)."""
+
+    def __init__(self, event):
+        super().__init__()
+        self.event = event
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.event.is_set():
+            self.model.stop_training = True
+
+
 def fit(
     model: keras.Model,
     windows: np.ndarray,
@@ -133,17 +156,22 @@ def fit(
     target_index: Sequence[int],
     config: ModelConfig,
     verbose: int | str = "auto",
+    stop=None,
 ) -> dict:
     """Train on normalised ``windows[train_indices]`` (shuffled each epoch).
 
     Returns Keras' history. ``validation_indices`` are scored, unshuffled,
-    after each epoch when not empty.
+    after each epoch when not empty. Setting the ``stop`` event ends training
+    after the current batch and raises :class:`~stream_forecaster.errors.Interrupted`.
     """
     train = _Windows(windows, train_indices, feature_index, target_index, config.batch_size, config.seed)
     validation = None
     if len(validation_indices):
         validation = _Windows(windows, validation_indices, feature_index, target_index, config.batch_size)
-    history = model.fit(train, validation_data=validation, epochs=config.epochs, verbose=verbose)
+    callbacks = [_StopWhenSet(stop)] if stop is not None else []
+    history = model.fit(train, validation_data=validation, epochs=config.epochs, verbose=verbose, callbacks=callbacks)
+    if stop is not None and stop.is_set():
+        raise Interrupted("training stopped on request")
     return {k: [float(v) for v in vs] for k, vs in history.history.items()}
 
 

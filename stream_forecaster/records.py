@@ -178,6 +178,7 @@ class Series:
     missing: int  # skipped: a used column was '?' or empty
     malformed: int  # skipped: did not parse (only with on_error="skip")
     errors: tuple[str, ...] = field(default=())  # the first few malformed-line messages
+    segments: tuple[int, ...] = (0,)  # first row of each sensor's readings; windows never span two
 
     def __len__(self) -> int:
         return len(self.timestamps)

@@ -14,10 +14,10 @@ import numpy as np
 
 from .config import Config
 from .errors import UserError
-from .model import Forecaster, Scaler, build_model, fit, library_versions
+from .model import Forecaster, Scaler, build_model, clone_model, fit, library_versions
 from .records import Series, iso_time
 from .scoring import Scores, score
-from .window import sliding_windows, split_index
+from .window import sliding_windows, split_windows, window_starts
 
 __all__ = ["Backtest", "TrainingError", "backtest", "train"]
 
@@ -74,23 +74,25 @@ def _column_index(series: Series, names) -> list[int]:
     return [series.columns.index(n) for n in names]
 
 
-def backtest(forecaster: Forecaster, series: Series, start: int = 0) -> Backtest:
-    """Forecast every window of ``series`` from window ``start`` on."""
+def backtest(forecaster: Forecaster, series: Series, starts: np.ndarray | None = None) -> Backtest:
+    """Forecast the windows beginning at rows ``starts`` (default: every window of every segment)."""
     length = forecaster.sequence_length
     feature_index = _column_index(series, forecaster.features)
     target_index = _column_index(series, forecaster.targets)
-    windows = sliding_windows(series.values, length)[start:]
-    predicted = np.empty((len(windows), len(forecaster.targets)), dtype=np.float32)
-    for lo in range(0, len(windows), _BACKTEST_CHUNK):
-        chunk = windows[lo:lo + _BACKTEST_CHUNK, :-1][:, :, feature_index]
+    if starts is None:
+        starts = np.concatenate(window_starts(series.segments, len(series), length))
+    windows = sliding_windows(series.values, length)
+    predicted = np.empty((len(starts), len(forecaster.targets)), dtype=np.float32)
+    for lo in range(0, len(starts), _BACKTEST_CHUNK):
+        chunk = windows[starts[lo:lo + _BACKTEST_CHUNK], :-1][:, :, feature_index]
         predicted[lo:lo + len(chunk)] = forecaster.forecast(chunk)
-    first = start + length - 1  # row index of the first predicted reading
+    last = starts + length - 1  # row of each predicted reading
     return Backtest(
         targets=forecaster.targets,
-        timestamps=series.timestamps[first:],
-        truth=series.values[first:][:, target_index],
+        timestamps=series.timestamps[last],
+        truth=series.values[last][:, target_index],
         predicted=predicted,
-        persistence=series.values[first - 1:-1][:, target_index],
+        persistence=series.values[last - 1][:, target_index],
         model_version=forecaster.version,
     )
 
@@ -99,57 +101,59 @@ def backtest(forecaster: Forecaster, series: Series, start: int = 0) -> Backtest
 class Trained:
     forecaster: Forecaster
     test: Backtest
+    test_starts: np.ndarray  # first rows of the test windows: the slice the forecaster never trained on
     seconds: float
 
 
-def train(config: Config, series: Series, verbose: int | str = "auto") -> Trained:
-    """Train a new forecaster on the oldest ``train_split`` of the windows; test on the rest."""
+def train(config: Config, series: Series, initial: Forecaster | None = None,
+          verbose: int | str = "auto", stop=None) -> Trained:
+    """Train a forecaster on the oldest ``train_split`` of each sensor's windows; test on the rest.
+
+    With ``initial`` the training starts from its weights and keeps its
+    normalisation (fine-tuning); otherwise from fresh weights.
+    """
     data, spec = config.data, config.model
     feature_index = _column_index(series, data.features)
     target_index = _column_index(series, data.targets)
-    n_windows = max(0, len(series) - spec.sequence_length + 1)
-    split = split_index(n_windows, data.train_split)
-    n_validation = int(split * spec.validation_split)
-    if split - n_validation < 1 or split >= n_windows:
+    train_starts, validation_starts, test_starts = split_windows(
+        series.segments, len(series), spec.sequence_length, data.train_split, spec.validation_split)
+    if len(train_starts) < 1 or len(test_starts) < 1:
         raise TrainingError(
-            f"{series.source}: {len(series)} readings give {n_windows} windows of "
-            f"{spec.sequence_length}; too few to train and test (load more data or raise data.ratio)"
+            f"{series.source}: {len(series)} readings give {len(train_starts)} training and {len(test_starts)} "
+            f"test windows of {spec.sequence_length}; too few to train and test (load more data or raise data.ratio)"
         )
     started = time.monotonic()
-    train_rows = series.values[: split + spec.sequence_length - 1]
-    scaler = Scaler.fit(train_rows, data.normalization)
+    train_rows = _rows_of(np.concatenate([train_starts, validation_starts]), spec.sequence_length, len(series))
+    if initial is None:
+        scaler = Scaler.fit(series.values[train_rows], data.normalization)
+        model = build_model(spec)
+    else:
+        scaler = _scaler_of(initial, series.columns)
+        model = clone_model(initial.model, spec)
     windows = sliding_windows(scaler.transform(series.values), spec.sequence_length)
-    model = build_model(spec)
-    history = fit(
-        model,
-        windows,
-        np.arange(split - n_validation),
-        np.arange(split - n_validation, split),
-        feature_index,
-        target_index,
-        spec,
-        verbose,
-    )
-    ts = series.timestamps
+    history = fit(model, windows, train_starts, validation_starts, feature_index, target_index, spec, verbose, stop)
+    ts, last = series.timestamps, spec.sequence_length - 1
     metadata = {
         "features": list(data.features),
         "targets": list(data.targets),
         "sequence_length": spec.sequence_length,
         "layers": list(spec.layers),
         "normalization": {
-            "method": data.normalization,
+            "method": data.normalization if initial is None else initial.metadata["normalization"].get("method"),
             "features": scaler.subset(feature_index).to_dict(),
             "targets": scaler.subset(target_index).to_dict(),
         },
         "data": {
             **series.summary(),
-            "train_windows": split - n_validation,
-            "validation_windows": n_validation,
-            "test_windows": n_windows - split,
-            "train_range": [iso_time(ts[0]), iso_time(ts[split + spec.sequence_length - 2])],
-            "test_range": [iso_time(ts[split + spec.sequence_length - 1]), iso_time(ts[-1])],
+            "sensors": len(series.segments),
+            "train_windows": len(train_starts),
+            "validation_windows": len(validation_starts),
+            "test_windows": len(test_starts),
+            "train_range": [iso_time(ts[train_rows].min()), iso_time(ts[train_rows].max())],
+            "test_range": [iso_time(ts[test_starts + last].min()), iso_time(ts[test_starts + last].max())],
         },
         "training": {
+            "warm_start_from": initial.version if initial is not None else None,
             "loss": spec.loss,
             "optimizer": spec.optimizer,
             "learning_rate": spec.learning_rate,
@@ -163,8 +167,25 @@ def train(config: Config, series: Series, verbose: int | str = "auto") -> Traine
         "libraries": library_versions(),
     }
     forecaster = Forecaster(model, metadata)
-    test = backtest(forecaster, series, start=split)
+    test = backtest(forecaster, series, test_starts)
     metadata["training"]["seconds"] = round(time.monotonic() - started, 3)
     metadata["test"] = {k: v for k, v in test.summary().items() if k != "model_version"}
-    return Trained(forecaster, test, time.monotonic() - started)
+    return Trained(forecaster, test, test_starts, time.monotonic() - started)
 
+
+def _rows_of(starts: np.ndarray, length: int, n_rows: int) -> np.ndarray:
+    """Boolean mask of the rows inside any of the windows beginning at ``starts``."""
+    edges = np.zeros(n_rows + 1, dtype=np.int64)
+    np.add.at(edges, starts, 1)
+    np.add.at(edges, starts + length, -1)
+    return np.cumsum(edges[:-1]) > 0
+
+
+def _scaler_of(forecaster: Forecaster, columns) -> Scaler:
+    """The forecaster's normalisation laid out over ``columns`` (features and targets)."""
+    mean, scale = np.zeros(len(columns), np.float32), np.ones(len(columns), np.float32)
+    for names, scaler in ((forecaster.targets, forecaster.target_scaler), (forecaster.features, forecaster.feature_scaler)):
+        for name, m, s in zip(names, scaler.mean, scaler.scale):
+            i = columns.index(name)
+            mean[i], scale[i] = m, s
+    return Scaler(mean, scale)

@@ -11,9 +11,11 @@ would give.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
-__all__ = ["SensorWindows", "sliding_windows", "split_index"]
+__all__ = ["SensorWindows", "sliding_windows", "split_windows", "window_starts"]
 
 
 def sliding_windows(values: np.ndarray, length: int) -> np.ndarray:
@@ -26,9 +28,30 @@ def sliding_windows(values: np.ndarray, length: int) -> np.ndarray:
     return view.transpose(0, 2, 1)
 
 
-def split_index(n_windows: int, train_fraction: float) -> int:
-    """Number of leading (oldest) windows that go to training in a time-ordered split."""
-    return int(n_windows * train_fraction)
+def window_starts(segments: Sequence[int], n_rows: int, length: int) -> list[np.ndarray]:
+    """First rows of the windows that lie inside one segment, per segment.
+
+    ``segments`` are the first rows of consecutive segments (one per sensor);
+    a window never spans two sensors.
+    """
+    bounds = [*segments, n_rows]
+    return [np.arange(start, max(start, end - length + 1)) for start, end in zip(bounds[:-1], bounds[1:])]
+
+
+def split_windows(segments: Sequence[int], n_rows: int, length: int, train_fraction: float,
+                  validation_fraction: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Window first rows for training, validation and test, split in time order within each segment.
+
+    Of each segment's windows the oldest ``train_fraction`` train (their last
+    ``validation_fraction`` validate) and the rest, the most recent, test.
+    """
+    parts: tuple[list, list, list] = ([], [], [])
+    for starts in window_starts(segments, n_rows, length):
+        split = int(len(starts) * train_fraction)
+        validation = int(split * validation_fraction)
+        for part, chosen in zip(parts, (starts[:split - validation], starts[split - validation:split], starts[split:])):
+            part.append(chosen)
+    return tuple(np.concatenate(p) if p else np.empty(0, dtype=np.int64) for p in parts)
 
 
 class SensorWindows:

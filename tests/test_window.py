@@ -1,6 +1,6 @@
 import numpy as np
 
-from stream_forecaster.window import sliding_windows, split_index
+from stream_forecaster.window import sliding_windows, split_windows, window_starts
 
 
 def test_windows_are_consecutive_rows():
@@ -24,6 +24,14 @@ def test_too_short_gives_no_windows():
     assert sliding_windows(np.zeros((3, 2)), 5).shape == (0, 5, 2)
 
 
-def test_split_is_time_ordered_and_rounds_down():
-    assert split_index(100, 0.9) == 90
-    assert split_index(9, 0.5) == 4
+def test_split_is_time_ordered_within_each_segment():
+    # two sensors: rows 0-13 and 14-33; windows of 5 -> 10 and 16 windows
+    train, validation, test = split_windows([0, 14], 34, 5, 0.5, 0.2)
+    assert train.tolist() == [0, 1, 2, 3, 14, 15, 16, 17, 18, 19, 20]
+    assert validation.tolist() == [4, 21]
+    assert test.tolist() == [5, 6, 7, 8, 9] + list(range(22, 30))
+
+
+def test_windows_never_span_two_segments():
+    starts = window_starts([0, 3, 10], 12, 4)
+    assert [s.tolist() for s in starts] == [[], [3, 4, 5, 6], []]
