@@ -8,6 +8,7 @@ only by the commands that need it, so ``--help`` and config errors are instant.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -71,6 +72,16 @@ def _parser() -> argparse.ArgumentParser:
 
     broker = commands.add_parser("broker", help="run the embedded development broker until Ctrl-C")
     _common(broker)
+
+    retrain = commands.add_parser("retrain", help="retrain every retrain.interval; publish past the validation gate")
+    _common(retrain)
+    retrain.add_argument("--once", action="store_true", help="run one cycle and exit (for cron); exit 1 if it failed")
+    retrain.add_argument("--data", metavar="FILE", help="train on this UCI file instead of the input topic")
+
+    models = commands.add_parser("models", help="list, show, promote and roll back model versions")
+    _common(models)
+    models.add_argument("action", choices=("list", "show", "promote", "rollback"))
+    models.add_argument("version", nargs="?", help="the version, for show and promote")
 
     demo = commands.add_parser("demo", help="broker, model, daemon and replay together, with a live view")
     _common(demo)
@@ -189,8 +200,39 @@ def cmd_demo(args) -> int:
     return run_demo(path, args.overrides, duration=args.duration, rate=args.rate, out_dir=Path(args.out))
 
 
+def cmd_retrain(args) -> int:
+    from .retrain import Retrainer
+
+    return Retrainer(_config(args), Path(args.data) if args.data else None).run(once=args.once)
+
+
+def cmd_models(args) -> int:
+    config = _config(args)
+    store = ModelStore(config.model_store.path, config.model_store.keep)
+    if args.action in ("show", "promote") and not args.version:
+        raise UserError(f"models {args.action} needs a VERSION; versions: {', '.join(store.versions()) or 'none'}")
+    if args.action == "list":
+        from .report import format_versions
+
+        print(format_versions(store))
+    elif args.action == "show":
+        directory, version = store.resolve(args.version)
+        print(json.dumps(store.metadata(version), indent=2, sort_keys=True))
+    elif args.action == "promote":
+        _, version = store.resolve(args.version)
+        store.set_current(version)
+        print(f"current model: version {version}")
+    else:
+        previous = store.previous()
+        if previous is None:
+            raise UserError(f"nothing to roll back to: no version older than {store.current()} in {store.path}")
+        store.set_current(previous)
+        print(f"current model: version {previous} (rolled back)")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "run": cmd_run, "replay": cmd_replay,
-            "broker": cmd_broker, "demo": cmd_demo}
+            "broker": cmd_broker, "demo": cmd_demo, "retrain": cmd_retrain, "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

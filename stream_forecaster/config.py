@@ -132,6 +132,8 @@ class RetrainConfig:
     warm_start: bool = _spec(True)
     min_improvement: float = _spec(0.0, low=0.0, high=1.0)
     group_id: str = _spec("stream-forecaster-retrain")
+    metric: str = _spec("rmse", choices=("rmse", "mae"))
+    metrics_port: int = _spec(9465, low=0, high=65535)
 
 
 @dataclass(frozen=True)
@@ -260,6 +262,11 @@ def _coerce(value, hint, meta):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError("must be a whole number")
     elif hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError("must be a number")
         value = float(value)

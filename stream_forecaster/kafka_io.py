@@ -22,7 +22,7 @@ from kafka.structs import OffsetAndMetadata
 from .config import KafkaConfig
 from .records import OutRecord
 
-__all__ = ["KafkaSink", "KafkaSource", "ensure_topics", "read_topic"]
+__all__ = ["KafkaSink", "KafkaSource", "ensure_topics", "read_history", "read_topic"]
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,41 @@ def read_topic(config: KafkaConfig, topic: str, stop: threading.Event, idle_s: f
                 yield from records
                 last = time.monotonic()
             if idle_s is not None and time.monotonic() - last > idle_s:
+                return
+    finally:
+        consumer.close(autocommit=False)
+
+
+def read_history(config: KafkaConfig, group_id: str, since_ms: int, stop: threading.Event):
+    """Yield the input topic's records from ``since_ms`` (message time) up to its end when called.
+
+    Partitions are assigned, not subscribed, under ``group_id``: the retrainer
+    never joins or moves the daemon's group, and commits nothing. The start is
+    looked up by time where the broker can (``offsets_for_times``), else the
+    beginning. Reading goes on to the end offsets taken at the start, then
+    drains until a poll comes back empty.
+    """
+    consumer = KafkaConsumer(group_id=group_id, enable_auto_commit=False, **_common(config, "stream-forecaster-retrain"))
+    try:
+        partitions = consumer.partitions_for_topic(config.input_topic)
+        if not partitions:
+            raise RuntimeError(f"topic {config.input_topic!r} does not exist or has no partitions")
+        assigned = [TopicPartition(config.input_topic, p) for p in sorted(partitions)]
+        consumer.assign(assigned)
+        starts = consumer.offsets_for_times({tp: since_ms for tp in assigned})
+        for tp in assigned:
+            found = starts.get(tp)
+            if found is not None:
+                consumer.seek(tp, found.offset)
+            else:
+                consumer.seek_to_beginning(tp)
+        ends = consumer.end_offsets(assigned)
+        while not stop.is_set():
+            batch = consumer.poll(timeout_ms=1000)
+            for records in batch.values():
+                yield from records
+            at_end = all(consumer.position(tp) >= ends[tp] for tp in assigned)
+            if at_end and not batch:
                 return
     finally:
         consumer.close(autocommit=False)

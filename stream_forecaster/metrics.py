@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
-__all__ = ["Metrics", "MetricsServer", "scrape"]
+__all__ = ["Metrics", "MetricsServer", "RetrainMetrics", "scrape"]
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -65,6 +65,9 @@ class Metrics:
         self.model_version = Gauge("stream_forecaster_model_version", "Version number of the model serving",
                                    registry=r)
         self.ready = Gauge("stream_forecaster_ready", "1 when connected with a model loaded", registry=r)
+        swaps = Counter("stream_forecaster_model_swaps", "New current model versions: swapped in, or refused "
+                        "(corrupted, incompatible or unloadable; the old one keeps serving)", ["outcome"], registry=r)
+        self.swapped, self.swap_refused = swaps.labels("swapped"), swaps.labels("refused")
 
     def bind_rolling(self, targets: Sequence[str], model, baseline) -> None:
         """Rolling gauges read from :class:`~stream_forecaster.scoring.RollingErrors` at scrape time."""
@@ -73,15 +76,29 @@ class Metrics:
                 self.rolling_mae.labels(target, name).set_function(lambda e=errors, i=i: e.mae(i))
                 self.rolling_rmse.labels(target, name).set_function(lambda e=errors, i=i: e.rmse(i))
 
-    def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+
+class RetrainMetrics:
+    """The retrainer's metrics, all prefixed ``stream_forecaster_retrain_``."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        runs = Counter("stream_forecaster_retrain_runs", "Retraining cycles by outcome: published, rejected "
+                       "(by the validation gate), failed", ["outcome"], registry=r)
+        self.runs = {o: runs.labels(o) for o in ("published", "rejected", "failed")}
+        self.duration = Histogram("stream_forecaster_retrain_duration_seconds", "Time of one retraining cycle",
+                                  buckets=(10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200), registry=r)
+        self.error = Gauge("stream_forecaster_retrain_error", "Gate error (retrain.metric) on the latest "
+                           "held-out slice", ["model"], registry=r)
+        self.last_run = Gauge("stream_forecaster_retrain_last_run_timestamp_seconds",
+                              "When the latest cycle ended, by outcome", ["outcome"], registry=r)
 
 
 class MetricsServer:
     """``/metrics``, ``/healthz`` (the process is alive) and ``/readyz`` (``is_ready()``) on a thread."""
 
-    def __init__(self, metrics: Metrics, host: str, port: int, is_ready: Callable[[], bool]):
-        handler = _handler(metrics, is_ready)
+    def __init__(self, registry: CollectorRegistry, host: str, port: int, is_ready: Callable[[], bool]):
+        handler = _handler(registry, is_ready)
         self._server = ThreadingHTTPServer((host, port), handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
@@ -99,12 +116,12 @@ class MetricsServer:
         self._server.server_close()
 
 
-def _handler(metrics: Metrics, is_ready: Callable[[], bool]):
+def _handler(registry: CollectorRegistry, is_ready: Callable[[], bool]):
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (the http.server API)
             path = self.path.split("?")[0]
             if path == "/metrics":
-                self._reply(200, metrics.exposition(), CONTENT_TYPE_LATEST)
+                self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
             elif path == "/healthz":
                 self._reply(200, b"ok\n")
             elif path == "/readyz":

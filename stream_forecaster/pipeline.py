@@ -74,6 +74,13 @@ class Pipeline:
         self._invalid_log = _RateLimitedLog()
         self._batch = np.empty((0, forecaster.sequence_length - 1, len(features)), dtype=np.float32)
 
+    def swap_model(self, forecaster) -> None:
+        """Serve ``forecaster`` from the next batch on; windows and pending forecasts carry over.
+
+        The caller has checked that features, targets and window length match.
+        """
+        self.forecaster = forecaster
+
     def process(self, records: Sequence) -> dict[tuple[str, int], int]:
         """Handle one poll batch; return ``{(topic, partition): next offset}`` to commit."""
         accepted, window_of, dead_letters = self._parse_and_window(records)

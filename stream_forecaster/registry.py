@@ -131,6 +131,12 @@ class ModelStore:
         self._prune()
         return version
 
+    def previous(self) -> str | None:
+        """The newest version older than the current one (what ``rollback`` goes back to)."""
+        current = self.current()
+        older = [v for v in self.versions() if current is None or int(v) < int(current)]
+        return older[-1] if older else None
+
     def set_current(self, version: str) -> None:
         """Point ``CURRENT`` at ``version`` atomically."""
         self.verify(self.directory(version))

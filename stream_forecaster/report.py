@@ -10,7 +10,7 @@ from pathlib import Path
 from .errors import UserError
 from .records import iso_time
 
-__all__ = ["format_table", "to_json", "write_csvs", "write_plot"]
+__all__ = ["format_table", "format_versions", "to_json", "write_csvs", "write_plot"]
 
 PLOT_POINTS = 100  # the seeds plot the first 100 predictions
 
@@ -27,6 +27,33 @@ def format_table(summary: dict) -> str:
     lines = [f"{rows[0][0]:<{width}}  {'RMSE':>10}  {'MAE':>10}"]
     lines += [f"{name:<{width}}  {rmse:>10.5f}  {mae:>10.5f}" for name, rmse, mae in rows[1:]]
     return "\n".join(lines)
+
+
+def format_versions(store) -> str:
+    """One line per model version: creation time, data range, test scores, gate decision."""
+    current = store.current()
+    rows = [("", "version", "created", "trained on", "test RMSE", "persistence", "gate")]
+    for version in store.versions():
+        try:
+            meta = store.metadata(version)
+        except Exception as exc:  # a damaged version is listed, not fatal to the listing
+            rows.append(("*" if version == current else "", version, f"unreadable: {exc}", "", "", "", ""))
+            continue
+        data, test, gate = meta.get("data", {}), meta.get("test", {}), meta.get("gate", {})
+        train_range = " .. ".join(data.get("train_range", ["?", "?"]))
+        gate_text = gate.get("decision", "manual (train)")
+        if gate.get("current") is not None:
+            gate_text += f" ({gate['metric']} {gate['candidate']:.4g} vs {gate['current']:.4g})"
+        rows.append(("*" if version == current else "", version, meta.get("created", "?"), train_range,
+                     _num(test.get("rmse")), _num(test.get("persistence_rmse")), gate_text))
+    if len(rows) == 1:
+        return f"no model versions in {store.path}"
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.5f}"
 
 
 def to_json(summary: dict, **extra) -> str:

@@ -19,12 +19,73 @@ from .metrics import Metrics, MetricsServer
 from .pipeline import Pipeline, Stopped
 from .registry import ModelStore
 
-__all__ = ["Daemon"]
+__all__ = ["Daemon", "ModelWatcher"]
 
 log = logging.getLogger(__name__)
 
 POLL_TIMEOUT_S = 0.5
 GAUGE_INTERVAL_S = 1.0
+
+
+class ModelWatcher:
+    """Watches the store on its own thread; a new current version is loaded, checked and warmed there.
+
+    The poll loop only ever calls :meth:`take` between two batches, so loading
+    and tracing a model never stalls inference, and a batch is never split
+    between two models.
+    """
+
+    def __init__(self, store: ModelStore, serving, interval: float, stop: threading.Event, metrics: Metrics):
+        self.store, self.interval, self.stop, self.metrics = store, interval, stop, metrics
+        self.serving = serving
+        self._seen = serving.version
+        self._ready = None
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="model-watcher", daemon=True)
+
+    def start(self) -> "ModelWatcher":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.interval):
+            self.check()
+
+    def check(self) -> None:
+        """Load the current version if it is new; refuse it (logged, counted) if it does not fit."""
+        try:
+            version = self.store.current()
+        except OSError as exc:
+            log.warning("cannot read the model store pointer: %s", exc)
+            return
+        if version is None or version == self._seen:
+            return
+        self._seen = version
+        from .model import Forecaster  # noqa: PLC0415
+
+        try:
+            directory = self.store.verify(self.store.directory(version))
+            candidate = Forecaster.load(directory, version)
+            served = (self.serving.features, self.serving.targets, self.serving.sequence_length)
+            offered = (candidate.features, candidate.targets, candidate.sequence_length)
+            if offered != served:
+                raise ValueError(f"it maps {offered[0]} -> {offered[1]} with windows of {offered[2]}, "
+                                 f"the daemon serves {served[0]} -> {served[1]} with windows of {served[2]}")
+            candidate.warm_up()
+        except Exception as exc:  # a bad version must never take the daemon down
+            self.metrics.swap_refused.inc()
+            log.error("refusing model version %s: %s; still serving version %s", version, exc, self.serving.version)
+            return
+        with self._lock:
+            self._ready = candidate
+
+    def take(self):
+        """The loaded new forecaster, once, or None."""
+        with self._lock:
+            ready, self._ready = self._ready, None
+        if ready is not None:
+            self.serving = ready
+        return ready
 
 
 class Daemon:
@@ -42,6 +103,7 @@ class Daemon:
         self.metrics = None
         self._registry = registry
         self.pipeline: Pipeline | None = None
+        self.watcher: ModelWatcher | None = None
         self.server: MetricsServer | None = None
 
     def request_stop(self, *_signal_args) -> None:
@@ -68,10 +130,10 @@ class Daemon:
             return False
         self.metrics = self.metrics or Metrics(forecaster.targets, self.config.metrics.labelled_sensors,
                                                self._registry)
-        self.metrics.model_version.set(float(forecaster.version) if forecaster.version.isdigit() else 0)
+        self.metrics.model_version.set(_version_number(forecaster.version))
         if self.server is None:
             m = self.config.metrics
-            self.server = MetricsServer(self.metrics, m.host, m.port, self.ready).start()
+            self.server = MetricsServer(self.metrics.registry, m.host, m.port, self.ready).start()
         from .kafka_io import KafkaSink, KafkaSource  # noqa: PLC0415 (keeps kafka out of fake-driven runs)
 
         if self.sink is None:
@@ -79,6 +141,8 @@ class Daemon:
         if self.source is None:
             self.source = KafkaSource(self.config.kafka)
         self.pipeline = Pipeline(self.config, forecaster, self.sink, self.metrics, self.stop)
+        self.watcher = ModelWatcher(self.store, forecaster, self.config.model_store.poll_interval, self.stop,
+                                    self.metrics).start()
         k = self.config.kafka
         log.info("stream-forecaster %s running: model version %s (%s -> %s), brokers %s, "
                  "topics %s -> %s, dead letters %s, metrics on http://%s:%d/metrics",
@@ -108,6 +172,7 @@ class Daemon:
     def loop(self) -> None:
         next_gauges = 0.0
         while not self.stop.is_set():
+            self._swap_if_ready()
             records = self.source.poll(POLL_TIMEOUT_S)
             if records:
                 try:
@@ -121,6 +186,16 @@ class Daemon:
             if now >= next_gauges:
                 self._update_gauges()
                 next_gauges = now + GAUGE_INTERVAL_S
+
+    def _swap_if_ready(self) -> None:
+        new = self.watcher.take()
+        if new is None:
+            return
+        old = self.pipeline.forecaster.version
+        self.pipeline.swap_model(new)
+        self.metrics.swapped.inc()
+        self.metrics.model_version.set(_version_number(new.version))
+        log.info("now serving model version %s (was %s)", new.version, old)
 
     def _update_gauges(self) -> None:
         lag = self.source.lag()
@@ -136,3 +211,7 @@ class Daemon:
         if self.server is not None:
             self.server.stop()
         log.info("stopped")
+
+
+def _version_number(version: str | None) -> float:
+    return float(version) if version and version.isdigit() else 0.0

@@ -146,3 +146,7 @@ def test_every_key_is_commented_in_config_yaml_and_documented_in_readme():
         line = next(l for l in lines if l.strip().startswith(f"{key}:"))
         assert "#" in line, f"{dotted} has no comment in config.yaml"
         assert f"| `{dotted}` |" in readme, f"{dotted} missing from the README's configuration table"
+
+
+def test_exponent_without_a_dot_is_a_number():
+    assert load_config(None, ["model.learning_rate=1e-4"], environ={}).model.learning_rate == 1e-4

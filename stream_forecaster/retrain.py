@@ -1,0 +1,221 @@
+"""The retrainer: refreshed weights on recent readings, published only past a validation gate.
+
+Runs as its own process (training must never stall inference), one cycle every
+``retrain.interval`` on a monotonic clock, or once (``--once``, for cron). A
+cycle reads the most recent ``retrain.history`` of readings, from the input
+topic with the daemon's own parser, or from a file; trains a candidate (from
+the current weights or from scratch); scores candidate, current model and
+persistence on the most recent slice the candidate did not train on, with the
+live error's metric; and publishes the candidate only if its error is finite
+and lower than the current model's by at least ``retrain.min_improvement``.
+A failed cycle leaves the store untouched; the next one runs as scheduled.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import Config
+from .errors import Interrupted
+from .metrics import MetricsServer, RetrainMetrics
+from .records import MISSING, MessageParser, Reading, Series, read_uci
+from .registry import ModelStore
+
+__all__ = ["Outcome", "Retrainer", "series_from_records"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    outcome: str  # published, rejected or failed
+    reason: str
+    version: str | None = None
+    candidate_error: float | None = None
+    current_error: float | None = None
+    persistence_error: float | None = None
+
+
+def series_from_records(records, columns, max_bytes: int, history_s: float, source: str) -> Series:
+    """Accepted readings per sensor, by the daemon's rules, within ``history_s`` of the newest one.
+
+    A reading's time is the time it carries, else its Kafka timestamp. Each
+    sensor becomes one segment, in the order its readings arrived.
+    """
+    parser = MessageParser(columns, max_bytes)
+    by_sensor: dict[str, tuple[list, list]] = {}
+    missing = invalid = lines = 0
+    for record in records:
+        lines += 1
+        reading = parser.parse(record.key, record.value)
+        if isinstance(reading, Reading):
+            stamps, values = by_sensor.setdefault(reading.sensor, ([], []))
+            stamps.append(reading.timestamp if reading.timestamp is not None else record.timestamp / 1000)
+            values.append(reading.values)
+        elif reading is MISSING:
+            missing += 1
+        else:
+            invalid += 1  # Invalid or a header line
+    newest = max((max(s) for s, _ in by_sensor.values()), default=0.0)
+    segments, stamps_out, values_out, start = [], [], [], 0
+    for sensor in sorted(by_sensor):
+        stamps = np.asarray(by_sensor[sensor][0], dtype=np.float64)
+        keep = stamps >= newest - history_s
+        if keep.any():
+            segments.append(start)
+            stamps_out.append(stamps[keep].astype(np.int64))
+            values_out.append(np.asarray(by_sensor[sensor][1], dtype=np.float32)[keep])
+            start += int(keep.sum())
+    return Series(
+        columns=tuple(columns),
+        timestamps=np.concatenate(stamps_out) if stamps_out else np.empty(0, np.int64),
+        values=np.concatenate(values_out) if values_out else np.empty((0, len(columns)), np.float32),
+        source=source, lines=lines, missing=missing, malformed=invalid,
+        segments=tuple(segments) or (0,),
+    )
+
+
+class Retrainer:
+    def __init__(self, config: Config, data_path: Path | None = None, metrics: RetrainMetrics | None = None):
+        self.config = config
+        self.data_path = data_path
+        self.store = ModelStore(config.model_store.path, config.model_store.keep)
+        self.metrics = metrics or RetrainMetrics()
+        self.stop = threading.Event()
+        self.columns = list(dict.fromkeys(config.data.features + config.data.targets))
+
+    def request_stop(self, *_signal_args) -> None:
+        self.stop.set()
+
+    def run(self, once: bool = False) -> int:
+        """Cycles until stopped (or one with ``once``); exit code 0, or 1 if the only cycle failed."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.request_stop)
+            signal.signal(signal.SIGINT, self.request_stop)
+        server = None
+        if not once:
+            m = self.config.metrics
+            server = MetricsServer(self.metrics.registry, m.host, self.config.retrain.metrics_port, lambda: True).start()
+            log.info("retrainer: every %.0f s, metrics on http://%s:%d/metrics", self.config.retrain.interval,
+                     m.host, server.port)
+        try:
+            while True:
+                started = time.monotonic()
+                try:
+                    outcome = self.run_once()
+                except Interrupted:
+                    log.info("retrainer stopped during a cycle; nothing was published")
+                    return 0
+                if once:
+                    return 1 if outcome.outcome == "failed" else 0
+                if self.stop.wait(max(0.0, started + self.config.retrain.interval - time.monotonic())):
+                    return 0
+        finally:
+            if server is not None:
+                server.stop()
+
+    def run_once(self) -> Outcome:
+        """One cycle: load, train, gate, maybe publish. Never raises but for :class:`Interrupted`."""
+        started = time.monotonic()
+        try:
+            outcome = self._cycle()
+        except Interrupted:
+            raise
+        except Exception as exc:  # any failure of a cycle is counted and the next cycle still runs
+            log.exception("retraining failed: %s", exc)
+            outcome = Outcome("failed", f"{type(exc).__name__}: {exc}")
+        seconds = time.monotonic() - started
+        self.metrics.runs[outcome.outcome].inc()
+        self.metrics.duration.observe(seconds)
+        self.metrics.last_run.labels(outcome.outcome).set(time.time())
+        for name, value in (("candidate", outcome.candidate_error), ("current", outcome.current_error),
+                            ("persistence", outcome.persistence_error)):
+            if value is not None:
+                self.metrics.error.labels(name).set(value)
+        log.info("retraining %s in %.1f s: %s (version %s; %s candidate %s, current %s, persistence %s)",
+                 outcome.outcome, seconds, outcome.reason, outcome.version or "-", self.config.retrain.metric,
+                 _fmt(outcome.candidate_error), _fmt(outcome.current_error), _fmt(outcome.persistence_error))
+        return outcome
+
+    def load_series(self) -> Series:
+        if self.data_path is not None:
+            d = self.config.data
+            return read_uci(self.data_path, self.columns, ratio=d.ratio, on_error=d.on_error)
+        from .kafka_io import read_history  # noqa: PLC0415 (only topic-fed cycles need Kafka)
+
+        k, r = self.config.kafka, self.config.retrain
+        since_ms = int((time.time() - r.history) * 1000)
+        records = read_history(k, r.group_id, since_ms, self.stop)
+        series = series_from_records(records, self.columns, k.max_message_bytes, r.history, f"topic {k.input_topic}")
+        if self.stop.is_set():
+            raise Interrupted("stopped while reading history")
+        return series
+
+    def _current(self):
+        from .model import Forecaster  # noqa: PLC0415
+
+        version = self.store.current()
+        if version is None:
+            return None
+        current = Forecaster.load(self.store.verify(self.store.directory(version)), version)
+        d, m = self.config.data, self.config.model
+        if (current.features, current.targets, current.sequence_length) != (d.features, d.targets, m.sequence_length):
+            log.warning("current model %s serves %s -> %s with windows of %d, the configuration asks for "
+                        "%s -> %s with %d: training from scratch and not comparing", version,
+                        current.features, current.targets, current.sequence_length, d.features, d.targets,
+                        m.sequence_length)
+            return None
+        return current
+
+    def _cycle(self) -> Outcome:
+        from .training import backtest, train  # noqa: PLC0415 (TensorFlow)
+
+        series = self.load_series()
+        current = self._current()
+        initial = current if self.config.retrain.warm_start else None
+        trained = train(self.config, series, initial=initial, verbose=0, stop=self.stop)
+        losses = trained.forecaster.metadata["training"]["history"].get("loss", [])
+        if not losses or not all(math.isfinite(v) for v in losses):
+            return Outcome("failed", f"training loss is not finite ({losses[-1:] or 'none'})")
+        metric = self.config.retrain.metric
+        candidate = getattr(trained.test.model, metric)
+        persistence = getattr(trained.test.baseline, metric)
+        current_error = None
+        if current is not None:
+            current_error = getattr(backtest(current, series, trained.test_starts).model, metric)
+        verdict = self._gate(candidate, current_error)
+        if verdict is not None:
+            return Outcome("rejected", verdict, None, candidate, current_error, persistence)
+        reason = "no current model" if current is None else "candidate beats the current model"
+        trained.forecaster.metadata["gate"] = {
+            "decision": "published", "reason": reason, "metric": metric,
+            "candidate": candidate, "current": current_error, "current_version": current.version if current else None,
+            "persistence": persistence, "min_improvement": self.config.retrain.min_improvement,
+            "test_windows": int(len(trained.test_starts)),
+        }
+        version = self.store.publish(trained.forecaster.save)
+        return Outcome("published", reason, version, candidate, current_error, persistence)
+
+    def _gate(self, candidate: float, current: float | None) -> str | None:
+        """Why the candidate must not be published, or None if it may."""
+        if not math.isfinite(candidate):
+            return f"candidate error is not finite ({candidate})"
+        if current is None:
+            return None
+        needed = current * (1.0 - self.config.retrain.min_improvement)
+        if not (candidate < current and candidate <= needed):
+            return (f"candidate {candidate:.6g} does not beat the current {current:.6g} by "
+                    f"{self.config.retrain.min_improvement:.1%} (needs <= {needed:.6g})")
+        return None
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.6g}"

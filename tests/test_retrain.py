@@ -1,0 +1,143 @@
+"""The retrainer on files: publish, gate, failures, schedule; and the `models` commands."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from conftest import sample_lines, write_uci
+from daemon import wait_for
+from stream_forecaster.cli import main
+from stream_forecaster.config import load_config
+from stream_forecaster.records import SAMPLE_PATH
+from stream_forecaster.retrain import Retrainer, series_from_records
+from stream_forecaster.testing import FakeRecord
+
+BASE = ["model.sequence_length=8", "model.layers=[1, 8, 1]", "model.batch_size=128", "data.ratio=0.15"]
+
+
+def retrainer(tmp_path, *overrides, data=SAMPLE_PATH):
+    config = load_config(None, [*BASE, f"model_store.path={tmp_path / 'models'}", *overrides], environ={})
+    return Retrainer(config, data)
+
+
+def count(r, outcome):
+    return r.metrics.registry.get_sample_value("stream_forecaster_retrain_runs_total", {"outcome": outcome})
+
+
+def test_first_cycle_publishes_with_the_gate_in_the_metadata(tmp_path):
+    r = retrainer(tmp_path)
+    outcome = r.run_once()
+    assert (outcome.outcome, outcome.version) == ("published", "1")
+    gate = r.store.metadata("1")["gate"]
+    assert gate["decision"] == "published" and gate["current"] is None and gate["metric"] == "rmse"
+    assert gate["candidate"] == pytest.approx(r.store.metadata("1")["test"]["rmse"])
+    assert count(r, "published") == 1
+    assert r.metrics.registry.get_sample_value("stream_forecaster_retrain_error", {"model": "candidate"}) == \
+        pytest.approx(gate["candidate"])
+
+
+def test_warm_start_beats_and_replaces_the_current_model(tmp_path):
+    r = retrainer(tmp_path, "model.epochs=1")
+    r.run_once()
+    outcome = retrainer(tmp_path, "model.epochs=2").run_once()
+    assert outcome.outcome == "published" and outcome.candidate_error < outcome.current_error
+    meta = r.store.metadata("2")
+    assert meta["training"]["warm_start_from"] == "1"
+    assert meta["normalization"] == r.store.metadata("1")["normalization"]  # fine-tuning keeps the scaling
+    assert r.store.current() == "2"
+
+
+def test_a_worse_candidate_is_rejected_and_the_store_is_untouched(tmp_path):
+    retrainer(tmp_path, "model.epochs=2").run_once()
+    # from scratch with a learning rate that cannot move the random weights: a deliberately worse model
+    worse = retrainer(tmp_path, "retrain.warm_start=false", "model.learning_rate=1e-9")
+    before = sorted(p.name for p in (tmp_path / "models").iterdir())
+    outcome = worse.run_once()
+    assert outcome.outcome == "rejected" and outcome.candidate_error > outcome.current_error
+    assert "does not beat the current" in outcome.reason
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == before
+    assert worse.store.current() == "1" and count(worse, "rejected") == 1
+
+
+def test_min_improvement_is_required(tmp_path):
+    retrainer(tmp_path).run_once()
+    outcome = retrainer(tmp_path, "retrain.min_improvement=0.99").run_once()
+    assert outcome.outcome == "rejected" and "by 99.0%" in outcome.reason
+
+
+def test_failures_are_counted_and_leave_the_store_alone(tmp_path):
+    retrainer(tmp_path).run_once()
+    missing = retrainer(tmp_path, data=tmp_path / "absent.txt").run_once()
+    assert missing.outcome == "failed" and "no such file" in missing.reason
+    exploding = retrainer(tmp_path, "retrain.warm_start=false", "model.optimizer=sgd", "model.learning_rate=10",
+                          "model.loss=mse").run_once()
+    # an optimiser step this large overflows: the loss is not finite, or the candidate's error is not
+    assert exploding.outcome in ("failed", "rejected") and "finite" in exploding.reason
+    assert retrainer(tmp_path).store.versions() == ["1"]
+
+
+def test_runs_on_schedule_and_goes_on_after_a_failed_cycle(tmp_path):
+    data = tmp_path / "later.txt"
+    r = retrainer(tmp_path, "retrain.interval=1s", "retrain.metrics_port=0", data=data)
+    thread = threading.Thread(target=r.run)
+    thread.start()
+    try:
+        wait_for(lambda: count(r, "failed") >= 1, 60, "a first cycle to fail (no data yet)")
+        write_uci(data, sample_lines(3000))
+        wait_for(lambda: count(r, "published") >= 1, 120, "a later cycle to publish")
+    finally:
+        r.request_stop()
+        thread.join(60)
+    assert not thread.is_alive()
+    assert r.store.current() == "1"
+
+
+def test_series_from_records_uses_the_daemons_rules_per_sensor():
+    lines = sample_lines(6)
+    records = [FakeRecord("in", 0, i, key, value.encode(), timestamp=0) for i, (key, value) in enumerate([
+        (b"b", lines[0]), (b"a", lines[1]), (b"b", "?"), (b"a", "garbage"), (b"b", lines[2]),
+        (b"a", "01/01/1990;00:00:00;1;1;1;1;1;1;1"), (b"a", lines[3]),
+    ])]
+    series = series_from_records(records, ["Global_active_power"], 65536, history_s=86400, source="t")
+    # the 1990 reading lies outside a one-day history and is dropped; '?' is missing; garbage is invalid
+    assert series.segments == (0, 2)  # a: 2 readings, then b: 2 readings
+    assert series.values[:, 0].tolist() == pytest.approx([float(lines[i].split(";")[2]) for i in (1, 3, 0, 2)])
+    assert (series.missing, series.malformed, series.lines) == (1, 1, 7)
+
+
+@pytest.fixture
+def store_with_versions(tmp_path):
+    for _ in range(3):
+        retrainer(tmp_path, "retrain.min_improvement=0").run_once()
+    return ["--set", f"model_store.path={tmp_path / 'models'}"]
+
+
+def test_models_commands(store_with_versions, capsys):
+    args = store_with_versions
+    assert main(["models", "list", *args]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert listing[0].split()[:3] == ["version", "created", "trained"]
+    current_rows = [row for row in listing if row.startswith("*")]
+    assert len(current_rows) == 1
+    assert main(["models", "show", "1", *args]) == 0
+    assert json.loads(capsys.readouterr().out)["gate"]["decision"] == "published"
+    assert main(["models", "promote", "1", *args]) == 0
+    assert "version 1" in capsys.readouterr().out
+    assert main(["models", "rollback", *args]) == 2
+    assert "nothing to roll back to" in capsys.readouterr().err
+    assert main(["models", "promote", "9", *args]) == 2
+    assert main(["models", "show", *args]) == 2
+    capsys.readouterr()
+
+
+def test_rollback_goes_to_the_previous_version(tmp_path, capsys):
+    for epochs in (1, 2, 3):
+        retrainer(tmp_path, f"model.epochs={epochs}", "retrain.min_improvement=0").run_once()
+    versions = retrainer(tmp_path).store.versions()
+    current = retrainer(tmp_path).store.current()
+    assert main(["models", "rollback", "--set", f"model_store.path={tmp_path / 'models'}"]) == 0
+    assert retrainer(tmp_path).store.current() == versions[versions.index(current) - 1]
