@@ -176,13 +176,12 @@ def read_topic(config: KafkaConfig, topic: str, stop: threading.Event, idle_s: f
 
 
 def read_history(config: KafkaConfig, group_id: str, since_ms: int, stop: threading.Event):
-    """Yield the input topic's records from ``since_ms`` (message time) up to its end when called.
+    """Yield the input topic's records from ``since_ms`` (message time) up to its end offsets when called.
 
     Partitions are assigned, not subscribed, under ``group_id``: the retrainer
     never joins or moves the daemon's group, and commits nothing. The start is
-    looked up by time where the broker can (``offsets_for_times``), else the
-    beginning. Reading goes on to the end offsets taken at the start, then
-    drains until a poll comes back empty.
+    looked up by time (``offsets_for_times``), else the beginning; the end is
+    fixed when reading starts, so a topic under steady load still ends.
     """
     consumer = KafkaConsumer(group_id=group_id, enable_auto_commit=False, **_common(config, "stream-forecaster-retrain"))
     try:
@@ -199,12 +198,10 @@ def read_history(config: KafkaConfig, group_id: str, since_ms: int, stop: thread
             else:
                 consumer.seek_to_beginning(tp)
         ends = consumer.end_offsets(assigned)
-        while not stop.is_set():
-            batch = consumer.poll(timeout_ms=1000)
-            for records in batch.values():
-                yield from records
-            at_end = all(consumer.position(tp) >= ends[tp] for tp in assigned)
-            if at_end and not batch:
-                return
+        remaining = {tp for tp in assigned if consumer.position(tp) < ends[tp]}
+        while remaining and not stop.is_set():
+            for tp, records in consumer.poll(timeout_ms=1000).items():
+                yield from (r for r in records if r.offset < ends[tp])
+            remaining = {tp for tp in remaining if consumer.position(tp) < ends[tp]}
     finally:
         consumer.close(autocommit=False)

@@ -48,7 +48,7 @@ def tiny_config(tmp_path):
 
 
 def make_forecaster(features=("Global_active_power",), targets=("Global_active_power",), sequence_length=6,
-                    hidden=(8,), version="1", seed=3):
+                    hidden=(8,), version="1", seed=3, target_mean=1.2):
     """An untrained but deterministic forecaster with a real normalisation."""
     import numpy as np
 
@@ -61,7 +61,8 @@ def make_forecaster(features=("Global_active_power",), targets=("Global_active_p
         "features": list(features), "targets": list(targets), "sequence_length": sequence_length,
         "normalization": {
             "features": Scaler(np.full(len(features), 1.0, np.float32), np.full(len(features), 0.5, np.float32)).to_dict(),
-            "targets": Scaler(np.full(len(targets), 1.2, np.float32), np.full(len(targets), 0.8, np.float32)).to_dict(),
+            "targets": Scaler(np.full(len(targets), target_mean, np.float32),
+                              np.full(len(targets), 0.8, np.float32)).to_dict(),
         },
     }
     return Forecaster(build_model(spec), meta, version)

@@ -1,0 +1,120 @@
+"""The daemon's model watcher: new versions are loaded off the loop; bad ones are refused."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from conftest import make_forecaster, sample_lines
+from stream_forecaster.config import load_config
+from stream_forecaster.metrics import Metrics
+from stream_forecaster.model import Forecaster
+from stream_forecaster.registry import CHECKSUM_FILE, POINTER_FILE, ModelStore
+from stream_forecaster.service import Daemon, ModelWatcher
+from stream_forecaster.testing import FakeRecord, ListSink, ListSource
+
+L = 6
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = ModelStore(tmp_path / "models")
+    store.publish(make_forecaster(sequence_length=L, seed=1).save)
+    return store
+
+
+def watcher_for(store):
+    metrics = Metrics(["Global_active_power"])
+    serving = Forecaster.load(store.directory("1"), "1")
+    return ModelWatcher(store, serving, 1.0, threading.Event(), metrics), metrics
+
+
+def refused(metrics):
+    return metrics.registry.get_sample_value("stream_forecaster_model_swaps_total", {"outcome": "refused"})
+
+
+def test_a_new_version_is_loaded_once(store):
+    watcher, metrics = watcher_for(store)
+    watcher.check()
+    assert watcher.take() is None  # nothing new
+    store.publish(make_forecaster(sequence_length=L, seed=2).save)
+    watcher.check()
+    new = watcher.take()
+    assert new.version == "2" and watcher.take() is None
+    assert refused(metrics) == 0
+
+
+def point_at(store, version):
+    (store.path / POINTER_FILE).write_text(version + "\n")  # as a damaged or hand-edited store would
+
+
+def test_truncated_file_is_refused(store):
+    watcher, metrics = watcher_for(store)
+    version = store.publish(make_forecaster(sequence_length=L, seed=2).save, make_current=False)
+    model = store.directory(version) / "model.keras"
+    model.write_bytes(model.read_bytes()[:100])
+    point_at(store, version)
+    watcher.check()
+    assert watcher.take() is None and refused(metrics) == 1
+
+
+def test_wrong_checksum_is_refused(store):
+    watcher, metrics = watcher_for(store)
+    version = store.publish(make_forecaster(sequence_length=L, seed=2).save, make_current=False)
+    listing = store.directory(version) / CHECKSUM_FILE
+    listing.write_text(listing.read_text().replace(listing.read_text()[:8], "00000000", 1))
+    point_at(store, version)
+    watcher.check()
+    assert watcher.take() is None and refused(metrics) == 1
+
+
+def test_other_sequence_length_is_refused(store, caplog):
+    watcher, metrics = watcher_for(store)
+    store.publish(make_forecaster(sequence_length=L + 3).save)
+    watcher.check()
+    assert watcher.take() is None and refused(metrics) == 1
+    assert "refusing model version 2" in caplog.text and "windows of 9" in caplog.text
+    watcher.check()  # the same bad version is not retried on every poll
+    assert refused(metrics) == 1
+
+
+def test_daemon_swaps_between_batches_without_dropping_or_repeating(store, tmp_path):
+    config = load_config(None, [f"model_store.path={store.path}", "model.sequence_length=6", "model.layers=[1, 8, 1]",
+                                "metrics.port=0", "model_store.poll_interval=3600s"], environ={})
+    lines = sample_lines(40)
+    records = [FakeRecord("in", 0, i, b"s", line.encode()) for i, line in enumerate(lines)]
+    stop = threading.Event()
+    batches = [records[:15], records[15:30], records[30:]]
+    source, sink = ListSource(batches, stop_when_done=stop), ListSink()
+    daemon = Daemon(config, source=source, sink=sink)
+    daemon.stop = stop
+
+    class PublishAfterFirstBatch:
+        """Publishes version 2 once the first batch was handled, then lets the watcher look."""
+
+        def __init__(self, inner):
+            self.inner, self.calls = inner, 0
+
+        def publish(self, out, stop=None):
+            self.calls += 1
+            ok = self.inner.publish(out, stop)
+            if self.calls == 1:
+                store.publish(make_forecaster(sequence_length=L, seed=5).save)
+                daemon.watcher.check()
+            return ok
+
+        def close(self):
+            self.inner.close()
+
+    daemon.sink = PublishAfterFirstBatch(sink)
+    assert daemon.run() == 0
+    got = [json.loads(r.value) for r in sink.records]
+    offsets = [g["source"]["offset"] for g in got]
+    assert offsets == list(range(L - 2, 40))  # every reading after the first full window, once, in order
+    versions = [g["model_version"] for g in got]
+    assert versions == ["1"] * (15 - (L - 2)) + ["2"] * 25
+    assert daemon.metrics.registry.get_sample_value("stream_forecaster_model_swaps_total", {"outcome": "swapped"}) == 1
+    assert daemon.metrics.registry.get_sample_value("stream_forecaster_model_version") == 2
+    assert source.commits[-1] == {("in", 0): 40}
