@@ -1,0 +1,114 @@
+"""Benchmark: reading-to-published latency before, during and after a hot model swap.
+
+    python benchmarks/swap.py [--rate 1000] [--sensors 100] [--seconds 30]
+
+A daemon (a real process, default model) serves a steady load from this script;
+a third of the way in a new model version is published to the store. Latency of
+each prediction = its Kafka timestamp (set when the daemon published it) minus
+its reading's Kafka timestamp. "During" runs from the publish to one second
+after the first prediction made by the new version; the swap time is from the
+publish to that first prediction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from throughput import default_forecaster  # noqa: E402
+
+from stream_forecaster.config import load_config  # noqa: E402
+from stream_forecaster.devbroker import DevBroker, free_port  # noqa: E402
+from stream_forecaster.kafka_io import KafkaSink, ensure_topics, read_topic  # noqa: E402
+from stream_forecaster.metrics import scrape  # noqa: E402
+from stream_forecaster.records import SAMPLE_PATH, OutRecord, open_text  # noqa: E402
+from stream_forecaster.registry import ModelStore  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=float, default=1000.0)
+    parser.add_argument("--sensors", type=int, default=100)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp, DevBroker() as broker:
+        store = ModelStore(Path(tmp) / "models")
+        base = load_config(None, environ={})
+        store.publish(default_forecaster(base).save)
+        port = free_port()
+        overrides = [f"kafka.bootstrap_servers={broker.address}", "kafka.session_timeout_ms=6000",
+                     f"model_store.path={store.path}", "model_store.poll_interval=1s", f"metrics.port={port}"]
+        config = load_config(None, overrides, environ={})
+        ensure_topics(config.kafka, [config.kafka.input_topic, config.kafka.output_topic], partitions=3)
+        cmd = [sys.executable, "-m", "stream_forecaster.cli", "run"] + sum((["--set", o] for o in overrides), [])
+        daemon = subprocess.Popen(cmd, stdout=open(Path(tmp) / "daemon.log", "wb"), stderr=subprocess.STDOUT,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        while True:
+            try:
+                if scrape(f"http://127.0.0.1:{port}/metrics").get("stream_forecaster_ready") == 1:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.1)
+
+        with open_text(SAMPLE_PATH) as f:
+            next(f)
+            lines = [line.rstrip("\n").encode() for line in f if "?" not in line]
+        sink = KafkaSink(config.kafka, client_id="swap-benchmark")
+        sent: dict[tuple[int, int], int] = {}
+        futures = []
+        keys = [f"sensor-{i}".encode() for i in range(args.sensors)]
+        total = int(args.rate * args.seconds)
+        start = time.monotonic()
+        publish_at = None
+        for i in range(total):
+            record = OutRecord(config.kafka.input_topic, keys[i % args.sensors], lines[(i // args.sensors) % len(lines)])
+            futures.append(sink.send(record))
+            if publish_at is None and i >= total / 3:
+                publish_at = time.time()
+                threading.Thread(target=lambda: store.publish(default_forecaster(base.replace("model", seed=99)).save)).start()
+            ahead = start + (i + 1) / args.rate - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)  # pacing the offered load
+        sink.flush()
+        for f in futures:
+            m = f.get(timeout=30)
+            sent[(m.partition, m.offset)] = m.timestamp
+        sink.close()
+        expected = total - args.sensors * (base.model.sequence_length - 2)
+        stop, got = threading.Event(), []
+        for record in read_topic(config.kafka, config.kafka.output_topic, stop, idle_s=30):
+            p = json.loads(record.value)
+            got.append((record.timestamp, record.timestamp - sent[(p["source"]["partition"], p["source"]["offset"])],
+                        p["model_version"]))
+            if len(got) >= expected:
+                break
+        daemon.terminate()
+        daemon.wait(60)
+
+    got.sort()
+    first_new = next(t for t, _, v in got if v == "2")
+    publish_ms = publish_at * 1000
+    phases = {"before": [l for t, l, _ in got if t < publish_ms],
+              "during": [l for t, l, _ in got if publish_ms <= t < first_new + 1000],
+              "after": [l for t, l, _ in got if t >= first_new + 1000]}
+    print(f"{args.rate:.0f} readings/s over {args.sensors} sensors for {args.seconds:.0f} s; {len(got):,} predictions")
+    print(f"swap: first prediction by the new version {(first_new - publish_ms) / 1000:.2f} s after the publish")
+    print(f"{'phase':<8} {'n':>7} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
+    for name, values in phases.items():
+        v = np.array(values)
+        print(f"{name:<8} {len(v):>7,} {np.percentile(v, 50):>8.1f} {np.percentile(v, 99):>8.1f} {v.max():>8.1f}")
+
+
+if __name__ == "__main__":
+    main()
