@@ -216,12 +216,12 @@ def cmd_models(args) -> int:
 
         print(format_versions(store))
     elif args.action == "show":
-        directory, version = store.resolve(args.version)
-        print(json.dumps(store.metadata(version), indent=2, sort_keys=True))
+        print(json.dumps(store.metadata(args.version), indent=2, sort_keys=True))
     elif args.action == "promote":
-        _, version = store.resolve(args.version)
-        store.set_current(version)
-        print(f"current model: version {version}")
+        if args.version not in store.versions():
+            raise UserError(f"no model version {args.version!r}; versions: {', '.join(store.versions()) or 'none'}")
+        store.set_current(args.version)
+        print(f"current model: version {args.version}")
     else:
         previous = store.previous()
         if previous is None:

@@ -115,6 +115,26 @@ class KafkaConfig:
     max_poll_records: int = _spec(5_000, low=1, high=1_000_000)
     security_protocol: str = _spec("PLAINTEXT", choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"))
     max_message_bytes: int = _spec(65536, low=16, high=100_000_000)
+    ssl_cafile: str | None = _spec(None)
+    ssl_certfile: str | None = _spec(None)
+    ssl_keyfile: str | None = _spec(None)
+    ssl_password_file: str | None = _spec(None)
+    ssl_check_hostname: bool = _spec(True)
+    sasl_mechanism: str | None = _spec(None, choices=(None, "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"))
+    sasl_username: str | None = _spec(None)
+    sasl_password: str | None = _spec(None)
+    sasl_password_file: str | None = _spec(None)
+
+    def secret(self, name: str) -> str | None:
+        """``sasl_password`` or ``ssl_password``: the value itself, else the first line of its ``_file``."""
+        value = getattr(self, name, None)
+        path = getattr(self, f"{name}_file")
+        if value is None and path is not None:
+            try:
+                value = Path(path).read_text().splitlines()[0] if Path(path).stat().st_size else ""
+            except OSError as exc:
+                raise ConfigError(f"kafka.{name}_file: cannot read {path}: {exc.strerror}") from None
+        return value
 
 
 @dataclass(frozen=True)
@@ -144,6 +164,15 @@ class Config:
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
+
+    def redacted(self) -> dict:
+        """The effective configuration as plain data, every password replaced by ``***``."""
+        plain = _as_plain(self)
+        for section in plain.values():
+            for key, value in section.items():
+                if "password" in key and value is not None and not key.endswith("_file"):
+                    section[key] = "***"
+        return plain
 
     def replace(self, section: str, **changes) -> "Config":
         """A copy with some keys of one section changed (checked like loaded values)."""

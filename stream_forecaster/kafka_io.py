@@ -22,17 +22,26 @@ from kafka.structs import OffsetAndMetadata
 from .config import KafkaConfig
 from .records import OutRecord
 
-__all__ = ["KafkaSink", "KafkaSource", "ensure_topics", "read_history", "read_topic"]
+__all__ = ["KafkaSink", "KafkaSource", "client_settings", "ensure_topics", "read_history", "read_topic"]
 
 log = logging.getLogger(__name__)
 
 
-def _common(config: KafkaConfig, client_id: str) -> dict:
-    return {
+def client_settings(config: KafkaConfig, client_id: str) -> dict:
+    """kafka-python keyword arguments for connecting, TLS and SASL included."""
+    settings = {
         "bootstrap_servers": list(config.bootstrap_servers),
         "security_protocol": config.security_protocol,
         "client_id": client_id,
     }
+    if config.security_protocol in ("SSL", "SASL_SSL"):
+        settings.update(ssl_cafile=config.ssl_cafile, ssl_certfile=config.ssl_certfile,
+                        ssl_keyfile=config.ssl_keyfile, ssl_password=config.secret("ssl_password"),
+                        ssl_check_hostname=config.ssl_check_hostname)
+    if config.security_protocol.startswith("SASL_"):
+        settings.update(sasl_mechanism=config.sasl_mechanism or "PLAIN", sasl_plain_username=config.sasl_username,
+                        sasl_plain_password=config.secret("sasl_password"))
+    return settings
 
 
 class KafkaSource:
@@ -48,7 +57,7 @@ class KafkaSource:
             session_timeout_ms=config.session_timeout_ms,
             heartbeat_interval_ms=max(100, config.session_timeout_ms // 3),
             max_poll_records=config.max_poll_records,
-            **_common(config, client_id),
+            **client_settings(config, client_id),
         )
 
     def poll(self, timeout_s: float) -> list:
@@ -87,7 +96,7 @@ class KafkaSink:
             acks="all",
             enable_idempotence=True,
             linger_ms=5,
-            **_common(config, client_id),
+            **client_settings(config, client_id),
         )
         self._on_retry = on_retry
 
@@ -133,7 +142,7 @@ class KafkaSink:
 
 def ensure_topics(config: KafkaConfig, topics: Iterable[str], partitions: int = 1) -> None:
     """Create the topics that do not exist yet (for development and tests; production provisions its own)."""
-    admin = KafkaAdminClient(**_common(config, "stream-forecaster-admin"))
+    admin = KafkaAdminClient(**client_settings(config, "stream-forecaster-admin"))
     try:
         existing = set(admin.list_topics())
         new = [NewTopic(t, partitions, 1) for t in dict.fromkeys(topics) if t and t not in existing]
@@ -152,7 +161,7 @@ def read_topic(config: KafkaConfig, topic: str, stop: threading.Event, idle_s: f
     Ends when ``stop`` is set, or after ``idle_s`` seconds without a new record.
     For the demo and tests; the daemon reads through :class:`KafkaSource`.
     """
-    consumer = KafkaConsumer(enable_auto_commit=False, **_common(config, "stream-forecaster-reader"))
+    consumer = KafkaConsumer(enable_auto_commit=False, **client_settings(config, "stream-forecaster-reader"))
     try:
         partitions = None
         while partitions is None and not stop.is_set():
@@ -183,7 +192,7 @@ def read_history(config: KafkaConfig, group_id: str, since_ms: int, stop: thread
     looked up by time (``offsets_for_times``), else the beginning; the end is
     fixed when reading starts, so a topic under steady load still ends.
     """
-    consumer = KafkaConsumer(group_id=group_id, enable_auto_commit=False, **_common(config, "stream-forecaster-retrain"))
+    consumer = KafkaConsumer(group_id=group_id, enable_auto_commit=False, **client_settings(config, "stream-forecaster-retrain"))
     try:
         partitions = consumer.partitions_for_topic(config.input_topic)
         if not partitions:

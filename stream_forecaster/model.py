@@ -23,10 +23,11 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from .config import ModelConfig  # noqa: E402
-from .errors import Interrupted  # noqa: E402
+from .errors import Interrupted, UserError  # noqa: E402
 
 __all__ = [
     "MODEL_FILE",
+    "ModelLoadError",
     "METADATA_FILE",
     "Forecaster",
     "Scaler",
@@ -40,6 +41,10 @@ __all__ = [
 MODEL_FILE = "model.keras"
 METADATA_FILE = "metadata.json"
 _MAX_CHUNK = 4096  # windows per compiled call; bounds the memory of one call
+
+
+class ModelLoadError(UserError):
+    """A model version that is present but cannot be used."""
 
 
 @dataclass(frozen=True)
@@ -216,10 +221,18 @@ class Forecaster:
 
     @classmethod
     def load(cls, directory: str | os.PathLike, version: str | None = None) -> "Forecaster":
+        """Load a ``.keras`` file (``safe_mode=True``: no arbitrary code) and its metadata.
+
+        Check the version's checksums first (``ModelStore.verify``). Anything
+        unusable raises :class:`ModelLoadError` naming the directory.
+        """
         directory = Path(directory)
-        metadata = json.loads((directory / METADATA_FILE).read_text())
-        model = keras.models.load_model(directory / MODEL_FILE, compile=False, safe_mode=True)
-        return cls(model, metadata, version)
+        try:
+            metadata = json.loads((directory / METADATA_FILE).read_text())
+            model = keras.models.load_model(directory / MODEL_FILE, compile=False, safe_mode=True)
+            return cls(model, metadata, version)
+        except Exception as exc:  # Keras raises many kinds on a damaged file; all mean "unusable"
+            raise ModelLoadError(f"{directory}: cannot load the model: {type(exc).__name__}: {exc}") from None
 
 
 def library_versions() -> dict:

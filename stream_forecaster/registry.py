@@ -58,9 +58,14 @@ class ModelStore:
             version = (self.path / POINTER_FILE).read_text().strip()
         except FileNotFoundError:
             return None
+        if version and not version.isdigit():
+            raise ModelStoreError(f"{self.path / POINTER_FILE} is damaged: {version[:40]!r} is not a version number")
         return version or None
 
     def directory(self, version: str) -> Path:
+        """The directory of a version number; anything else is refused, so no name leaves the store."""
+        if not str(version).isdigit():
+            raise ModelStoreError(f"{str(version)[:40]!r} is not a model version (versions are numbers)")
         return self.path / str(version)
 
     def metadata(self, version: str) -> dict:

@@ -8,6 +8,7 @@ exits 0 within about one poll timeout plus one batch.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
@@ -149,6 +150,7 @@ class Daemon:
                  __version__, forecaster.version, ",".join(forecaster.features), ",".join(forecaster.targets),
                  ",".join(k.bootstrap_servers), k.input_topic, k.output_topic, k.dead_letter_topic or "off",
                  self.config.metrics.host, self.server.port)
+        log.info("effective configuration: %s", json.dumps(self.config.redacted(), sort_keys=True))
         return True
 
     def _wait_for_model(self):
