@@ -32,6 +32,7 @@ __all__ = [
     "MetricsConfig",
     "ModelConfig",
     "ModelStoreConfig",
+    "WindowConfig",
     "RetrainConfig",
     "ENV_PREFIX",
     "load_config",
@@ -138,6 +139,11 @@ class KafkaConfig:
 
 
 @dataclass(frozen=True)
+class WindowConfig:
+    idle_ttl: Duration = _spec(86400.0, low=1.0)
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     host: str = _spec("127.0.0.1")
     port: int = _spec(9464, low=0, high=65535)
@@ -162,6 +168,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     model_store: ModelStoreConfig = field(default_factory=ModelStoreConfig)
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    window: WindowConfig = field(default_factory=WindowConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
 

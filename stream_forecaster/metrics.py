@@ -60,6 +60,8 @@ class Metrics:
         self.batch_size = Histogram("stream_forecaster_batch_readings", "Messages handled per poll batch",
                                     buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000), registry=r)
         self.active_sensors = Gauge("stream_forecaster_active_sensors", "Sensors with a window", registry=r)
+        self.evicted = Counter("stream_forecaster_evicted_sensors",
+                               "Windows dropped after window.idle_ttl without a reading", registry=r)
         self.consumer_lag = Gauge("stream_forecaster_consumer_lag",
                                   "Readings in the input topic not yet consumed (sum over partitions)", registry=r)
         self.model_version = Gauge("stream_forecaster_model_version", "Version number of the model serving",

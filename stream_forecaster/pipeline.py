@@ -60,6 +60,7 @@ class Pipeline:
         self.output_topic = config.kafka.output_topic
         self.dead_letter_topic = config.kafka.dead_letter_topic
         self.interval = config.data.interval
+        self.idle_ttl = config.window.idle_ttl
         features, targets = forecaster.features, forecaster.targets
         self.columns = tuple(dict.fromkeys(features + targets))
         self.feature_index = [self.columns.index(c) for c in features]
@@ -73,6 +74,15 @@ class Pipeline:
         metrics.bind_rolling(targets, self.model_errors, self.baseline_errors)
         self._invalid_log = _RateLimitedLog()
         self._batch = np.empty((0, forecaster.sequence_length - 1, len(features)), dtype=np.float32)
+
+    def evict_idle(self, now: float | None = None) -> int:
+        """Drop the windows (and pending forecasts) of sensors idle longer than ``window.idle_ttl``."""
+        slots = self.windows.evict_idle(time.monotonic() if now is None else now, self.idle_ttl)
+        for slot in slots:
+            self.pending.clear(slot)
+        self.metrics.evicted.inc(len(slots))
+        self.metrics.active_sensors.set(len(self.windows))
+        return len(slots)
 
     def swap_model(self, forecaster) -> None:
         """Serve ``forecaster`` from the next batch on; windows and pending forecasts carry over.
@@ -97,6 +107,7 @@ class Pipeline:
     def _parse_and_window(self, records):
         """Accepted readings as (record index, slot, reading); per window, its accepted index; dead letters."""
         accepted, window_of, dead_letters = [], [], []
+        now = time.monotonic()
         if len(self._batch) < len(records):
             self._batch = np.empty((len(records),) + self._batch.shape[1:], dtype=np.float32)
         m = self.metrics
@@ -113,7 +124,7 @@ class Pipeline:
                 continue
             m.accepted.inc()
             slot = self.windows.slot(reading.sensor)
-            full = self.windows.append(slot, reading.values)
+            full = self.windows.append(slot, reading.values, now)
             if full:
                 window = self.windows.window(slot)
                 self._batch[len(window_of)] = window if self._all_features else window[:, self.feature_index]
@@ -169,7 +180,7 @@ class Pipeline:
         for a, (_, slot, reading) in enumerate(accepted):
             truth = np.asarray(reading.values, dtype=np.float32)[targets]
             pending = self.pending.take(slot)
-            if pending is not None:
+            if pending is not None and np.isfinite(pending[0]).all():
                 forecast, baseline = pending
                 error = forecast - truth
                 self.model_errors.add(error)

@@ -73,6 +73,7 @@ MISSING = _Marker("MISSING")  # a reading with a missing value: skipped, counted
 HEADER = _Marker("HEADER")  # a UCI header line: not a reading at all
 _EPOCH = dt.date(1970, 1, 1)
 _CACHE_LIMIT = 100_000  # distinct dates/times remembered; bounds memory on hostile input
+_LARGEST = 3.4028234663852886e38  # float32's largest: windows are float32, so larger values cannot be held
 
 
 class RecordError(UserError, ValueError):
@@ -127,6 +128,8 @@ class UciLineParser:
                 raise RecordError(f"bad number {text[:40]!r} in column {i + 1}") from None
             if not math.isfinite(value):
                 raise RecordError(f"non-finite number {text[:40]!r} in column {i + 1}")
+            if abs(value) > _LARGEST:
+                raise RecordError(f"number {text[:40]!r} in column {i + 1} is out of range")
             values.append(value)
         return self._timestamp(fields[0], fields[1]), values
 
@@ -412,6 +415,8 @@ def _finite(value) -> float:
         raise RecordError(f"bad number {str(value)[:40]!r}") from None
     if not math.isfinite(number):
         raise RecordError(f"non-finite number {str(value)[:40]!r}")
+    if abs(number) > _LARGEST:
+        raise RecordError(f"number {str(value)[:40]!r} is out of range")
     return number
 
 
@@ -445,8 +450,9 @@ def encode_prediction(
     partition: int,
     offset: int,
 ) -> bytes:
-    """The JSON value of a prediction message, in the data's own units."""
-    value = float(prediction[0]) if len(targets) == 1 else {t: float(v) for t, v in zip(targets, prediction)}
+    """The JSON value of a prediction message, in the data's own units (null where not finite)."""
+    numbers = [float(v) if math.isfinite(v) else None for v in prediction]
+    value = numbers[0] if len(targets) == 1 else dict(zip(targets, numbers))
     return json.dumps({
         "sensor": sensor,
         "timestamp": timestamp,

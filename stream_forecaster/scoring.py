@@ -54,6 +54,7 @@ class RollingErrors:
         self.count = 0
 
     def add(self, error: np.ndarray) -> None:
+        error = np.asarray(error, dtype=np.float64)  # float32 squares of large errors would overflow
         self._abs[self._next] = np.abs(error)
         self._sq[self._next] = np.square(error)
         self._next = (self._next + 1) % self.span
@@ -86,6 +87,10 @@ class PendingForecasts:
             self._model[old:] = np.nan  # np.resize repeats the old rows; empty the new slots
         self._model[slot] = forecast
         self._baseline[slot] = baseline
+
+    def clear(self, slot: int) -> None:
+        if slot < len(self._model):
+            self._model[slot] = np.nan
 
     def take(self, slot: int):
         """``(forecast, baseline)`` pending for the slot, or None; the slot is emptied."""

@@ -172,7 +172,7 @@ class Daemon:
         return None
 
     def loop(self) -> None:
-        next_gauges = 0.0
+        next_gauges = next_eviction = 0.0
         while not self.stop.is_set():
             self._swap_if_ready()
             records = self.source.poll(POLL_TIMEOUT_S)
@@ -188,6 +188,9 @@ class Daemon:
             if now >= next_gauges:
                 self._update_gauges()
                 next_gauges = now + GAUGE_INTERVAL_S
+            if now >= next_eviction:
+                self.pipeline.evict_idle(now)
+                next_eviction = now + max(1.0, self.config.window.idle_ttl / 10)
 
     def _swap_if_ready(self) -> None:
         new = self.watcher.take()

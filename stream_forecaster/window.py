@@ -65,9 +65,12 @@ class SensorWindows:
     def __init__(self, size: int, width: int, capacity: int = 1024):
         self.size, self.width = size, width
         self.slots: dict[str, int] = {}
+        self._sensors: list[str | None] = []  # slot -> sensor, None when free
+        self._free: list[int] = []
         self._rows = np.zeros((capacity, size, width), dtype=np.float32)
-        self._head = np.zeros(capacity, dtype=np.int64)  # next row to write
-        self._count = np.zeros(capacity, dtype=np.int64)  # rows held, at most size
+        self._head = np.zeros(capacity, dtype=np.int32)  # next row to write
+        self._count = np.zeros(capacity, dtype=np.int32)  # rows held, at most size
+        self._seen = np.zeros(capacity, dtype=np.float64)  # monotonic time of the last reading
         # _order[h] lists the rows oldest first when the next write goes to row h
         self._order = (np.arange(size)[None, :] + np.arange(size)[:, None]) % size
 
@@ -82,14 +85,36 @@ class SensorWindows:
         """The sensor's slot, allocated on its first reading."""
         slot = self.slots.get(sensor)
         if slot is None:
-            slot = len(self.slots)
-            if slot == self.capacity:
-                self._grow()
+            if self._free:
+                slot = self._free.pop()
+                self._sensors[slot] = sensor
+            else:
+                slot = len(self._sensors)
+                if slot == self.capacity:
+                    self._grow()
+                self._sensors.append(sensor)
             self.slots[sensor] = slot
         return slot
 
-    def append(self, slot: int, values) -> bool:
-        """Add a reading; True when the sensor's window is full."""
+    def evict_idle(self, now: float, ttl: float) -> list[int]:
+        """Free the slots of sensors without a reading since ``now - ttl``; returns those slots."""
+        used = len(self._sensors)
+        idle = np.flatnonzero(self._seen[:used] < now - ttl)
+        evicted = []
+        for slot in idle.tolist():
+            sensor = self._sensors[slot]
+            if sensor is not None:
+                del self.slots[sensor]
+                self._sensors[slot] = None
+                self._count[slot] = self._head[slot] = 0
+                self._seen[slot] = np.inf  # free: never idle
+                self._free.append(slot)
+                evicted.append(slot)
+        return evicted
+
+    def append(self, slot: int, values, now: float = 0.0) -> bool:
+        """Add a reading seen at monotonic time ``now``; True when the sensor's window is full."""
+        self._seen[slot] = now
         head = self._head[slot]
         self._rows[slot, head] = values
         self._head[slot] = (head + 1) % self.size
@@ -111,3 +136,5 @@ class SensorWindows:
         self._head[new // 2:] = 0
         self._count = np.resize(self._count, new)
         self._count[new // 2:] = 0
+        self._seen = np.resize(self._seen, new)
+        self._seen[new // 2:] = np.inf

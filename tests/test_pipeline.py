@@ -171,3 +171,24 @@ def test_failed_publish_is_retried_and_a_stop_during_retries_commits_nothing():
     pipeline.stop = stopped
     with pytest.raises(Stopped):
         pipeline.process(records)
+
+
+def test_idle_sensors_lose_their_window_and_come_back_empty():
+    pipeline, sink, metrics = build("window.idle_ttl=60s")
+    lines = sample_lines(12)
+    pipeline.process([FakeRecord("in", 0, i, b"old", line.encode()) for i, line in enumerate(lines[:8])])
+    pipeline.process([FakeRecord("in", 0, 8, b"new", lines[0].encode())])
+    slot_new = pipeline.windows.slots["new"]
+    import time as _time
+
+    later = _time.monotonic() + 61
+    pipeline.windows._seen[slot_new] = later - 1  # "new" was heard from within the ttl
+    assert pipeline.evict_idle(later) == 1
+    assert set(pipeline.windows.slots) == {"new"}
+    assert value(metrics, "stream_forecaster_evicted_sensors_total") == 1
+    assert value(metrics, "stream_forecaster_active_sensors") == 1
+    before = len(sink.records)
+    # "old" returns: its window starts empty, so 4 readings give no forecast and the freed slot is reused
+    pipeline.process([FakeRecord("in", 0, 9 + i, b"old", line.encode()) for i, line in enumerate(lines[8:12])])
+    assert len(sink.records) == before
+    assert pipeline.windows.slots["old"] == 0

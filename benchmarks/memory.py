@@ -1,0 +1,66 @@
+"""Benchmark: memory per active sensor in the daemon's window state (100,000 and 1,000,000 sensors).
+
+    python benchmarks/memory.py [--sensors 100000 1000000]
+
+Each count runs in a fresh interpreter: a pipeline for the default model
+(windows of 49 readings of one column) receives one reading from each sensor,
+through the real parser and ring buffers, in batches of 10,000. Reported: the
+growth of resident memory divided by the number of sensors (array slack from
+doubling included), and the part of it that is the window rows themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+CHILD = r"""
+import gc, json, sys
+sys.path.insert(0, sys.argv[2])
+from stream_forecaster.config import load_config
+from stream_forecaster.metrics import Metrics
+from stream_forecaster.pipeline import Pipeline
+from stream_forecaster.testing import FakeRecord, ListSink
+
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))
+
+class Shape:  # what the pipeline reads of a forecaster; no model call happens with one reading per sensor
+    features = targets = ("Global_active_power",)
+    sequence_length = 50
+    version = "0"
+
+n = int(sys.argv[1])
+pipeline = Pipeline(load_config(None, environ={}), Shape(), ListSink(), Metrics(Shape.targets))
+gc.collect()
+before = rss()
+line = b"16/12/2006;17:24:00;4.216;0.418;234.840;18.400;0.000;1.000;17.000"
+for start in range(0, n, 10000):
+    pipeline.process([FakeRecord("in", 0, i, f"sensor-{i:07d}".encode(), line) for i in range(start, min(n, start + 10000))])
+gc.collect()
+after = rss()
+w = pipeline.windows
+print(json.dumps({"sensors": len(w), "bytes": after - before,
+                  "rows_bytes_per_sensor": w.size * w.width * 4, "capacity": w.capacity}))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sensors", type=int, nargs="+", default=[100_000, 1_000_000])
+    args = parser.parse_args()
+    root = str(Path(__file__).resolve().parents[1])
+    print(f"{'sensors':>10} {'RSS growth MB':>14} {'bytes/sensor':>13} {'of which window rows':>21} {'slots allocated':>16}")
+    for n in args.sensors:
+        r = json.loads(subprocess.run([sys.executable, "-c", CHILD, str(n), root], check=True,
+                                      capture_output=True, text=True).stdout)
+        print(f"{r['sensors']:>10,} {r['bytes'] / 1e6:>14.1f} {r['bytes'] / r['sensors']:>13.0f} "
+              f"{r['rows_bytes_per_sensor']:>21} {r['capacity']:>16,}")
+
+
+if __name__ == "__main__":
+    main()
