@@ -111,7 +111,7 @@ def _run(config: Config, daemon, url: str, stop, duration, rate, out_dir: Path) 
     head = read_uci(SAMPLE_PATH, config.data.targets, ratio=TRAIN_FRACTION)  # what the model trained on
     expected = max(0, len(sample) - len(head) - (config.model.sequence_length - 2))
     predictions: dict[int, float] = {}
-    replay_done = threading.Event()
+    replay_done, collected, finished = threading.Event(), threading.Event(), threading.Event()
 
     def replay():
         try:
@@ -120,11 +120,13 @@ def _run(config: Config, daemon, url: str, stop, duration, rate, out_dir: Path) 
             replay_done.set()
 
     def collect():
-        for record in read_topic(config.kafka, config.kafka.output_topic, stop):
+        for record in read_topic(config.kafka, config.kafka.output_topic, finished):
             p = json.loads(record.value)
             if p["timestamp"]:
                 value = p["prediction"] if isinstance(p["prediction"], float) else next(iter(p["prediction"].values()))
                 predictions[int(np.datetime64(p["timestamp"].rstrip("Z"), "s").astype(np.int64))] = value
+            if len(predictions) >= expected:
+                collected.set()
 
     threading.Thread(target=replay, daemon=True).start()
     threading.Thread(target=collect, daemon=True).start()
@@ -152,9 +154,11 @@ def _run(config: Config, daemon, url: str, stop, duration, rate, out_dir: Path) 
         if duration is not None and now - started >= duration:
             break
         if replay_done.is_set() and m[keys["predictions"]] >= expected:
+            collected.wait(30)  # the plot's reader may trail the daemon's own count by a moment
             break
     print()
     stop.set()
+    finished.set()
     path = _plot(sample, predictions, target, out_dir / "demo.png")
     if path:
         print(f"plot: {path} ({len(predictions):,} predictions)")
