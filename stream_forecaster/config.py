@@ -141,6 +141,7 @@ class KafkaConfig:
 @dataclass(frozen=True)
 class WindowConfig:
     idle_ttl: Duration = _spec(86400.0, low=1.0)
+    rebuild_messages: int = _spec(100_000, low=0, high=100_000_000)
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,8 @@ class KafkaSource:
 
     def __init__(self, config: KafkaConfig, group_id: str | None = None, client_id: str = "stream-forecaster"):
         self.topic = config.input_topic
+        self.config = config
+        self._owned: set[int] = set()
         self._consumer = KafkaConsumer(
             config.input_topic,
             group_id=group_id or config.group_id,
@@ -64,6 +66,39 @@ class KafkaSource:
         """The next batch of records, oldest first within each partition."""
         batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000))
         return [record for records in batches.values() for record in records]
+
+    def take_changes(self) -> tuple[set[int], set[int]]:
+        """Partitions (lost, gained) since the last call, from the assignment after a poll.
+
+        Comparing assignments rather than acting in a rebalance listener keeps
+        blocking calls (``committed``) out of the listener, as kafka-python 3.0
+        requires; nothing is lost by it because every batch is committed before
+        the next poll, so a revoked partition has no uncommitted work.
+        """
+        owned = {tp.partition for tp in self._consumer.assignment()}
+        lost, gained = self._owned - owned, owned - self._owned
+        self._owned = owned
+        return lost, gained
+
+    def committed(self, partition: int) -> int | None:
+        return self._consumer.committed(TopicPartition(self.topic, partition))
+
+    def beginning(self, partition: int) -> int:
+        tp = TopicPartition(self.topic, partition)
+        return self._consumer.beginning_offsets([tp])[tp]
+
+    def read_range(self, partition: int, start: int, end: int, stop: threading.Event):
+        """Records ``start <= offset < end`` of one partition, read by a separate, group-less consumer."""
+        reader = KafkaConsumer(enable_auto_commit=False, **client_settings(self.config, "stream-forecaster-rebuild"))
+        tp = TopicPartition(self.topic, partition)
+        try:
+            reader.assign([tp])
+            reader.seek(tp, start)
+            while reader.position(tp) < end and not stop.is_set():
+                for records in reader.poll(timeout_ms=500).values():
+                    yield from (r for r in records if r.offset < end)
+        finally:
+            reader.close(autocommit=False)
 
     def commit(self, offsets: dict[tuple[str, int], int]) -> None:
         """Commit ``{(topic, partition): next offset to read}``."""

@@ -60,6 +60,11 @@ class Metrics:
         self.batch_size = Histogram("stream_forecaster_batch_readings", "Messages handled per poll batch",
                                     buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000), registry=r)
         self.active_sensors = Gauge("stream_forecaster_active_sensors", "Sensors with a window", registry=r)
+        self.rebuilt = Counter("stream_forecaster_rebuilt_readings",
+                               "Earlier readings replayed to refill windows after a restart or a new partition",
+                               registry=r)
+        self.rebuilding = Gauge("stream_forecaster_rebuilding_partitions",
+                                "Partitions whose windows are being refilled (not ready meanwhile)", registry=r)
         self.evicted = Counter("stream_forecaster_evicted_sensors",
                                "Windows dropped after window.idle_ttl without a reading", registry=r)
         self.consumer_lag = Gauge("stream_forecaster_consumer_lag",

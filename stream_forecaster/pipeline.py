@@ -17,7 +17,7 @@ import numpy as np
 
 from .config import Config
 from .metrics import Metrics
-from .records import HEADER, MISSING, Invalid, MessageParser, OutRecord, encode_prediction, format_time
+from .records import HEADER, MISSING, Invalid, MessageParser, OutRecord, Reading, encode_prediction, format_time
 from .scoring import PendingForecasts, RollingErrors
 from .window import SensorWindows
 
@@ -75,6 +75,44 @@ class Pipeline:
         self._invalid_log = _RateLimitedLog()
         self._batch = np.empty((0, forecaster.sequence_length - 1, len(features)), dtype=np.float32)
 
+    def rebuild(self, records) -> int:
+        """Refill windows from readings whose forecasts were already published: nothing is published.
+
+        The forecast each refilled sensor had pending (made from its last
+        window) is recomputed, so the next reading is scored as if the daemon
+        had never stopped. Returns the number of readings replayed.
+        """
+        now, replayed, last_full = time.monotonic(), 0, {}
+        for record in records:
+            reading = self.parser.parse(record.key, record.value)
+            if not isinstance(reading, Reading):
+                continue
+            replayed += 1
+            slot = self.windows.slot(reading.sensor, record.partition)
+            if self.windows.append(slot, reading.values, now):
+                last_full[slot] = np.asarray(reading.values, dtype=np.float32)[self.target_index]
+            else:
+                last_full.pop(slot, None)
+                self.pending.clear(slot)
+        if last_full:
+            slots = list(last_full)
+            windows = np.stack([self.windows.window(s) for s in slots])
+            if not self._all_features:
+                windows = windows[:, :, self.feature_index]
+            for slot, forecast in zip(slots, self.forecaster.forecast(windows)):
+                self.pending.put(slot, forecast, last_full[slot])
+        self.metrics.rebuilt.inc(replayed)
+        self.metrics.active_sensors.set(len(self.windows))
+        return replayed
+
+    def drop_partitions(self, partitions) -> int:
+        """Forget the sensors of partitions this daemon no longer owns."""
+        slots = self.windows.drop_partitions(partitions)
+        for slot in slots:
+            self.pending.clear(slot)
+        self.metrics.active_sensors.set(len(self.windows))
+        return len(slots)
+
     def evict_idle(self, now: float | None = None) -> int:
         """Drop the windows (and pending forecasts) of sensors idle longer than ``window.idle_ttl``."""
         slots = self.windows.evict_idle(time.monotonic() if now is None else now, self.idle_ttl)
@@ -123,7 +161,7 @@ class Pipeline:
                 self._invalid(record, reading, dead_letters)
                 continue
             m.accepted.inc()
-            slot = self.windows.slot(reading.sensor)
+            slot = self.windows.slot(reading.sensor, record.partition)
             full = self.windows.append(slot, reading.values, now)
             if full:
                 window = self.windows.window(slot)
@@ -150,10 +188,12 @@ class Pipeline:
             when = None
             if reading.timestamp is not None:
                 when = format_time(reading.timestamp + self.interval, reading.aware)
-            value = encode_prediction(reading.sensor, when, predictions[k], targets, version,
+            # the same reading always gets the same id, so at-least-once repeats are recognisable downstream
+            ident = f"{reading.sensor}@{when}" if when else f"{reading.sensor}@{record.partition}/{record.offset}"
+            value = encode_prediction(ident, reading.sensor, when, predictions[k], targets, version,
                                       record.partition, record.offset)
             out.append(OutRecord(self.output_topic, record.key, value,
-                                 [("model_version", (version or "").encode())]))
+                                 [("prediction_id", ident.encode()), ("model_version", (version or "").encode())]))
         if not self.sink.publish(dead_letters + out, self.stop):
             raise Stopped()
         now_ms = time.time() * 1000

@@ -442,6 +442,7 @@ def format_time(seconds: float, aware: bool) -> str:
 
 
 def encode_prediction(
+    ident: str,
     sensor: str,
     timestamp: str | None,
     prediction: Sequence[float],
@@ -454,6 +455,7 @@ def encode_prediction(
     numbers = [float(v) if math.isfinite(v) else None for v in prediction]
     value = numbers[0] if len(targets) == 1 else dict(zip(targets, numbers))
     return json.dumps({
+        "id": ident,
         "sensor": sensor,
         "timestamp": timestamp,
         "prediction": value,

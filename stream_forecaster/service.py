@@ -104,6 +104,7 @@ class Daemon:
         self.metrics = None
         self._registry = registry
         self.pipeline: Pipeline | None = None
+        self.rebuilding = 0
         self.watcher: ModelWatcher | None = None
         self.server: MetricsServer | None = None
 
@@ -111,7 +112,8 @@ class Daemon:
         self.stop.set()
 
     def ready(self) -> bool:
-        return self.pipeline is not None and self.source is not None and self.source.assigned()
+        return (self.pipeline is not None and self.source is not None and self.source.assigned()
+                and not self.rebuilding)
 
     def run(self) -> int:
         if threading.current_thread() is threading.main_thread():
@@ -176,6 +178,11 @@ class Daemon:
         while not self.stop.is_set():
             self._swap_if_ready()
             records = self.source.poll(POLL_TIMEOUT_S)
+            lost, gained = self.source.take_changes()
+            if lost:
+                log.info("partitions %s revoked: %d sensors dropped", sorted(lost), self.pipeline.drop_partitions(lost))
+            if gained:
+                self._rebuild(gained)
             if records:
                 try:
                     offsets = self.pipeline.process(records)
@@ -191,6 +198,22 @@ class Daemon:
             if now >= next_eviction:
                 self.pipeline.evict_idle(now)
                 next_eviction = now + max(1.0, self.config.window.idle_ttl / 10)
+
+    def _rebuild(self, partitions: set[int]) -> None:
+        """Refill the windows of newly assigned partitions from the readings before their committed offsets."""
+        self.rebuilding = len(partitions)
+        self.metrics.rebuilding.set(self.rebuilding)
+        limit = self.config.window.rebuild_messages
+        for partition in sorted(partitions):
+            committed = self.source.committed(partition)
+            if committed and limit:
+                start = max(self.source.beginning(partition), committed - limit)
+                started = time.monotonic()
+                n = self.pipeline.rebuild(self.source.read_range(partition, start, committed, self.stop))
+                log.info("partition %d: windows refilled from %d readings (offsets %d-%d) in %.2f s",
+                         partition, n, start, committed - 1, time.monotonic() - started)
+            self.rebuilding -= 1
+            self.metrics.rebuilding.set(self.rebuilding)
 
     def _swap_if_ready(self) -> None:
         new = self.watcher.take()

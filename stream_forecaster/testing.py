@@ -53,6 +53,9 @@ class ListSource:
     def assigned(self) -> bool:
         return True
 
+    def take_changes(self):
+        return set(), set()
+
     def close(self) -> None:
         self.closed = True
 

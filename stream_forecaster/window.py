@@ -71,6 +71,7 @@ class SensorWindows:
         self._head = np.zeros(capacity, dtype=np.int32)  # next row to write
         self._count = np.zeros(capacity, dtype=np.int32)  # rows held, at most size
         self._seen = np.zeros(capacity, dtype=np.float64)  # monotonic time of the last reading
+        self._partition = np.full(capacity, -1, dtype=np.int32)  # input partition the sensor's readings come from
         # _order[h] lists the rows oldest first when the next write goes to row h
         self._order = (np.arange(size)[None, :] + np.arange(size)[:, None]) % size
 
@@ -81,7 +82,7 @@ class SensorWindows:
     def capacity(self) -> int:
         return len(self._rows)
 
-    def slot(self, sensor: str) -> int:
+    def slot(self, sensor: str, partition: int = -1) -> int:
         """The sensor's slot, allocated on its first reading."""
         slot = self.slots.get(sensor)
         if slot is None:
@@ -94,20 +95,28 @@ class SensorWindows:
                     self._grow()
                 self._sensors.append(sensor)
             self.slots[sensor] = slot
+            self._partition[slot] = partition
         return slot
 
     def evict_idle(self, now: float, ttl: float) -> list[int]:
         """Free the slots of sensors without a reading since ``now - ttl``; returns those slots."""
+        return self._free_slots(np.flatnonzero(self._seen[: len(self._sensors)] < now - ttl))
+
+    def drop_partitions(self, partitions) -> list[int]:
+        """Free the slots of sensors read from ``partitions`` (no longer ours); returns those slots."""
         used = len(self._sensors)
-        idle = np.flatnonzero(self._seen[:used] < now - ttl)
+        return self._free_slots(np.flatnonzero(np.isin(self._partition[:used], list(partitions))))
+
+    def _free_slots(self, slots: np.ndarray) -> list[int]:
         evicted = []
-        for slot in idle.tolist():
+        for slot in slots.tolist():
             sensor = self._sensors[slot]
             if sensor is not None:
                 del self.slots[sensor]
                 self._sensors[slot] = None
                 self._count[slot] = self._head[slot] = 0
                 self._seen[slot] = np.inf  # free: never idle
+                self._partition[slot] = -1
                 self._free.append(slot)
                 evicted.append(slot)
         return evicted
@@ -138,3 +147,5 @@ class SensorWindows:
         self._count[new // 2:] = 0
         self._seen = np.resize(self._seen, new)
         self._seen[new // 2:] = np.inf
+        self._partition = np.resize(self._partition, new)
+        self._partition[new // 2:] = -1
