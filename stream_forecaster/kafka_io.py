@@ -14,15 +14,16 @@ import threading
 import time
 from typing import Iterable, Sequence
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.future import Future
 from kafka.structs import OffsetAndMetadata
 
 from .config import KafkaConfig
 from .records import OutRecord
 
-__all__ = ["KafkaSink", "KafkaSource", "client_settings", "ensure_topics", "read_history", "read_topic"]
+__all__ = ["BrokerUnavailable", "KafkaSink", "KafkaSource", "client_settings", "ensure_topics", "read_history", "read_topic"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,17 @@ def client_settings(config: KafkaConfig, client_id: str) -> dict:
     return settings
 
 
+class _Revocations(ConsumerRebalanceListener):
+    def __init__(self, revoked: set[int]):
+        self.revoked = revoked
+
+    def on_partitions_revoked(self, revoked):
+        self.revoked.update(tp.partition for tp in revoked)
+
+    def on_partitions_assigned(self, assigned):
+        pass
+
+
 class KafkaSource:
     """The input topic, read in a consumer group with manual commits."""
 
@@ -51,8 +63,8 @@ class KafkaSource:
         self.topic = config.input_topic
         self.config = config
         self._owned: set[int] = set()
-        self._consumer = KafkaConsumer(
-            config.input_topic,
+        self._revoked: set[int] = set()
+        self._consumer = _connect(lambda: KafkaConsumer(
             group_id=group_id or config.group_id,
             enable_auto_commit=False,  # offsets are committed only after the predictions are acknowledged
             auto_offset_reset=config.auto_offset_reset,
@@ -60,25 +72,31 @@ class KafkaSource:
             heartbeat_interval_ms=max(100, config.session_timeout_ms // 3),
             max_poll_records=config.max_poll_records,
             **client_settings(config, client_id),
-        )
+        ), "consumer")
+        self._consumer.subscribe([config.input_topic], listener=_Revocations(self._revoked))
 
     def poll(self, timeout_s: float) -> list:
         """The next batch of records, oldest first within each partition."""
         batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000))
         return [record for records in batches.values() for record in records]
 
-    def take_changes(self) -> tuple[set[int], set[int]]:
-        """Partitions (lost, gained) since the last call, from the assignment after a poll.
+    def take_changes(self) -> tuple[set[int], set[int], set[int]]:
+        """Partitions ``(lost, gained, regained)`` since the last call.
 
-        Comparing assignments rather than acting in a rebalance listener keeps
-        blocking calls (``committed``) out of the listener, as kafka-python 3.0
-        requires; nothing is lost by it because every batch is committed before
-        the next poll, so a revoked partition has no uncommitted work.
+        ``regained`` were revoked and assigned back in a rebalance: their state
+        is still ours only if nothing was re-read (the caller compares the
+        committed offset). The listener merely records revocations: kafka-python
+        3.0 forbids blocking calls (``commit``, ``committed``) inside it, so the
+        main loop does the rest. Every batch is committed before the next poll,
+        so a revoked partition never has uncommitted work.
         """
         owned = {tp.partition for tp in self._consumer.assignment()}
+        revoked = set(self._revoked)
+        self._revoked.clear()
         lost, gained = self._owned - owned, owned - self._owned
+        regained = (revoked & owned) - gained
         self._owned = owned
-        return lost, gained
+        return lost, gained, regained
 
     def committed(self, partition: int) -> int | None:
         return self._consumer.committed(TopicPartition(self.topic, partition))
@@ -100,10 +118,22 @@ class KafkaSource:
         finally:
             reader.close(autocommit=False)
 
-    def commit(self, offsets: dict[tuple[str, int], int]) -> None:
-        """Commit ``{(topic, partition): next offset to read}``."""
-        if offsets:
+    def commit(self, offsets: dict[tuple[str, int], int]) -> bool:
+        """Commit ``{(topic, partition): next offset to read}``; False if the group had moved on.
+
+        A failed commit (this member was dropped from the group, the broker is
+        gone) is not fatal: the partitions come back through a rebalance and
+        their windows are rebuilt from what was committed.
+        """
+        if not offsets:
+            return True
+        try:
             self._consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()})
+            return True
+        except KafkaError as exc:
+            log.warning("commit failed (%s: %s); the partitions will be re-read from the last commit",
+                        type(exc).__name__, exc)
+            return False
 
     def lag(self) -> int | None:
         """Readings not yet consumed, summed over the assigned partitions (None until known)."""
@@ -123,50 +153,96 @@ class KafkaSource:
         self._consumer.close(autocommit=False)
 
 
-class KafkaSink:
-    """An idempotent producer with ``acks=all``; ``publish`` returns once every record is acknowledged."""
+class BrokerUnavailable(RuntimeError):
+    """No broker could be reached to set up a client; try again later."""
 
-    def __init__(self, config: KafkaConfig, client_id: str = "stream-forecaster", on_retry=None):
-        self._producer = KafkaProducer(
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=5,
-            **client_settings(config, client_id),
-        )
-        self._on_retry = on_retry
+
+def _connect(factory, what: str):
+    try:
+        return factory()
+    except KafkaError as exc:  # NoBrokersAvailable and friends, raised while bootstrapping
+        raise BrokerUnavailable(f"cannot set up the {what}: {type(exc).__name__}: {exc}") from None
+
+
+class KafkaSink:
+    """An idempotent producer with ``acks=all``; ``publish`` returns once every record is acknowledged.
+
+    A producer that keeps failing is replaced by a new one: kafka-python 3.0's
+    idempotent producer stays dead after a broker loses its state (every send
+    fails), and only a new producer id recovers.
+    """
+
+    RECREATE_AFTER = 2  # consecutive failed rounds before the producer is replaced
+
+    def __init__(self, config: KafkaConfig, client_id: str = "stream-forecaster", on_retry=None, on_recreate=None):
+        self._config, self._client_id = config, client_id
+        self._producer = self._new_producer()
+        self._on_retry, self._on_recreate = on_retry, on_recreate
+
+    def _new_producer(self):
+        # max_block_ms: a send waiting for metadata (a topic gone with a restarted broker) gives up soon
+        # and is retried here, instead of blocking the loop for kafka-python's default minute
+        return _connect(lambda: KafkaProducer(acks="all", enable_idempotence=True, linger_ms=5, max_block_ms=5000,
+                                              **client_settings(self._config, self._client_id)), "producer")
 
     def publish(self, records: Sequence[OutRecord], stop: threading.Event | None = None,
                 backoff_s: float = 0.5, max_backoff_s: float = 10.0) -> bool:
         """Send ``records`` and wait for their acknowledgements, resending failures with backoff.
 
         Returns False only when ``stop`` was set before every record was
-        acknowledged: the caller must then not commit their offsets.
+        acknowledged: the caller must then not commit their offsets. Records
+        still in flight are waited for, not sent again.
         """
-        pending = list(records)
-        while pending:
-            futures = [(r, self.send(r)) for r in pending]
-            self._producer.flush()
-            failed = []
-            for record, future in futures:
-                try:
-                    future.get(timeout=0)
-                except KafkaError as exc:
-                    failed.append((record, exc))
-            if not failed:
-                return True
-            log.warning("%d of %d records not acknowledged (%s); retrying in %.1f s",
-                        len(failed), len(pending), failed[0][1], backoff_s)
-            if self._on_retry:
-                self._on_retry(len(failed))
-            pending = [record for record, _ in failed]
-            if stop is not None and stop.wait(backoff_s):
+        stop = stop or threading.Event()
+        in_flight = [(r, self.send(r)) for r in records]
+        failed_rounds = 0
+        while in_flight:
+            try:
+                self._producer.flush(timeout=2)
+            except KafkaError:
+                pass  # a stalled broker: look at what did finish, then wait again
+            failed, waiting = [], []
+            for record, future in in_flight:
+                if not future.is_done:
+                    waiting.append((record, future))
+                elif future.failed():
+                    failed.append((record, future.exception))
+            if failed:
+                failed_rounds += 1
+                log.warning("%d of %d records not acknowledged (%s); retrying in %.1f s",
+                            len(failed), len(in_flight), failed[0][1], backoff_s)
+                if self._on_retry:
+                    self._on_retry(len(failed))
+            if (failed or waiting) and stop.wait(backoff_s if failed else 0):
                 return False
-            backoff_s = min(max_backoff_s, backoff_s * 2)
+            if failed:
+                backoff_s = min(max_backoff_s, backoff_s * 2)
+                if failed_rounds >= self.RECREATE_AFTER:
+                    self._recreate()
+                    failed_rounds = 0
+                    # what was in flight on the old producer is sent again on the new one
+                    failed += [(r, None) for r, _ in waiting]
+                    waiting = []
+                waiting += [(r, self.send(r)) for r, _ in failed]
+            in_flight = waiting
         return True
 
+    def _recreate(self) -> None:
+        log.warning("replacing the Kafka producer after repeated failures")
+        try:
+            self._producer.close(timeout=0)
+        except Exception:  # the old producer is broken anyway
+            pass
+        self._producer = self._new_producer()
+        if self._on_recreate:
+            self._on_recreate()
+
     def send(self, record: OutRecord):
-        """Queue one record without waiting; returns its future (``.get()`` raises on failure)."""
-        return self._producer.send(record.topic, key=record.key, value=record.value, headers=record.headers or None)
+        """Queue one record without waiting; returns its future (failed at once if it could not be queued)."""
+        try:
+            return self._producer.send(record.topic, key=record.key, value=record.value, headers=record.headers or None)
+        except KafkaError as exc:
+            return Future().failure(exc)
 
     def flush(self) -> None:
         self._producer.flush()

@@ -38,6 +38,8 @@ class Metrics:
                               "Predictions scored against the reading they predicted", registry=r)
         self.dead_letters = Counter("stream_forecaster_dead_letters",
                                     "Invalid messages forwarded to the dead-letter topic", registry=r)
+        self.producer_recreations = Counter("stream_forecaster_producer_recreations",
+                                            "Kafka producers replaced after repeated failures", registry=r)
         self.publish_retries = Counter("stream_forecaster_publish_retries",
                                        "Publish attempts that failed and were retried", registry=r)
         abs_error = Histogram("stream_forecaster_prediction_abs_error",

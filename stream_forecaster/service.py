@@ -105,6 +105,7 @@ class Daemon:
         self._registry = registry
         self.pipeline: Pipeline | None = None
         self.rebuilding = 0
+        self.processed: dict[int, int] = {}  # partition -> next offset after the last batch handled
         self.watcher: ModelWatcher | None = None
         self.server: MetricsServer | None = None
 
@@ -137,12 +138,8 @@ class Daemon:
         if self.server is None:
             m = self.config.metrics
             self.server = MetricsServer(self.metrics.registry, m.host, m.port, self.ready).start()
-        from .kafka_io import KafkaSink, KafkaSource  # noqa: PLC0415 (keeps kafka out of fake-driven runs)
-
-        if self.sink is None:
-            self.sink = KafkaSink(self.config.kafka, on_retry=self.metrics.publish_retries.inc)
-        if self.source is None:
-            self.source = KafkaSource(self.config.kafka)
+        if not self._connect():
+            return False
         self.pipeline = Pipeline(self.config, forecaster, self.sink, self.metrics, self.stop)
         self.watcher = ModelWatcher(self.store, forecaster, self.config.model_store.poll_interval, self.stop,
                                     self.metrics).start()
@@ -154,6 +151,26 @@ class Daemon:
                  self.config.metrics.host, self.server.port)
         log.info("effective configuration: %s", json.dumps(self.config.redacted(), sort_keys=True))
         return True
+
+    def _connect(self) -> bool:
+        """Set up the Kafka clients, retrying with backoff while no broker answers; False if stopped."""
+        from .kafka_io import BrokerUnavailable, KafkaSink, KafkaSource  # noqa: PLC0415 (not for fake-driven runs)
+
+        backoff = 1.0
+        while not self.stop.is_set():
+            try:
+                if self.sink is None:
+                    self.sink = KafkaSink(self.config.kafka, on_retry=self.metrics.publish_retries.inc,
+                                          on_recreate=self.metrics.producer_recreations.inc)
+                if self.source is None:
+                    self.source = KafkaSource(self.config.kafka)
+                return True
+            except BrokerUnavailable as exc:
+                log.warning("%s (brokers %s); retrying in %.0f s", exc, ",".join(self.config.kafka.bootstrap_servers),
+                            backoff)
+                self.stop.wait(backoff)
+                backoff = min(30.0, backoff * 2)
+        return False
 
     def _wait_for_model(self):
         from .model import Forecaster  # noqa: PLC0415 (TensorFlow loads only once a model is there)
@@ -177,12 +194,13 @@ class Daemon:
         next_gauges = next_eviction = 0.0
         while not self.stop.is_set():
             self._swap_if_ready()
-            records = self.source.poll(POLL_TIMEOUT_S)
-            lost, gained = self.source.take_changes()
-            if lost:
-                log.info("partitions %s revoked: %d sensors dropped", sorted(lost), self.pipeline.drop_partitions(lost))
-            if gained:
-                self._rebuild(gained)
+            try:
+                records = self.source.poll(POLL_TIMEOUT_S)
+            except Exception as exc:  # kafka-python raises on some broker faults; they pass, the loop must not
+                log.warning("poll failed (%s: %s); retrying", type(exc).__name__, exc)
+                self.stop.wait(1.0)
+                continue
+            self._handle_rebalance()
             if records:
                 try:
                     offsets = self.pipeline.process(records)
@@ -190,6 +208,7 @@ class Daemon:
                     log.warning("stopping before the last batch was acknowledged; it is not committed "
                                 "and will be read again")
                     return
+                self.processed.update({p: o for (_, p), o in offsets.items()})
                 self.source.commit(offsets)
             now = time.monotonic()
             if now >= next_gauges:
@@ -198,6 +217,21 @@ class Daemon:
             if now >= next_eviction:
                 self.pipeline.evict_idle(now)
                 next_eviction = now + max(1.0, self.config.window.idle_ttl / 10)
+
+    def _handle_rebalance(self) -> None:
+        lost, gained, regained = self.source.take_changes()
+        for partition in regained:
+            # still ours only if the group will not make us re-read: committed must be where we are
+            if self.source.committed(partition) != self.processed.get(partition):
+                lost.add(partition)
+                gained.add(partition)
+        if lost:
+            dropped = self.pipeline.drop_partitions(lost)
+            for partition in lost:
+                self.processed.pop(partition, None)
+            log.info("partitions %s revoked: %d sensors dropped", sorted(lost), dropped)
+        if gained:
+            self._rebuild(gained)
 
     def _rebuild(self, partitions: set[int]) -> None:
         """Refill the windows of newly assigned partitions from the readings before their committed offsets."""
@@ -210,6 +244,7 @@ class Daemon:
                 start = max(self.source.beginning(partition), committed - limit)
                 started = time.monotonic()
                 n = self.pipeline.rebuild(self.source.read_range(partition, start, committed, self.stop))
+                self.processed[partition] = committed
                 log.info("partition %d: windows refilled from %d readings (offsets %d-%d) in %.2f s",
                          partition, n, start, committed - 1, time.monotonic() - started)
             self.rebuilding -= 1

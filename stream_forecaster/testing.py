@@ -54,7 +54,7 @@ class ListSource:
         return True
 
     def take_changes(self):
-        return set(), set()
+        return set(), set(), set()
 
     def close(self) -> None:
         self.closed = True
