@@ -34,6 +34,10 @@ def client_settings(config: KafkaConfig, client_id: str) -> dict:
         "bootstrap_servers": list(config.bootstrap_servers),
         "security_protocol": config.security_protocol,
         "client_id": client_id,
+        # back in touch within seconds of a broker's return (kafka-python's defaults wait up to 30 s);
+        # the daemon retries a failed start-up itself, with its own backoff
+        "reconnect_backoff_max_ms": 5000,
+        "bootstrap_timeout_ms": 10000,
     }
     if config.security_protocol in ("SSL", "SASL_SSL"):
         settings.update(ssl_cafile=config.ssl_cafile, ssl_certfile=config.ssl_certfile,
@@ -147,6 +151,13 @@ class KafkaSource:
         return total if known else None
 
     def assigned(self) -> bool:
+        """Partitions are assigned and the group coordinator answered within the session timeout.
+
+        kafka-python keeps the heartbeat clock privately; without it, assignment alone is the answer.
+        """
+        heartbeat = getattr(getattr(self._consumer, "_coordinator", None), "heartbeat", None)
+        if heartbeat is not None and heartbeat.session_timeout_expired():
+            return False
         return bool(self._consumer.assignment())
 
     def close(self) -> None:
