@@ -75,13 +75,14 @@ class KafkaSource:
             session_timeout_ms=config.session_timeout_ms,
             heartbeat_interval_ms=max(100, config.session_timeout_ms // 3),
             max_poll_records=config.max_poll_records,
+            max_poll_interval_ms=config.max_poll_interval_ms,
             **client_settings(config, client_id),
         ), "consumer")
         self._consumer.subscribe([config.input_topic], listener=_Revocations(self._revoked))
 
-    def poll(self, timeout_s: float) -> list:
-        """The next batch of records, oldest first within each partition."""
-        batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000))
+    def poll(self, timeout_s: float, max_records: int | None = None) -> list:
+        """The next batch of at most ``max_records`` records, oldest first within each partition."""
+        batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
         return [record for records in batches.values() for record in records]
 
     def take_changes(self) -> tuple[set[int], set[int], set[int]]:

@@ -105,6 +105,7 @@ class Daemon:
         self._registry = registry
         self.pipeline: Pipeline | None = None
         self.rebuilding = 0
+        self.batch_limit = min(500, config.kafka.max_poll_records)  # grows once batches are timed
         self.processed: dict[int, int] = {}  # partition -> next offset after the last batch handled
         self.watcher: ModelWatcher | None = None
         self.server: MetricsServer | None = None
@@ -195,13 +196,14 @@ class Daemon:
         while not self.stop.is_set():
             self._swap_if_ready()
             try:
-                records = self.source.poll(POLL_TIMEOUT_S)
+                records = self.source.poll(POLL_TIMEOUT_S, self.batch_limit)
             except Exception as exc:  # kafka-python raises on some broker faults; they pass, the loop must not
                 log.warning("poll failed (%s: %s); retrying", type(exc).__name__, exc)
                 self.stop.wait(1.0)
                 continue
             self._handle_rebalance()
             if records:
+                started = time.monotonic()
                 try:
                     offsets = self.pipeline.process(records)
                 except Stopped:
@@ -210,6 +212,7 @@ class Daemon:
                     return
                 self.processed.update({p: o for (_, p), o in offsets.items()})
                 self.source.commit(offsets)
+                self._size_batches(len(records), time.monotonic() - started)
             now = time.monotonic()
             if now >= next_gauges:
                 self._update_gauges()
@@ -217,6 +220,18 @@ class Daemon:
             if now >= next_eviction:
                 self.pipeline.evict_idle(now)
                 next_eviction = now + max(1.0, self.config.window.idle_ttl / 10)
+
+    def _size_batches(self, n: int, seconds: float) -> None:
+        """Keep a batch's handling time within a quarter of ``max_poll_interval_ms``.
+
+        A slow model or a slow broker then shrinks the batches instead of pushing
+        the member out of its group (and every member into a rebalance storm).
+        """
+        k = self.config.kafka
+        budget = k.max_poll_interval_ms / 1000 / 4
+        if seconds > 0:
+            fitting = int(n * budget / seconds)
+            self.batch_limit = max(1, min(k.max_poll_records, fitting, 2 * max(n, self.batch_limit)))
 
     def _handle_rebalance(self) -> None:
         lost, gained, regained = self.source.take_changes()

@@ -37,7 +37,7 @@ class ListSource:
         self.closed = False
         self._stop = stop_when_done
 
-    def poll(self, timeout_s: float) -> list:
+    def poll(self, timeout_s: float, max_records: int | None = None) -> list:
         if self.batches:
             return self.batches.pop(0)
         if self._stop is not None:

@@ -159,3 +159,31 @@ def test_rebalance_hands_partitions_over_with_their_windows(env, tmp_path):
         out.close()
     assert out.ids() == expected_ids(lines, 60)
     check_forecasts(store, lines, out.records, 60)
+
+
+def test_slow_batches_stay_inside_max_poll_interval(broker, kafka_names, tmp_path):
+    """A model slow enough that a full batch would take longer than the poll interval: batches shrink,
+    the member is never dropped, no rebalance happens, and every reading is forecast once."""
+    store = ModelStore(tmp_path / "models")
+    store.publish(make_forecaster(sequence_length=L, hidden=(384, 384)).save)
+    overrides = [f"kafka.bootstrap_servers={broker.address}", f"kafka.input_topic={kafka_names['input']}",
+                 f"kafka.output_topic={kafka_names['output']}", f"kafka.group_id={kafka_names['group']}",
+                 "kafka.session_timeout_ms=6000", "kafka.max_poll_interval_ms=4000", "kafka.max_poll_records=100000",
+                 f"model_store.path={store.path}", "model.sequence_length=6", "model.layers=[1, 384, 384, 1]"]
+    config = load_config(None, overrides, environ={})
+    ensure_topics(config.kafka, [config.kafka.input_topic, config.kafka.output_topic], partitions=2)
+    many = {s: [l for l in sample_lines(6000, start=6000 * i) if "?" not in l][:4000] for i, s in enumerate(SENSORS)}
+    produce(config, many, 0, 4000)
+    out = Output(config)
+    daemon = DaemonProcess(overrides, tmp_path / "daemon.log")
+    try:
+        daemon.wait_ready()
+        wait_for(lambda: len(out.ids()) >= 4 * (4000 - (L - 2)), 300, "every reading of the backlog to be forecast")
+        m = daemon.metrics()
+        assert m["stream_forecaster_rebuilt_readings_total"] == 0
+        assert "revoked" not in daemon.output() and "commit failed" not in daemon.output()
+        assert len(out.records) == len(out.ids())  # nothing forecast twice
+        assert daemon.terminate() == 0
+    finally:
+        daemon.close()
+        out.close()
