@@ -44,24 +44,25 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = commands.add_parser("train", help="train a model version on a UCI file and test it")
-    _common(train)
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help)
+        _common(sub)
+        return sub
+
+    train = command("train", "train a model version on a UCI file and test it")
     train.add_argument("--data", metavar="PATH", help="UCI .txt/.zip/.gz (default: data.path, else the bundled sample)")
     train.add_argument("--quiet", action="store_true", help="no Keras progress display")
 
-    evaluate = commands.add_parser("evaluate", help="one-step-ahead backtest of a model over every window of a file")
-    _common(evaluate)
+    evaluate = command("evaluate", "one-step-ahead backtest of a model over every window of a file")
     evaluate.add_argument("--data", metavar="PATH", help="UCI .txt/.zip/.gz (default: data.path, else the bundled sample)")
     evaluate.add_argument("--model", metavar="VERSION_OR_PATH", help="model version in the store or a version directory (default: current)")
     evaluate.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     evaluate.add_argument("--plot", metavar="FILE.png", help="plot the first 100 predictions against the truth")
     evaluate.add_argument("--csv-dir", metavar="DIR", help="write predicted.csv and test_data.csv")
 
-    run = commands.add_parser("run", help="the daemon: forecast every reading of the input topic")
-    _common(run)
+    command("run", "the daemon: forecast every reading of the input topic")
 
-    replay = commands.add_parser("replay", help="produce the lines of a UCI file into the input topic")
-    _common(replay)
+    replay = command("replay", "produce the lines of a UCI file into the input topic")
     replay.add_argument("--data", metavar="FILE", help="UCI .txt/.zip/.gz (default: data.path, else the bundled sample)")
     replay.add_argument("--sensor", default="house-1", help="message key, the sensor id (default: house-1)")
     pace = replay.add_mutually_exclusive_group()
@@ -70,21 +71,17 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--skip", type=int, default=0, metavar="N", help="start after the first N data lines")
     replay.add_argument("--limit", type=int, metavar="N", help="send at most N lines")
 
-    broker = commands.add_parser("broker", help="run the embedded development broker until Ctrl-C")
-    _common(broker)
+    command("broker", "run the embedded development broker until Ctrl-C")
 
-    retrain = commands.add_parser("retrain", help="retrain every retrain.interval; publish past the validation gate")
-    _common(retrain)
+    retrain = command("retrain", "retrain every retrain.interval; publish past the validation gate")
     retrain.add_argument("--once", action="store_true", help="run one cycle and exit (for cron); exit 1 if it failed")
     retrain.add_argument("--data", metavar="FILE", help="train on this UCI file instead of the input topic")
 
-    models = commands.add_parser("models", help="list, show, promote and roll back model versions")
-    _common(models)
+    models = command("models", "list, show, promote and roll back model versions")
     models.add_argument("action", choices=("list", "show", "promote", "rollback"))
     models.add_argument("version", nargs="?", help="the version, for show and promote")
 
-    demo = commands.add_parser("demo", help="broker, model, daemon and replay together, with a live view")
-    _common(demo)
+    demo = command("demo", "broker, model, daemon and replay together, with a live view")
     demo.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this long (default: when the replay is done)")
     demo.add_argument("--rate", type=float, default=200.0, metavar="N", help="replayed readings per second (default 200)")
     demo.add_argument("--out", default="out", metavar="DIR", help="where the plot goes (default: out)")

@@ -121,7 +121,7 @@ class KafkaSource:
                 for records in reader.poll(timeout_ms=500).values():
                     yield from (r for r in records if r.offset < end)
         finally:
-            reader.close(autocommit=False)
+            reader.close(autocommit=False, timeout_ms=5000)
 
     def commit(self, offsets: dict[tuple[str, int], int]) -> bool:
         """Commit ``{(topic, partition): next offset to read}``; False if the group had moved on.
@@ -162,7 +162,7 @@ class KafkaSource:
         return bool(self._consumer.assignment())
 
     def close(self) -> None:
-        self._consumer.close(autocommit=False)
+        self._consumer.close(autocommit=False, timeout_ms=5000)
 
 
 class BrokerUnavailable(RuntimeError):
@@ -304,7 +304,7 @@ def read_topic(config: KafkaConfig, topic: str, stop: threading.Event, idle_s: f
             if idle_s is not None and time.monotonic() - last > idle_s:
                 return
     finally:
-        consumer.close(autocommit=False)
+        consumer.close(autocommit=False, timeout_ms=5000)
 
 
 def read_history(config: KafkaConfig, group_id: str, since_ms: int, stop: threading.Event):
@@ -336,4 +336,4 @@ def read_history(config: KafkaConfig, group_id: str, since_ms: int, stop: thread
                 yield from (r for r in records if r.offset < ends[tp])
             remaining = {tp for tp in remaining if consumer.position(tp) < ends[tp]}
     finally:
-        consumer.close(autocommit=False)
+        consumer.close(autocommit=False, timeout_ms=5000)

@@ -98,3 +98,14 @@ def offline_forecasts(forecaster, lines: list[str]):
     size = forecaster.sequence_length - 1
     windows = np.stack([values[i:i + size] for i in range(len(values) - size + 1)])
     return values, forecaster.forecast(windows)
+
+
+def daemon_overrides(address: str, names: dict, store_path, **extra: str) -> list[str]:
+    """``--set`` values of a daemon with this test's topics and group and the tiny model in ``store_path``."""
+    values = {
+        "kafka.bootstrap_servers": address, "kafka.input_topic": names["input"],
+        "kafka.output_topic": names["output"], "kafka.group_id": names["group"], "kafka.session_timeout_ms": "6000",
+        "model_store.path": str(store_path), "model.sequence_length": "6", "model.layers": "[1, 8, 1]",
+        **{k.replace("__", "."): v for k, v in extra.items()},
+    }
+    return [f"{k}={v}" for k, v in values.items()]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from conftest import make_forecaster, offline_forecasts, sample_lines
+from conftest import daemon_overrides, make_forecaster, offline_forecasts, sample_lines
 from daemon import DaemonProcess, wait_for
 from stream_forecaster.config import load_config
 from stream_forecaster.kafka_io import ensure_topics, read_topic
@@ -29,16 +29,7 @@ SENSORS = ("house-a", "house-b", "house-c", "house-d")
 def setup(broker, kafka_names, tmp_path):
     store = ModelStore(tmp_path / "models")
     store.publish(make_forecaster(sequence_length=L).save)
-    overrides = [
-        f"kafka.bootstrap_servers={broker.address}",
-        f"kafka.input_topic={kafka_names['input']}",
-        f"kafka.output_topic={kafka_names['output']}",
-        f"kafka.dead_letter_topic={kafka_names['dead']}",
-        f"kafka.group_id={kafka_names['group']}",
-        "kafka.session_timeout_ms=6000",
-        f"model_store.path={store.path}",
-        "model.sequence_length=6", "model.layers=[1, 8, 1]",
-    ]
+    overrides = daemon_overrides(broker.address, kafka_names, store.path, kafka__dead_letter_topic=kafka_names["dead"])
     config = load_config(None, overrides, environ={})
     ensure_topics(config.kafka, [kafka_names["input"], kafka_names["output"], kafka_names["dead"]], partitions=3)
     return config, overrides, store

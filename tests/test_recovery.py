@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from kafka import KafkaProducer
 
-from conftest import make_forecaster, offline_forecasts, sample_lines
+from conftest import daemon_overrides, make_forecaster, offline_forecasts, sample_lines
 from daemon import DaemonProcess, wait_for
 from stream_forecaster.config import load_config
 from stream_forecaster.kafka_io import ensure_topics, read_topic
@@ -25,10 +25,7 @@ SENSORS = ("r1", "r2", "r3", "r4")
 def env(broker, kafka_names, tmp_path):
     store = ModelStore(tmp_path / "models")
     store.publish(make_forecaster(sequence_length=L).save)
-    overrides = [f"kafka.bootstrap_servers={broker.address}", f"kafka.input_topic={kafka_names['input']}",
-                 f"kafka.output_topic={kafka_names['output']}", f"kafka.group_id={kafka_names['group']}",
-                 "kafka.session_timeout_ms=6000", f"model_store.path={store.path}",
-                 "model.sequence_length=6", "model.layers=[1, 8, 1]"]
+    overrides = daemon_overrides(broker.address, kafka_names, store.path)
     config = load_config(None, overrides, environ={})
     ensure_topics(config.kafka, [config.kafka.input_topic, config.kafka.output_topic], partitions=2)
     lines = {s: [l for l in sample_lines(200, start=700 * i) if "?" not in l][:60] for i, s in enumerate(SENSORS)}
@@ -94,21 +91,25 @@ def check_forecasts(store, lines, records, upto):
             np.testing.assert_allclose(by_id[ident], want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("when", ["after_commit", "mid_stream"])
-def test_kill_9_and_restart_rebuilds_windows_and_loses_nothing(env, tmp_path, when):
+@pytest.mark.parametrize("when", ["clean_stop", "after_commit", "mid_stream"])
+def test_restart_rebuilds_windows_and_loses_nothing(env, tmp_path, when):
+    """A clean stop (SIGTERM), or kill -9 once everything was committed, or kill -9 mid-stream."""
     config, overrides, store, lines = env
     out = Output(config)
     first = DaemonProcess(overrides, tmp_path / "first.log")
     try:
         first.wait_ready()
         produce(config, lines, 0, 30)
-        if when == "after_commit":
+        if when == "mid_stream":
+            wait_for(lambda: len(out.records) > 0, 60, "the first predictions")
+        else:
             wait_for(lambda: out.ids() >= expected_ids(lines, 30), 60, "every reading so far to be predicted")
             wait_for(lambda: first.metrics()["stream_forecaster_consumer_lag"] == 0, 30, "commits to catch up")
+        if when == "clean_stop":
+            assert first.terminate() == 0
         else:
-            wait_for(lambda: len(out.records) > 0, 60, "the first predictions")
-        first.process.kill()  # kill -9: no flush, no commit, no goodbye
-        first.process.wait(10)
+            first.process.kill()  # kill -9: no flush, no commit, no goodbye
+            first.process.wait(10)
     finally:
         first.close()
     produce(config, lines, 30, 60)
@@ -125,7 +126,7 @@ def test_kill_9_and_restart_rebuilds_windows_and_loses_nothing(env, tmp_path, wh
     assert out.ids() == expected_ids(lines, 60)  # nothing lost, nothing unexpected
     check_forecasts(store, lines, out.records, 60)
     repeats = len(out.records) - len(out.ids())
-    if when == "after_commit":
+    if when != "mid_stream":
         assert repeats == 0
     else:  # at most the readings of batches that were published but not yet committed when killed
         assert repeats <= 2 * config.kafka.max_poll_records
@@ -166,10 +167,8 @@ def test_slow_batches_stay_inside_max_poll_interval(broker, kafka_names, tmp_pat
     the member is never dropped, no rebalance happens, and every reading is forecast once."""
     store = ModelStore(tmp_path / "models")
     store.publish(make_forecaster(sequence_length=L, hidden=(384, 384)).save)
-    overrides = [f"kafka.bootstrap_servers={broker.address}", f"kafka.input_topic={kafka_names['input']}",
-                 f"kafka.output_topic={kafka_names['output']}", f"kafka.group_id={kafka_names['group']}",
-                 "kafka.session_timeout_ms=6000", "kafka.max_poll_interval_ms=4000", "kafka.max_poll_records=100000",
-                 f"model_store.path={store.path}", "model.sequence_length=6", "model.layers=[1, 384, 384, 1]"]
+    overrides = daemon_overrides(broker.address, kafka_names, store.path, kafka__max_poll_interval_ms="4000",
+                                 kafka__max_poll_records="100000", model__layers="[1, 384, 384, 1]")
     config = load_config(None, overrides, environ={})
     ensure_topics(config.kafka, [config.kafka.input_topic, config.kafka.output_topic], partitions=2)
     many = {s: [l for l in sample_lines(6000, start=6000 * i) if "?" not in l][:4000] for i, s in enumerate(SENSORS)}

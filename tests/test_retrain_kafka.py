@@ -81,28 +81,29 @@ def test_retrain_from_topic_and_swap_under_load(broker, kafka_names, tmp_path):
                                    tmp_path / f"daemon-{name}.log") for name, topic in outputs.items()}
     load = SteadyLoad(config, rate=150)
     try:
-        for d in daemons.values():
-            d.wait_ready()
-        load.thread.start()
-        wait_for(lambda: load.count() >= 600, 60, "600 readings to be sent")
-        retrain = subprocess.run(
-            [sys.executable, "-m", "stream_forecaster.cli", "retrain", "--once", *sum((["--set", o] for o in common), []),
-             "--set", "model.epochs=2", "--set", "retrain.history=14d"],
-            capture_output=True, text=True, timeout=300, cwd=tmp_path)
-        assert retrain.returncode == 0, retrain.stderr[-3000:]
-        assert "retraining published" in retrain.stderr
-        assert store.current() == "2"
-        meta = store.metadata("2")
-        assert meta["data"]["sensors"] == len(SENSORS) and meta["gate"]["current_version"] == "1"
-        for d in daemons.values():
-            wait_for(lambda d=d: d.metrics().get('stream_forecaster_model_swaps_total{outcome="swapped"}') == 1,
-                     60, "the daemon to swap in version 2")
-        target = load.count() + 150
-        wait_for(lambda: load.count() >= target, 60, "150 more readings after the swap")
-    finally:
-        load.stop.set()
-        load.thread.join(30)
-    try:
+        try:
+            for d in daemons.values():
+                d.wait_ready()
+            load.thread.start()
+            wait_for(lambda: load.count() >= 600, 60, "600 readings to be sent")
+            retrain = subprocess.run(
+                [sys.executable, "-m", "stream_forecaster.cli", "retrain", "--once", *sum((["--set", o] for o in common), []),
+                 "--set", "model.epochs=2", "--set", "retrain.history=14d"],
+                capture_output=True, text=True, timeout=300, cwd=tmp_path)
+            assert retrain.returncode == 0, retrain.stderr[-3000:]
+            assert "retraining published" in retrain.stderr
+            assert store.current() == "2"
+            meta = store.metadata("2")
+            assert meta["data"]["sensors"] == len(SENSORS) and meta["gate"]["current_version"] == "1"
+            for d in daemons.values():
+                wait_for(lambda d=d: d.metrics().get('stream_forecaster_model_swaps_total{outcome="swapped"}') == 1,
+                         60, "the daemon to swap in version 2")
+            target = load.count() + 150
+            wait_for(lambda: load.count() >= target, 60, "150 more readings after the swap")
+        finally:
+            load.stop.set()
+            if load.thread.is_alive():
+                load.thread.join(30)
         expected = {s: load.offsets(s)[L - 2:] for s in SENSORS}  # every reading after the first full window
         for name, topic in outputs.items():
             got = predictions(config, topic, sum(map(len, expected.values())))
@@ -113,7 +114,8 @@ def test_retrain_from_topic_and_swap_under_load(broker, kafka_names, tmp_path):
                 first_new = versions.index("2")
                 assert set(versions[:first_new]) == {"1"} and set(versions[first_new:]) == {"2"}
             assert daemons[name].metrics()["stream_forecaster_model_version"] == 2
-    finally:
         for d in daemons.values():
             assert d.terminate() == 0
+    finally:
+        for d in daemons.values():
             d.close()
