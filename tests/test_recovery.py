@@ -126,6 +126,7 @@ def test_restart_rebuilds_windows_and_loses_nothing(env, tmp_path, when):
     assert out.ids() == expected_ids(lines, 60)  # nothing lost, nothing unexpected
     check_forecasts(store, lines, out.records, 60)
     repeats = len(out.records) - len(out.ids())
+    print(f"{when}: {len(out.records)} forecasts, {len(out.ids())} distinct, {repeats} repeated")
     if when != "mid_stream":
         assert repeats == 0
     else:  # at most the readings of batches that were published but not yet committed when killed
