@@ -186,9 +186,6 @@ class Series:
     def __len__(self) -> int:
         return len(self.timestamps)
 
-    def column(self, name: str) -> np.ndarray:
-        return self.values[:, self.columns.index(name)]
-
     def summary(self) -> dict:
         return {
             "source": self.source,

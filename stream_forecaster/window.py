@@ -135,9 +135,6 @@ class SensorWindows:
         """The sensor's readings, oldest first (a copy)."""
         return self._rows[slot, self._order[self._head[slot]]]
 
-    def last(self, slot: int) -> np.ndarray:
-        return self._rows[slot, (self._head[slot] - 1) % self.size]
-
     def _grow(self) -> None:
         new = 2 * self.capacity
         self._rows = np.concatenate([self._rows, np.zeros_like(self._rows)])

@@ -112,10 +112,10 @@ def test_bad_environment_value_names_the_variable():
         load_config(None, environ={"STREAM_FORECASTER__MODEL__DROPOUT": "2"})
 
 
-@pytest.mark.parametrize("text, seconds", [(90, 90.0), ("30s", 30.0), ("5m", 300.0), ("6h", 21600.0),
+@pytest.mark.parametrize("text, expected", [(90, 90.0), ("30s", 30.0), ("5m", 300.0), ("6h", 21600.0),
                                            ("14d", 1209600.0), ("1.5h", 5400.0), ("250ms", 0.25)])
-def test_durations(text, seconds):
-    assert parse_duration(text) == seconds
+def test_durations(text, expected):
+    assert parse_duration(text) == expected
 
 
 def test_durations_in_config():
