@@ -35,12 +35,9 @@ from stream_forecaster.records import SAMPLE_PATH, OutRecord, open_text  # noqa:
 from stream_forecaster.registry import ModelStore  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rate", type=float, default=1000.0)
-    parser.add_argument("--sensors", type=int, default=100)
-    parser.add_argument("--seconds", type=float, default=30.0)
-    args = parser.parse_args()
+def steady_load(rate: float, sensors: int, seconds: float, swap_at: float | None = None):
+    """Serve a paced load through a daemon process; returns [(publish ms, latency ms, version)] and
+    the time (s since the epoch) a new version was published, if ``swap_at`` (a fraction of the run)."""
     with tempfile.TemporaryDirectory() as tmp, DevBroker() as broker:
         store = ModelStore(Path(tmp) / "models")
         base = load_config(None, environ={})
@@ -53,50 +50,62 @@ def main() -> None:
         cmd = [sys.executable, "-m", "stream_forecaster.cli", "run"] + sum((["--set", o] for o in overrides), [])
         daemon = subprocess.Popen(cmd, stdout=open(Path(tmp) / "daemon.log", "wb"), stderr=subprocess.STDOUT,
                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        while True:
-            try:
-                if scrape(f"http://127.0.0.1:{port}/metrics").get("stream_forecaster_ready") == 1:
+        try:
+            while True:
+                if daemon.poll() is not None:
+                    raise SystemExit(f"the daemon exited: {(Path(tmp) / 'daemon.log').read_text()[-2000:]}")
+                try:
+                    if scrape(f"http://127.0.0.1:{port}/metrics").get("stream_forecaster_ready") == 1:
+                        break
+                except OSError:
+                    pass
+                time.sleep(0.1)  # polling for readiness
+            with open_text(SAMPLE_PATH) as f:
+                next(f)
+                lines = [line.rstrip("\n").encode() for line in f if "?" not in line]
+            sink = KafkaSink(config.kafka, client_id="latency-benchmark")
+            futures, publish_at = [], None
+            keys = [f"sensor-{i}".encode() for i in range(sensors)]
+            total = int(rate * seconds)
+            start = time.monotonic()
+            for i in range(total):
+                record = OutRecord(config.kafka.input_topic, keys[i % sensors], lines[(i // sensors) % len(lines)])
+                futures.append(sink.send(record))
+                if swap_at is not None and publish_at is None and i >= total * swap_at:
+                    publish_at = time.time()
+                    new = default_forecaster(base.replace("model", seed=99))
+                    threading.Thread(target=lambda: store.publish(new.save)).start()
+                ahead = start + (i + 1) / rate - time.monotonic()
+                if ahead > 0:
+                    time.sleep(ahead)  # pacing the offered load
+            sink.flush()
+            sent = {}
+            for f in futures:
+                m = f.get(timeout=30)
+                sent[(m.partition, m.offset)] = m.timestamp
+            sink.close()
+            expected = total - sensors * (base.model.sequence_length - 2)
+            got = []
+            for record in read_topic(config.kafka, config.kafka.output_topic, threading.Event(), idle_s=30):
+                p = json.loads(record.value)
+                got.append((record.timestamp, record.timestamp - sent[(p["source"]["partition"], p["source"]["offset"])],
+                            p["model_version"]))
+                if len(got) >= expected:
                     break
-            except OSError:
-                pass
-            time.sleep(0.1)
-
-        with open_text(SAMPLE_PATH) as f:
-            next(f)
-            lines = [line.rstrip("\n").encode() for line in f if "?" not in line]
-        sink = KafkaSink(config.kafka, client_id="swap-benchmark")
-        sent: dict[tuple[int, int], int] = {}
-        futures = []
-        keys = [f"sensor-{i}".encode() for i in range(args.sensors)]
-        total = int(args.rate * args.seconds)
-        start = time.monotonic()
-        publish_at = None
-        for i in range(total):
-            record = OutRecord(config.kafka.input_topic, keys[i % args.sensors], lines[(i // args.sensors) % len(lines)])
-            futures.append(sink.send(record))
-            if publish_at is None and i >= total / 3:
-                publish_at = time.time()
-                threading.Thread(target=lambda: store.publish(default_forecaster(base.replace("model", seed=99)).save)).start()
-            ahead = start + (i + 1) / args.rate - time.monotonic()
-            if ahead > 0:
-                time.sleep(ahead)  # pacing the offered load
-        sink.flush()
-        for f in futures:
-            m = f.get(timeout=30)
-            sent[(m.partition, m.offset)] = m.timestamp
-        sink.close()
-        expected = total - args.sensors * (base.model.sequence_length - 2)
-        stop, got = threading.Event(), []
-        for record in read_topic(config.kafka, config.kafka.output_topic, stop, idle_s=30):
-            p = json.loads(record.value)
-            got.append((record.timestamp, record.timestamp - sent[(p["source"]["partition"], p["source"]["offset"])],
-                        p["model_version"]))
-            if len(got) >= expected:
-                break
-        daemon.terminate()
-        daemon.wait(60)
-
+        finally:
+            daemon.terminate()
+            daemon.wait(60)
     got.sort()
+    return got, publish_at
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=float, default=1000.0)
+    parser.add_argument("--sensors", type=int, default=100)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    args = parser.parse_args()
+    got, publish_at = steady_load(args.rate, args.sensors, args.seconds, swap_at=1 / 3)
     first_new = next(t for t, _, v in got if v == "2")
     publish_ms = publish_at * 1000
     phases = {"before": [l for t, l, _ in got if t < publish_ms],

@@ -1,0 +1,127 @@
+"""The benchmark suite: the performance figures of the README, measured in one run on one machine.
+
+    python benchmarks/run.py [--quick] [--json FILE] [--large]
+
+--quick shortens every measurement (a few minutes in all); --json also writes the
+figures under the keys model_ceiling_windows_per_s, naive_windows_per_s,
+e2e_predictions_per_s (sensor count -> figure), latency_p50_ms, latency_p99_ms,
+ingest_msgs_per_s and bytes_per_sensor. --large adds the end-to-end run with
+100,000 sensors (6,000,000 readings: long).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+import memory  # noqa: E402
+import swap  # noqa: E402
+import throughput  # noqa: E402
+
+from stream_forecaster.config import load_config  # noqa: E402
+from stream_forecaster.devbroker import DevBroker  # noqa: E402
+from stream_forecaster.metrics import Metrics  # noqa: E402
+from stream_forecaster.pipeline import Pipeline  # noqa: E402
+from stream_forecaster.records import SAMPLE_PATH, open_text  # noqa: E402
+from stream_forecaster.registry import ModelStore  # noqa: E402
+from stream_forecaster.testing import FakeRecord, ListSink  # noqa: E402
+
+
+def naive(forecaster, calls: int) -> float:
+    """The tutorials' way: ``model.predict`` on one window per message."""
+    window = np.zeros((1, forecaster.sequence_length - 1, 1), dtype=np.float32)
+    forecaster.model.predict(window, verbose=0)
+    start = time.perf_counter()
+    for _ in range(calls):
+        forecaster.model.predict(window, verbose=0)
+    return calls / (time.perf_counter() - start)
+
+
+def ingest(forecaster, messages: int, sensors: int = 1000) -> float:
+    """Parse and buffer only (windows filled and copied out, no model call, nothing published)."""
+    pipeline = Pipeline(load_config(None, environ={}), forecaster, ListSink(), Metrics(forecaster.targets))
+    with open_text(SAMPLE_PATH) as f:
+        next(f)
+        lines = [line.rstrip("\n").encode() for line in f if "?" not in line]
+    keys = [f"sensor-{i}".encode() for i in range(sensors)]
+    batches = [[FakeRecord("in", 0, i, keys[i % sensors], lines[i % len(lines)]) for i in range(lo, lo + 5000)]
+               for lo in range(0, messages, 5000)]
+    start = time.perf_counter()
+    for batch in batches:
+        pipeline._parse_and_window(batch)
+    return messages / (time.perf_counter() - start)
+
+
+def bytes_per_sensor(n: int) -> float:
+    out = subprocess.run([sys.executable, "-c", memory.CHILD, str(n), str(HERE.parent)], check=True,
+                         capture_output=True, text=True).stdout
+    r = json.loads(out)
+    return r["bytes"] / r["sensors"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--large", action="store_true")
+    parser.add_argument("--json", metavar="FILE")
+    args = parser.parse_args()
+    q = args.quick
+    config = load_config(None, environ={})
+    forecaster = throughput.default_forecaster(config)
+    figures: dict = {}
+    rows = []
+
+    rates = throughput.ceiling(forecaster, seconds=1.0 if q else 3.0)
+    best = max(rates, key=rates.get)
+    figures["model_ceiling_windows_per_s"] = rates[best]
+    rows.append(("model-only ceiling (compiled, batched)", f"{rates[best]:,.0f} windows/s at batch {best}"))
+    figures["naive_windows_per_s"] = naive(forecaster, 30 if q else 200)
+    rows.append(("model.predict per message (the tutorials)", f"{figures['naive_windows_per_s']:,.0f} windows/s"))
+
+    figures["e2e_predictions_per_s"] = {}
+    counts = [1, 1000] + ([100_000] if args.large else [])
+    with __import__("tempfile").TemporaryDirectory() as tmp, DevBroker() as broker:
+        store = ModelStore(Path(tmp) / "models")
+        store.publish(forecaster.save)
+        for sensors in counts:
+            r = throughput.end_to_end(broker, store.path, 20_000 if q else 40_000, sensors, Path(tmp))
+            figures["e2e_predictions_per_s"][str(sensors)] = r["predictions_per_s"]
+            rows.append((f"end to end, {sensors:,} sensors", f"{r['readings_per_s']:,.0f} readings/s in, "
+                                                             f"{r['predictions_per_s']:,.0f} predictions/s out"))
+
+    got, _ = swap.steady_load(1000.0, 100, 10.0 if q else 30.0)
+    latencies = np.array([latency for _, latency, _ in got])
+    figures["latency_p50_ms"] = float(np.percentile(latencies, 50))
+    figures["latency_p99_ms"] = float(np.percentile(latencies, 99))
+    rows.append(("reading-to-published latency at 1,000 readings/s",
+                 f"p50 {figures['latency_p50_ms']:.0f} ms, p99 {figures['latency_p99_ms']:.0f} ms"))
+
+    figures["ingest_msgs_per_s"] = ingest(forecaster, 50_000 if q else 200_000)
+    rows.append(("ingest only (parse and buffer)", f"{figures['ingest_msgs_per_s']:,.0f} messages/s"))
+    n = 100_000 if q else 1_000_000
+    figures["bytes_per_sensor"] = bytes_per_sensor(n)
+    rows.append((f"window state, {n:,} sensors", f"{figures['bytes_per_sensor']:.0f} bytes per sensor"))
+
+    ceiling = figures["model_ceiling_windows_per_s"]
+    e2e = max(figures["e2e_predictions_per_s"].values())
+    rows.append(("end to end / ceiling", f"{100 * e2e / ceiling:.0f} % (target 80 %)"))
+    rows.append(("end to end / model.predict per message",
+                 f"{e2e / figures['naive_windows_per_s']:.0f}x (target 300x)"))
+    width = max(len(r[0]) for r in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
