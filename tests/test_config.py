@@ -1,6 +1,7 @@
 import pytest
 
-from stream_forecaster.config import Config, ConfigError, load_config, parse_duration
+from stream_forecaster.config import Config, ConfigError, load_config
+from stream_forecaster.config import parse_duration as seconds_of
 
 REPO_CONFIG = __import__("pathlib").Path(__file__).parents[1] / "config.yaml"
 
@@ -115,7 +116,7 @@ def test_bad_environment_value_names_the_variable():
 @pytest.mark.parametrize("text, expected", [(90, 90.0), ("30s", 30.0), ("5m", 300.0), ("6h", 21600.0),
                                            ("14d", 1209600.0), ("1.5h", 5400.0), ("250ms", 0.25)])
 def test_durations(text, expected):
-    assert parse_duration(text) == expected
+    assert seconds_of(text) == expected
 
 
 def test_durations_in_config():
