@@ -181,12 +181,14 @@ def cmd_broker(args) -> int:
 
     config = _config(args)
     host, _, port = config.kafka.bootstrap_servers[0].rpartition(":")
+    stop = _stop_on_signals()  # before the first line, so a signal right after it is never missed
     with DevBroker(host or "127.0.0.1", int(port)) as broker:
         print(f"development broker listening on {broker.address} (in memory only); Ctrl-C stops it", flush=True)
-        try:
-            broker.process.wait()
-        except KeyboardInterrupt:
-            print("stopping the broker", file=sys.stderr)
+        while not stop.wait(0.5):
+            if broker.process.poll() is not None:
+                print(f"the development broker exited with code {broker.process.returncode}", file=sys.stderr)
+                return 1
+        print("stopping the broker", file=sys.stderr)
     return 0
 
 

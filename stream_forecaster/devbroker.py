@@ -57,6 +57,7 @@ class DevBroker:
             [_binary(), "broker", "--listener-url", f"tcp://{self.address}",
              "--advertised-listener-url", f"tcp://{self.advertised}"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C reaches only its owner, which stops it in order
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
