@@ -30,7 +30,7 @@ import throughput  # noqa: E402
 from stream_forecaster.config import load_config  # noqa: E402
 from stream_forecaster.devbroker import DevBroker  # noqa: E402
 from stream_forecaster.metrics import Metrics  # noqa: E402
-from stream_forecaster.pipeline import Pipeline  # noqa: E402
+from stream_forecaster.pipeline import Pipeline, _Parsed  # noqa: E402
 from stream_forecaster.records import SAMPLE_PATH, open_text  # noqa: E402
 from stream_forecaster.registry import ModelStore  # noqa: E402
 from stream_forecaster.testing import FakeRecord, ListSink  # noqa: E402
@@ -57,7 +57,7 @@ def ingest(forecaster, messages: int, sensors: int = 1000) -> float:
                for lo in range(0, messages, 5000)]
     start = time.perf_counter()
     for batch in batches:
-        pipeline._parse_and_window(batch)
+        pipeline._parse_and_window(batch, 0, len(batch), _Parsed())
     return messages / (time.perf_counter() - start)
 
 

@@ -2,13 +2,15 @@
 
     python benchmarks/throughput.py [--readings 40000] [--sensors 1 1000]
 
-Each sensor gets at least 100 readings (so 1,000 sensors send 100,000).
+Every sensor reports minute by minute. A first daemon consumes the readings that
+fill the windows (no forecast yet) and stops; then at least 100 readings per
+sensor are produced, and a second daemon, which refills the windows from the
+topic as it starts, is timed over them: the steady state, every reading forecast.
 
 The default model (config defaults, untrained weights: speed does not depend on
-them) is published to a temporary store. For each sensor count, a backlog of
-readings is produced first, then the daemon (a real `stream-forecaster run`
-process) is started and timed from its first accepted reading to its last
-published prediction, read off its own /metrics. The ceiling is the compiled,
+them) is published to a temporary store. The daemon is a real
+`stream-forecaster run` process, timed from its first accepted reading to its
+last published prediction, read off its own /metrics. The ceiling is the compiled,
 batched model call alone, in the same run.
 """
 
@@ -57,6 +59,8 @@ def ceiling(forecaster: Forecaster, seconds: float = 3.0) -> dict[int, float]:
 
 
 def end_to_end(broker, store_path: Path, readings: int, sensors: int, workdir: Path) -> dict:
+    """Steady state: a first daemon fills every window and stops; a second one, which refills the windows
+    from the topic on start, is timed over a backlog in which every reading is forecast."""
     readings = max(readings, 100 * sensors)
     tag = f"s{sensors}-{time.monotonic_ns()}"
     overrides = [f"kafka.bootstrap_servers={broker.address}", f"kafka.input_topic=in-{tag}",
@@ -67,44 +71,52 @@ def end_to_end(broker, store_path: Path, readings: int, sensors: int, workdir: P
     with open_text(SAMPLE_PATH) as f:
         next(f)
         lines = [line.rstrip("\n").encode() for line in f if "?" not in line]
-    sink = KafkaSink(config.kafka, client_id="benchmark")
     keys = [f"sensor-{i}".encode() for i in range(sensors)]
-    per_sensor = -(-readings // sensors)
-    for i in range(readings):  # sensor-major order: each sensor's readings stay in time order
-        sink.send(OutRecord(config.kafka.input_topic, keys[i // per_sensor], lines[i % len(lines)]))
-    sink.flush()
-    sink.close()
-    expected = readings - sensors * (config.model.sequence_length - 2)  # every reading is accepted
+
+    def produce(minutes: range) -> int:
+        sink = KafkaSink(config.kafka, client_id="benchmark")
+        for minute in minutes:  # as a fleet reports: every sensor, minute by minute
+            for s, key in enumerate(keys):
+                sink.send(OutRecord(config.kafka.input_topic, key, lines[(s + minute) % len(lines)]))
+        sink.flush()
+        sink.close()
+        return len(minutes) * sensors
 
     args = [sys.executable, "-m", "stream_forecaster.cli", "run"]
     for o in overrides:
         args += ["--set", o]
-    log = open(workdir / f"daemon-{sensors}.log", "wb")
-    daemon = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{config.metrics.port}/metrics"
-    first = last = None
-    try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and daemon.poll() is None:
-            try:
-                m = scrape(url)
-            except OSError:
-                time.sleep(0.05)
-                continue
-            now = time.monotonic()
-            got = m['stream_forecaster_readings_total{outcome="accepted"}']
-            done = m["stream_forecaster_predictions_total"]
-            if first is None and got > 0:
-                first = (now, got, done)
-            if done >= expected:
-                last = (now, got, done)
-                break
-            time.sleep(0.02)
-    finally:
-        daemon.terminate()
-        daemon.wait(60)
-    if first is None or last is None:
+
+    def serve(until_predictions: int, until_readings: int, name: str):
+        """Run a daemon until both counts are reached; (first, last) samples of (time, readings, predictions)."""
+        log = open(workdir / f"daemon-{sensors}-{name}.log", "wb")
+        daemon = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        first = None
+        try:
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline and daemon.poll() is None:
+                try:
+                    m = scrape(url)
+                except OSError:
+                    time.sleep(0.05)
+                    continue
+                sample = (time.monotonic(), m['stream_forecaster_readings_total{outcome="accepted"}'],
+                          m["stream_forecaster_predictions_total"])
+                if first is None and sample[1] > 0:
+                    first = sample
+                if sample[1] >= until_readings and sample[2] >= until_predictions:
+                    return first, sample
+                time.sleep(0.02)
+        finally:
+            daemon.terminate()
+            daemon.wait(60)
         raise SystemExit(f"the daemon did not finish; see {workdir}")
+
+    filling = config.model.sequence_length - 2  # a sensor's first forecast comes with its next reading
+    serve(0, produce(range(filling)), "filling")
+    expected = produce(range(filling, filling + -(-readings // sensors)))
+    first, last = serve(expected, expected, "timed")
     seconds = last[0] - first[0]
     return {"sensors": sensors, "readings": last[1], "predictions": last[2], "seconds": seconds,
             "readings_per_s": (last[1] - first[1]) / seconds, "predictions_per_s": (last[2] - first[2]) / seconds}

@@ -115,6 +115,7 @@ class KafkaConfig:
     session_timeout_ms: int = _spec(10_000, low=1_000, high=3_600_000)
     max_poll_records: int = _spec(5_000, low=1, high=1_000_000)
     max_poll_interval_ms: int = _spec(300_000, low=1_000, high=86_400_000)
+    fetch_max_wait_ms: int = _spec(50, low=0, high=60_000)
     security_protocol: str = _spec("PLAINTEXT", choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"))
     max_message_bytes: int = _spec(65536, low=16, high=100_000_000)
     ssl_cafile: str | None = _spec(None)

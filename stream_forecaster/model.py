@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,18 @@ __all__ = [
 
 MODEL_FILE = "model.keras"
 METADATA_FILE = "metadata.json"
+_executor: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+def _inference_thread() -> ThreadPoolExecutor:
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
+        return _executor
+
+
 _MAX_CHUNK = 4096  # windows per compiled call; bounds the memory of one call
 
 
@@ -212,6 +226,15 @@ class Forecaster:
             chunk = self.feature_scaler.transform(windows[start:start + _MAX_CHUNK])
             out[start:start + len(chunk)] = self._call(chunk).numpy()
         return self.target_scaler.inverse(out)
+
+    def forecast_async(self, windows: np.ndarray) -> Future:
+        """:meth:`forecast` on the inference thread; leave ``windows`` untouched until the result is in.
+
+        TensorFlow releases the GIL while it computes, so the caller's Python
+        work (parsing the next readings, publishing the last forecasts) runs
+        meanwhile. One thread for every forecaster: models never compete.
+        """
+        return _inference_thread().submit(self.forecast, windows)
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write the Keras file and the metadata into an existing directory."""

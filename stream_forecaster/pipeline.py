@@ -8,9 +8,11 @@ rate and forwarded to the dead-letter topic, and the batch goes on.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -24,6 +26,18 @@ from .window import SensorWindows
 __all__ = ["Pipeline", "Stopped"]
 
 log = logging.getLogger(__name__)
+
+
+CHUNK = 1024  # records parsed, and windows forecast, per step of a batch
+
+
+@dataclass
+class _Parsed:
+    """A batch's accepted readings as (record index, slot, reading); per window, its accepted index; dead letters."""
+
+    accepted: list = field(default_factory=list)
+    window_of: list = field(default_factory=list)
+    dead_letters: list = field(default_factory=list)
 
 
 class Stopped(Exception):
@@ -93,14 +107,13 @@ class Pipeline:
                 last_full[slot] = np.asarray(reading.values, dtype=np.float32)[self.target_index]
             else:
                 last_full.pop(slot, None)
-                self.pending.clear(slot)
+                self.pending.clear([slot])
         if last_full:
             slots = list(last_full)
             windows = np.stack([self.windows.window(s) for s in slots])
             if not self._all_features:
                 windows = windows[:, :, self.feature_index]
-            for slot, forecast in zip(slots, self.forecaster.forecast(windows)):
-                self.pending.put(slot, forecast, last_full[slot])
+            self.pending.put(slots, self.forecaster.forecast(windows), np.stack(list(last_full.values())))
         self.metrics.rebuilt.inc(replayed)
         self.metrics.active_sensors.set(len(self.windows))
         return replayed
@@ -108,16 +121,14 @@ class Pipeline:
     def drop_partitions(self, partitions) -> int:
         """Forget the sensors of partitions this daemon no longer owns."""
         slots = self.windows.drop_partitions(partitions)
-        for slot in slots:
-            self.pending.clear(slot)
+        self.pending.clear(slots)
         self.metrics.active_sensors.set(len(self.windows))
         return len(slots)
 
     def evict_idle(self, now: float | None = None) -> int:
         """Drop the windows (and pending forecasts) of sensors idle longer than ``window.idle_ttl``."""
         slots = self.windows.evict_idle(time.monotonic() if now is None else now, self.idle_ttl)
-        for slot in slots:
-            self.pending.clear(slot)
+        self.pending.clear(slots)
         self.metrics.evicted.inc(len(slots))
         self.metrics.active_sensors.set(len(self.windows))
         return len(slots)
@@ -130,11 +141,26 @@ class Pipeline:
         self.forecaster = forecaster
 
     def process(self, records: Sequence) -> dict[tuple[str, int], int]:
-        """Handle one poll batch; return ``{(topic, partition): next offset}`` to commit."""
-        accepted, window_of, dead_letters = self._parse_and_window(records)
-        predictions = self._predict(len(window_of))
-        self._publish(records, accepted, window_of, predictions, dead_letters)
-        self._score(accepted, window_of, predictions)
+        """Handle one poll batch; return ``{(topic, partition): next offset}`` to commit.
+
+        The batch is parsed in chunks; each chunk's windows go to the model as
+        soon as they are cut, so the model computes while the next chunk is
+        parsed and the forecasts before it are encoded and sent.
+        """
+        if len(self._batch) < len(records):
+            self._batch = np.empty((len(records),) + self._batch.shape[1:], dtype=np.float32)
+        parsed, forecasts = _Parsed(), []
+        started = time.perf_counter()
+        for lo in range(0, len(records), CHUNK):
+            first = len(parsed.window_of)
+            self._parse_and_window(records, lo, min(len(records), lo + CHUNK), parsed)
+            if len(parsed.window_of) > first:
+                forecasts.append((first, self.forecaster.forecast_async(self._batch[first:len(parsed.window_of)])))
+        predictions = np.empty((len(parsed.window_of), len(self.forecaster.targets)), dtype=np.float32)
+        self._publish(records, parsed, forecasts, predictions)
+        if forecasts:
+            self.metrics.inference_seconds.observe(time.perf_counter() - started)
+        self._score(parsed.accepted, parsed.window_of, predictions)
         self.metrics.batch_size.observe(len(records))
         self.metrics.active_sensors.set(len(self.windows))
         offsets: dict[tuple[str, int], int] = {}
@@ -142,25 +168,24 @@ class Pipeline:
             offsets[(r.topic, r.partition)] = max(offsets.get((r.topic, r.partition), 0), r.offset + 1)
         return offsets
 
-    def _parse_and_window(self, records):
-        """Accepted readings as (record index, slot, reading); per window, its accepted index; dead letters."""
-        accepted, window_of, dead_letters = [], [], []
+    def _parse_and_window(self, records, lo: int, hi: int, parsed: "_Parsed") -> None:
+        """Parse ``records[lo:hi]`` into ``parsed``; full windows are copied into ``self._batch`` in order."""
+        accepted, window_of = parsed.accepted, parsed.window_of
         now = time.monotonic()
-        if len(self._batch) < len(records):
-            self._batch = np.empty((len(records),) + self._batch.shape[1:], dtype=np.float32)
-        m = self.metrics
-        for i, record in enumerate(records):
+        missing = ignored = 0
+        count = len(accepted)
+        for i in range(lo, hi):
+            record = records[i]
             reading = self.parser.parse(record.key, record.value)
             if reading is MISSING:
-                m.missing.inc()
+                missing += 1
                 continue
             if reading is HEADER:
-                m.ignored.inc()
+                ignored += 1
                 continue
             if isinstance(reading, Invalid):
-                self._invalid(record, reading, dead_letters)
+                self._invalid(record, reading, parsed.dead_letters)
                 continue
-            m.accepted.inc()
             slot = self.windows.slot(reading.sensor, record.partition)
             full = self.windows.append(slot, reading.values, now)
             if full:
@@ -168,39 +193,41 @@ class Pipeline:
                 self._batch[len(window_of)] = window if self._all_features else window[:, self.feature_index]
                 window_of.append(len(accepted))
             accepted.append((i, slot, reading))
-        return accepted, window_of, dead_letters
+        m = self.metrics  # counted once per chunk: a counter update takes a lock
+        m.missing.inc(missing)
+        m.ignored.inc(ignored)
+        m.accepted.inc(len(accepted) - count)
 
-    def _predict(self, n: int) -> np.ndarray:
-        if n == 0:
-            return np.empty((0, len(self.forecaster.targets)), dtype=np.float32)
-        started = time.perf_counter()
-        predictions = self.forecaster.forecast(self._batch[:n])
-        self.metrics.inference_seconds.observe(time.perf_counter() - started)
-        return predictions
-
-    def _publish(self, records, accepted, window_of, predictions, dead_letters) -> None:
-        out = []
+    def _publish(self, records, parsed: "_Parsed", forecasts, predictions: np.ndarray) -> None:
+        """Send the dead letters and each forecast as soon as its chunk is computed; wait for every ack."""
         version = self.forecaster.version
         targets = self.forecaster.targets
-        for k, a in enumerate(window_of):
-            i, _, reading = accepted[a]
-            record = records[i]
-            when = None
-            if reading.timestamp is not None:
-                when = format_time(reading.timestamp + self.interval, reading.aware)
-            # the same reading always gets the same id, so at-least-once repeats are recognisable downstream
-            ident = f"{reading.sensor}@{when}" if when else f"{reading.sensor}@{record.partition}/{record.offset}"
-            value = encode_prediction(ident, reading.sensor, when, predictions[k], targets, version,
-                                      record.partition, record.offset)
-            out.append(OutRecord(self.output_topic, record.key, value,
-                                 [("prediction_id", ident.encode()), ("model_version", (version or "").encode())]))
-        if not self.sink.publish(dead_letters + out, self.stop):
+        accepted, window_of = parsed.accepted, parsed.window_of
+
+        def prediction_records():
+            for start, future in forecasts:
+                chunk = future.result()
+                predictions[start:start + len(chunk)] = chunk
+                for k in range(start, start + len(chunk)):
+                    i, _, reading = accepted[window_of[k]]
+                    record = records[i]
+                    when = None
+                    if reading.timestamp is not None:
+                        when = format_time(reading.timestamp + self.interval, reading.aware)
+                    # the same reading always gets the same id, so at-least-once repeats are recognisable downstream
+                    ident = f"{reading.sensor}@{when}" if when else f"{reading.sensor}@{record.partition}/{record.offset}"
+                    value = encode_prediction(ident, reading.sensor, when, predictions[k], targets, version,
+                                              record.partition, record.offset)
+                    yield OutRecord(self.output_topic, record.key, value,
+                                    [("prediction_id", ident.encode()), ("model_version", (version or "").encode())])
+
+        if not self.sink.publish(itertools.chain(parsed.dead_letters, prediction_records()), self.stop):
             raise Stopped()
         now_ms = time.time() * 1000
         for a in window_of:
             self.metrics.latency_seconds.observe(max(0.0, now_ms - records[accepted[a][0]].timestamp) / 1000)
-        self.metrics.predictions.inc(len(out))
-        self.metrics.dead_letters.inc(len(dead_letters))
+        self.metrics.predictions.inc(len(window_of))
+        self.metrics.dead_letters.inc(len(parsed.dead_letters))
 
     def _invalid(self, record, invalid: Invalid, dead_letters: list) -> None:
         self.metrics.invalid.inc()
@@ -214,22 +241,45 @@ class Pipeline:
             dead_letters.append(OutRecord(self.dead_letter_topic, record.key, record.value or b"", headers))
 
     def _score(self, accepted, window_of, predictions) -> None:
+        """Score every accepted reading against the forecast pending for its sensor; leave the new ones pending.
+
+        A sensor can send several readings in one batch: each is scored against
+        the forecast made from the one before it, the first against what was
+        pending from earlier batches. One pass of array operations per batch.
+        """
+        n = len(accepted)
+        if n == 0:
+            return
+        slots = np.fromiter((slot for _, slot, _ in accepted), dtype=np.int64, count=n)
+        truth = np.array([reading.values for _, _, reading in accepted], dtype=np.float32)[:, self.target_index]
+        made = np.full_like(truth, np.nan)  # the forecast each reading's window yielded, if any
+        made[window_of] = predictions
+        order = np.argsort(slots, kind="stable")
+        repeat = slots[order[1:]] == slots[order[:-1]]
+        before = np.full(n, -1)
+        before[order[1:][repeat]] = order[:-1][repeat]  # the same sensor's previous reading in this batch
+        forecast, baseline = np.empty_like(truth), np.empty_like(truth)
+        inside, first = before >= 0, before < 0
+        forecast[inside], baseline[inside] = made[before[inside]], truth[before[inside]]
+        forecast[first], baseline[first] = self.pending.take(slots[first])
+        last = np.ones(n, dtype=bool)
+        last[order[:-1][repeat]] = False
+        self.pending.put(slots[last], made[last], truth[last])
+
+        scored = np.isfinite(forecast).all(axis=1)
+        if not scored.any():
+            return
+        error = (forecast[scored] - truth[scored]).astype(np.float64)
+        self.model_errors.add(error)
+        self.baseline_errors.add(baseline[scored] - truth[scored])
         m = self.metrics
-        has_window = dict(zip(window_of, range(len(window_of))))
-        targets = self.target_index
-        for a, (_, slot, reading) in enumerate(accepted):
-            truth = np.asarray(reading.values, dtype=np.float32)[targets]
-            pending = self.pending.take(slot)
-            if pending is not None and np.isfinite(pending[0]).all():
-                forecast, baseline = pending
-                error = forecast - truth
-                self.model_errors.add(error)
-                self.baseline_errors.add(baseline - truth)
-                m.scored.inc()
-                for t, e in enumerate(np.abs(error)):
-                    m.abs_error[t].observe(float(e))
-                    if reading.sensor in m.labelled_sensors:
-                        m.sensor_abs_error.labels(reading.sensor, self.forecaster.targets[t]).set(float(e))
-            k = has_window.get(a)
-            if k is not None:
-                self.pending.put(slot, predictions[k], truth)
+        m.scored.inc(len(error))
+        for t, histogram in enumerate(m.abs_error):
+            for e in np.abs(error[:, t]).tolist():
+                histogram.observe(e)
+        if m.labelled_sensors:
+            sensors = [accepted[a][2].sensor for a in np.flatnonzero(scored)]
+            for sensor, row in zip(sensors, np.abs(error).tolist()):
+                if sensor in m.labelled_sensors:
+                    for target, e in zip(self.forecaster.targets, row):
+                        m.sensor_abs_error.labels(sensor, target).set(e)

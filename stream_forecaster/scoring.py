@@ -53,12 +53,14 @@ class RollingErrors:
         self._next = 0
         self.count = 0
 
-    def add(self, error: np.ndarray) -> None:
-        error = np.asarray(error, dtype=np.float64)  # float32 squares of large errors would overflow
-        self._abs[self._next] = np.abs(error)
-        self._sq[self._next] = np.square(error)
-        self._next = (self._next + 1) % self.span
-        self.count = min(self.count + 1, self.span)
+    def add(self, errors: np.ndarray) -> None:
+        """Add errors ``[n, targets]``, oldest first."""
+        errors = np.asarray(errors, dtype=np.float64)[-self.span:]  # float32 squares of large errors overflow
+        rows = (self._next + np.arange(len(errors))) % self.span
+        self._abs[rows] = np.abs(errors)
+        self._sq[rows] = np.square(errors)
+        self._next = (self._next + len(errors)) % self.span
+        self.count = min(self.count + len(errors), self.span)
 
     def mae(self, target: int) -> float:
         return float(self._abs[: self.count, target].mean()) if self.count else float("nan")
@@ -71,31 +73,36 @@ class PendingForecasts:
     """Each sensor's forecast of its next reading, and persistence's, until that reading arrives.
 
     Progressive validation: forecast now, score when the truth arrives. Slots
-    are the sensor slots of :class:`~stream_forecaster.window.SensorWindows`.
+    are the sensor slots of :class:`~stream_forecaster.window.SensorWindows`;
+    every method takes an array of them, so a whole batch is one call. A
+    forecast of NaN means none is pending.
     """
 
     def __init__(self, n_targets: int, capacity: int = 1024):
         self._model = np.full((capacity, n_targets), np.nan, dtype=np.float32)
         self._baseline = np.full((capacity, n_targets), np.nan, dtype=np.float32)
 
-    def put(self, slot: int, forecast, baseline) -> None:
-        if slot >= len(self._model):
-            old, width = len(self._model), self._model.shape[1]
-            grown = max(2 * old, slot + 1)
+    def put(self, slots: np.ndarray, forecasts: np.ndarray, baselines: np.ndarray) -> None:
+        slots = np.asarray(slots, dtype=np.int64)
+        if len(slots) and slots.max() >= len(self._model):
+            old, width = self._model.shape
+            grown = max(2 * old, int(slots.max()) + 1)
             self._model = np.resize(self._model, (grown, width))
             self._baseline = np.resize(self._baseline, (grown, width))
             self._model[old:] = np.nan  # np.resize repeats the old rows; empty the new slots
-        self._model[slot] = forecast
-        self._baseline[slot] = baseline
+        self._model[slots] = forecasts
+        self._baseline[slots] = baselines
 
-    def clear(self, slot: int) -> None:
-        if slot < len(self._model):
-            self._model[slot] = np.nan
+    def clear(self, slots) -> None:
+        slots = np.asarray(slots, dtype=np.int64)
+        self._model[slots[slots < len(self._model)]] = np.nan
 
-    def take(self, slot: int):
-        """``(forecast, baseline)`` pending for the slot, or None; the slot is emptied."""
-        if slot >= len(self._model) or np.isnan(self._model[slot, 0]):
-            return None
-        pending = self._model[slot].copy(), self._baseline[slot].copy()
-        self._model[slot] = np.nan
-        return pending
+    def take(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(forecasts, baselines)`` pending for the slots (NaN rows where none); the slots are emptied."""
+        slots = np.asarray(slots, dtype=np.int64)
+        forecasts = np.full((len(slots), self._model.shape[1]), np.nan, dtype=np.float32)
+        baselines = forecasts.copy()
+        known = slots < len(self._model)
+        forecasts[known], baselines[known] = self._model[slots[known]], self._baseline[slots[known]]
+        self._model[slots[known]] = np.nan
+        return forecasts, baselines

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from .records import OutRecord
 
@@ -69,7 +69,8 @@ class ListSink:
     attempts: int = 0
     closed: bool = False
 
-    def publish(self, records: Sequence[OutRecord], stop: threading.Event | None = None) -> bool:
+    def publish(self, records: Iterable[OutRecord], stop: threading.Event | None = None) -> bool:
+        records = list(records)
         while True:
             self.attempts += 1
             if self.failures == 0:

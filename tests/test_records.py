@@ -1,11 +1,16 @@
 import gzip
+import json
+import math
 import zipfile
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import HEADER, sample_lines, write_uci
-from stream_forecaster.records import MISSING, SAMPLE_PATH, UCI_COLUMNS, RecordError, UciLineParser, read_uci
+from stream_forecaster.records import (MISSING, SAMPLE_PATH, UCI_COLUMNS, RecordError, UciLineParser, encode_prediction,
+                                      read_uci)
 
 GOOD = "16/12/2006;17:24:00;4.216;0.418;234.840;18.400;0.000;1.000;17.000"
 
@@ -139,3 +144,19 @@ def test_bundled_sample_is_four_weeks_of_real_data():
     assert series.lines == 28 * 1440
     assert series.summary()["first"] == "2006-12-16T17:24:00"
     assert len(series) + series.missing == series.lines
+
+
+@settings(max_examples=300, deadline=None)
+@given(ident=st.text(), sensor=st.text(), timestamp=st.none() | st.text(), version=st.none() | st.text(),
+       prediction=st.lists(st.floats(width=32), min_size=1, max_size=3), partition=st.integers(0, 2**31 - 1),
+       offset=st.integers(0, 2**63 - 1))
+def test_encoded_prediction_is_exactly_what_json_dumps_writes(ident, sensor, timestamp, version, prediction,
+                                                             partition, offset):
+    targets = [f"t{i}" for i in range(len(prediction))]
+    numbers = [v if math.isfinite(v) else None for v in prediction]
+    expected = json.dumps({"id": ident, "sensor": sensor, "timestamp": timestamp,
+                           "prediction": numbers[0] if len(targets) == 1 else dict(zip(targets, numbers)),
+                           "model_version": version, "source": {"partition": partition, "offset": offset}},
+                          separators=(",", ":")).encode()
+    values = np.array(prediction, dtype=np.float32)
+    assert encode_prediction(ident, sensor, timestamp, values, targets, version, partition, offset) == expected
