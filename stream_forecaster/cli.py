@@ -8,12 +8,15 @@ only by the commands that need it, so ``--help`` and config errors are instant.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import signal
 import sys
 import threading
 from pathlib import Path
+
+import numpy as np
 
 from . import __version__
 from .config import Config, load_config
@@ -52,11 +55,15 @@ def _parser() -> argparse.ArgumentParser:
     train = command("train", "train a model version on a UCI file and test it")
     train.add_argument("--data", metavar="PATH", help="UCI .txt/.zip/.gz (default: data.path, else the bundled sample)")
     train.add_argument("--quiet", action="store_true", help="no Keras progress display")
+    train.add_argument("--until", metavar="DATE", type=_date, help="use only readings before DATE (e.g. 2007-04-01)")
 
     evaluate = command("evaluate", "one-step-ahead backtest of a model over every window of a file")
     evaluate.add_argument("--data", metavar="PATH", help="UCI .txt/.zip/.gz (default: data.path, else the bundled sample)")
     evaluate.add_argument("--model", metavar="VERSION_OR_PATH", help="model version in the store or a version directory (default: current)")
     evaluate.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    evaluate.add_argument("--since", metavar="DATE", type=_date,
+                          help="score only forecasts of readings from DATE on (earlier readings still fill windows)")
+    evaluate.add_argument("--until", metavar="DATE", type=_date, help="score only forecasts of readings before DATE")
     evaluate.add_argument("--plot", metavar="FILE.png", help="plot the first 100 predictions against the truth")
     evaluate.add_argument("--csv-dir", metavar="DIR", help="write predicted.csv and test_data.csv")
 
@@ -86,6 +93,15 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=float, default=200.0, metavar="N", help="replayed readings per second (default 200)")
     demo.add_argument("--out", default="out", metavar="DIR", help="where the plot goes (default: out)")
     return parser
+
+
+def _date(text: str) -> int:
+    """Seconds of an ISO date or time, read like the data's own timestamps (no zone)."""
+    try:
+        stamp = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO date such as 2007-04-01") from None
+    return int(stamp.replace(tzinfo=dt.timezone.utc).timestamp())
 
 
 def _config(args) -> Config:
@@ -121,6 +137,8 @@ def cmd_train(args) -> int:
     from .training import train
 
     series = _read(_data_path(args, config), _union(config.data.features, config.data.targets), config)
+    if args.until is not None:
+        series = series.select(series.timestamps < args.until)
     log.info("read %s: %d readings, %d missing skipped, %d malformed skipped",
              series.source, len(series), series.missing, series.malformed)
     trained = train(config, series, verbose=0 if args.quiet else "auto", stop=_stop_on_signals())
@@ -142,10 +160,19 @@ def cmd_evaluate(args) -> int:
     from .model import Forecaster
     from .report import format_table, to_json, write_csvs, write_plot
     from .training import backtest
+    from .window import window_starts
 
     forecaster = Forecaster.load(directory, version)
     series = _read(_data_path(args, config), _union(forecaster.features, forecaster.targets), config)
-    result = backtest(forecaster, series)
+    starts = np.concatenate(window_starts(series.segments, len(series), forecaster.sequence_length))
+    predicted_at = series.timestamps[starts + forecaster.sequence_length - 1]
+    if args.since is not None:
+        starts, predicted_at = starts[predicted_at >= args.since], predicted_at[predicted_at >= args.since]
+    if args.until is not None:
+        starts = starts[predicted_at < args.until]
+    if not len(starts):
+        raise UserError(f"{series.source}: no window of {forecaster.sequence_length} readings ends in the range given")
+    result = backtest(forecaster, series, starts)
     summary = result.summary()
     if args.plot:
         write_plot(result, args.plot)

@@ -95,6 +95,10 @@ class ModelConfig:
     epochs: int = _spec(1, low=1, high=100_000)
     validation_split: float = _spec(0.05, low=0.0, high=1.0)
     seed: int = _spec(7, low=0)
+    predict: str = _spec("level", choices=("level", "change"))
+    patience: int = _spec(0, low=0, high=1_000)
+    intervals: tuple[float, ...] = _spec([0.1, 0.9], low=0.0, high=1.0, low_open=True)
+    preset: str | None = _spec(None, choices=(None, "seed"))
 
 
 @dataclass(frozen=True)
@@ -212,17 +216,46 @@ def load_config(
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     origins: dict[tuple[str, str], str] = {}
+    given: dict = {}  # environment and --set, applied last
     environ = os.environ if environ is None else environ
     for name in sorted(environ):
         if name.startswith(ENV_PREFIX):
             dotted = name[len(ENV_PREFIX):].lower().replace("__", ".")
-            _apply_override(raw, origins, dotted, environ[name], f"environment variable {name}")
+            _apply_override(given, origins, dotted, environ[name], f"environment variable {name}")
     for item in overrides:
         dotted, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item}: expected section.key=value, e.g. --set model.epochs=3")
-        _apply_override(raw, origins, dotted.strip(), value, f"--set {dotted.strip()}")
+        _apply_override(given, origins, dotted.strip(), value, f"--set {dotted.strip()}")
+    in_file = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    preset = given.get("model", {}).get("preset", in_file.get("preset"))
+    if isinstance(preset, str) and preset in PRESETS:  # an unknown name is reported by the model section's check
+        _merge(raw, PRESETS[preset], origins, f"preset {preset}")
+    _merge(raw, given, origins, None)
     return _build(raw, origins, source)
+
+
+# A preset replaces the keys it names (whatever the file says); environment and --set still win.
+PRESETS = {
+    # the two tutorials' model, kept for comparison: the level from one centred column, MSE, 3 epochs
+    "seed": {
+        "data": {"features": ["Global_active_power"], "targets": ["Global_active_power"], "normalization": "center"},
+        "model": {"sequence_length": 50, "layers": [1, 50, 100, 1], "dropout": 0.2, "loss": "mse",
+                  "optimizer": "rmsprop", "learning_rate": 0.001, "batch_size": 512, "epochs": 3,
+                  "predict": "level", "patience": 0},
+    },
+}
+
+
+def _merge(raw: dict, layer: Mapping, origins: dict, origin: str | None) -> None:
+    for section, values in layer.items():
+        target = raw.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"{origin or 'the configuration file'}: section {section!r} in the file is not a mapping")
+        target.update(values)
+        if origin is not None:
+            for key in values:
+                origins[(section, key)] = origin
 
 
 def _apply_override(raw: dict, origins: dict, dotted: str, value: str, origin: str) -> None:
@@ -354,6 +387,12 @@ def _check_consistency(config: Config, source: str) -> None:
         )
     if not model.dropout < 1.0:
         raise ConfigError(f"{source}: model.dropout: must be >= 0 and < 1 (got {model.dropout})")
+    if model.predict == "change" and not set(data.targets) <= set(data.features):
+        raise ConfigError(f"{source}: model.predict: change needs every target among data.features "
+                          f"(the change is added to the last reading); targets {', '.join(data.targets)}")
+    if model.intervals and (len(model.intervals) != 2 or not model.intervals[0] < model.intervals[1] < 1.0):
+        raise ConfigError(f"{source}: model.intervals: two quantiles, lower then upper, each between 0 and 1, "
+                          f"e.g. [0.1, 0.9], or [] for none (got {list(model.intervals)})")
     if not model.validation_split < 1.0:
         raise ConfigError(f"{source}: model.validation_split: must be >= 0 and < 1 (got {model.validation_split})")
 

@@ -133,8 +133,10 @@ def compile_model(model: keras.Model, config: ModelConfig) -> None:
 class _Windows(keras.utils.PyDataset):
     """Batches gathered from a window view by index, so only a batch is ever copied."""
 
-    def __init__(self, windows, indices, feature_index, target_index, batch_size, shuffle_seed=None):
+    def __init__(self, windows, indices, feature_index, target_index, batch_size, shuffle_seed=None,
+                 change=False):
         super().__init__()
+        self.change = change
         self.windows, self.indices = windows, np.asarray(indices)
         self.feature_index, self.target_index = list(feature_index), list(target_index)
         self.batch_size = batch_size
@@ -147,7 +149,10 @@ class _Windows(keras.utils.PyDataset):
 
     def __getitem__(self, i):
         chosen = self.windows[self.order[i * self.batch_size:(i + 1) * self.batch_size]]
-        return chosen[:, :-1][:, :, self.feature_index], chosen[:, -1][:, self.target_index]
+        target = chosen[:, -1][:, self.target_index]
+        if self.change:
+            target = target - chosen[:, -2][:, self.target_index]
+        return chosen[:, :-1][:, :, self.feature_index], target
 
     def on_epoch_end(self):
         if self.rng is not None:
@@ -180,14 +185,21 @@ def fit(
     """Train on normalised ``windows[train_indices]`` (shuffled each epoch).
 
     Returns Keras' history. ``validation_indices`` are scored, unshuffled,
-    after each epoch when not empty. Setting the ``stop`` event ends training
+    after each epoch when not empty; with ``config.patience`` training stops
+    once that many epochs pass without a better validation loss, and the best
+    weights are kept. With ``config.predict == "change"`` the model learns the
+    step from the last reading rather than the next level. Setting the ``stop`` event ends training
     after the current batch and raises :class:`~stream_forecaster.errors.Interrupted`.
     """
-    train = _Windows(windows, train_indices, feature_index, target_index, config.batch_size, config.seed)
+    change = config.predict == "change"
+    train = _Windows(windows, train_indices, feature_index, target_index, config.batch_size, config.seed, change)
     validation = None
     if len(validation_indices):
-        validation = _Windows(windows, validation_indices, feature_index, target_index, config.batch_size)
+        validation = _Windows(windows, validation_indices, feature_index, target_index, config.batch_size,
+                              change=change)
     callbacks = [_StopWhenSet(stop)] if stop is not None else []
+    if config.patience and validation is not None:
+        callbacks.append(keras.callbacks.EarlyStopping(patience=config.patience, restore_best_weights=True))
     history = model.fit(train, validation_data=validation, epochs=config.epochs, verbose=verbose, callbacks=callbacks)
     if stop is not None and stop.is_set():
         raise Interrupted("training stopped on request")
@@ -207,6 +219,13 @@ class Forecaster:
         norm = metadata["normalization"]
         self.feature_scaler = Scaler.from_dict(norm["features"])
         self.target_scaler = Scaler.from_dict(norm["targets"])
+        # "change": the model's output is the step from the last reading, in the target's scale
+        self._last = ([self.features.index(t) for t in self.targets] if metadata.get("predict") == "change"
+                      else None)
+        intervals = metadata.get("intervals") or {}
+        self.interval_quantiles: tuple[float, ...] = tuple(intervals.get("quantiles", ()))
+        self._offsets = (np.asarray(intervals["lower"], np.float32), np.asarray(intervals["upper"], np.float32)) \
+            if intervals else None
         spec = tf.TensorSpec([None, self.sequence_length - 1, len(self.features)], tf.float32)
         # One traced graph for any batch size: no per-call retracing, no model.predict overhead.
         self._call = tf.function(lambda x: self.model(x, training=False), input_signature=[spec])
@@ -225,7 +244,20 @@ class Forecaster:
         for start in range(0, len(windows), _MAX_CHUNK):
             chunk = self.feature_scaler.transform(windows[start:start + _MAX_CHUNK])
             out[start:start + len(chunk)] = self._call(chunk).numpy()
+        if self._last is not None:
+            return windows[:, -1, self._last] + out * self.target_scaler.scale
         return self.target_scaler.inverse(out)
+
+    def bounds(self, predictions: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Lower and upper bounds around ``predictions`` at :attr:`interval_quantiles`, or None.
+
+        The bounds add the quantiles of the errors measured on the validation
+        slice after training (split-conformal style): cheap, and their coverage
+        is checked on data the model never saw (``evaluate``, live metric).
+        """
+        if self._offsets is None:
+            return None
+        return predictions + self._offsets[0], predictions + self._offsets[1]
 
     def forecast_async(self, windows: np.ndarray) -> Future:
         """:meth:`forecast` on the inference thread; leave ``windows`` untouched until the result is in.

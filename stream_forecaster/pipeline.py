@@ -147,8 +147,6 @@ class Pipeline:
         soon as they are cut, so the model computes while the next chunk is
         parsed and the forecasts before it are encoded and sent.
         """
-        if len(self._batch) < len(records):
-            self._batch = np.empty((len(records),) + self._batch.shape[1:], dtype=np.float32)
         parsed, forecasts = _Parsed(), []
         started = time.perf_counter()
         for lo in range(0, len(records), CHUNK):
@@ -171,6 +169,10 @@ class Pipeline:
     def _parse_and_window(self, records, lo: int, hi: int, parsed: "_Parsed") -> None:
         """Parse ``records[lo:hi]`` into ``parsed``; full windows are copied into ``self._batch`` in order."""
         accepted, window_of = parsed.accepted, parsed.window_of
+        if len(self._batch) < len(window_of) + hi - lo:
+            # earlier chunks' windows stay valid: the model holds views of the old buffer
+            self._batch = np.empty((max(len(records), len(window_of) + hi - lo),) + self._batch.shape[1:],
+                                   dtype=np.float32)
         now = time.monotonic()
         missing = ignored = 0
         count = len(accepted)

@@ -13,6 +13,7 @@ with the reason.
 from __future__ import annotations
 
 import array
+import dataclasses
 import datetime as dt
 import functools
 import json
@@ -186,6 +187,12 @@ class Series:
 
     def __len__(self) -> int:
         return len(self.timestamps)
+
+    def select(self, keep: np.ndarray) -> "Series":
+        """The rows where ``keep`` (a boolean mask) is true; sensors keep their own segments."""
+        kept_before = np.concatenate([[0], np.cumsum(keep)])
+        segments = tuple(sorted({int(kept_before[s]) for s in self.segments} - {int(keep.sum())})) or (0,)
+        return dataclasses.replace(self, timestamps=self.timestamps[keep], values=self.values[keep], segments=segments)
 
     def summary(self) -> dict:
         return {

@@ -16,9 +16,14 @@ PLOT_POINTS = 100  # the seeds plot the first 100 predictions
 
 
 def format_table(summary: dict) -> str:
-    """The model's and persistence's RMSE and MAE, overall and per target."""
+    """RMSE and MAE of the model and the baselines, skill, interval coverage; per target too."""
     rows = [("", "RMSE", "MAE"), ("model", summary["rmse"], summary["mae"]),
             ("persistence", summary["persistence_rmse"], summary["persistence_mae"])]
+    if "seasonal_rmse" in summary:
+        rows.append((f"seasonal naive (day before; {summary['seasonal_n']} windows)", summary["seasonal_rmse"],
+                     summary["seasonal_mae"]))
+    if "skill_rmse" in summary:
+        rows.append(("skill vs persistence", summary["skill_rmse"], summary["skill_mae"]))
     if len(summary["per_target"]) > 1:
         for name, s in summary["per_target"].items():
             rows.append((f"{name} model", s["rmse"], s["mae"]))
@@ -26,6 +31,10 @@ def format_table(summary: dict) -> str:
     width = max(len(r[0]) for r in rows)
     lines = [f"{rows[0][0]:<{width}}  {'RMSE':>10}  {'MAE':>10}"]
     lines += [f"{name:<{width}}  {rmse:>10.5f}  {mae:>10.5f}" for name, rmse, mae in rows[1:]]
+    if "coverage" in summary:
+        low, high = summary["interval"]
+        lines.append(f"interval {low:.0%}-{high:.0%}: {summary['coverage']:.1%} of the truths inside "
+                     f"(nominal {high - low:.0%})")
     return "\n".join(lines)
 
 

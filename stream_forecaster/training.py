@@ -38,6 +38,10 @@ class Backtest:
     predicted: np.ndarray  # [n, targets]
     persistence: np.ndarray  # [n, targets]: the last reading of each window
     model_version: str | None
+    seasonal: np.ndarray | None = None  # [n, targets]: the reading one day earlier, NaN where there is none
+    lower: np.ndarray | None = None  # [n, targets]: prediction interval, when the model has one
+    upper: np.ndarray | None = None
+    quantiles: tuple[float, ...] = ()
 
     @property
     def model(self) -> Scores:
@@ -49,12 +53,15 @@ class Backtest:
 
     def summary(self) -> dict:
         model, base = self.model, self.baseline
-        return {
+        result = {
             "n": model.n,
             "rmse": model.rmse,
             "mae": model.mae,
             "persistence_rmse": base.rmse,
             "persistence_mae": base.mae,
+            # skill: 1 - model error / persistence error; above 0 beats "predict the last value"
+            "skill_rmse": 1 - model.rmse / base.rmse if base.rmse else float("nan"),
+            "skill_mae": 1 - model.mae / base.mae if base.mae else float("nan"),
             "per_target": {
                 t: {
                     **model.per_target[t],
@@ -65,6 +72,14 @@ class Backtest:
             },
             "model_version": self.model_version,
         }
+        if self.seasonal is not None:
+            known = np.isfinite(self.seasonal).all(axis=1)
+            seasonal = score(self.truth[known], self.seasonal[known], self.targets)
+            result.update(seasonal_n=seasonal.n, seasonal_rmse=seasonal.rmse, seasonal_mae=seasonal.mae)
+        if self.lower is not None:
+            inside = (self.lower <= self.truth) & (self.truth <= self.upper)
+            result.update(interval=list(self.quantiles), coverage=float(inside.mean()) if inside.size else float("nan"))
+        return result
 
 
 def _column_index(series: Series, names) -> list[int]:
@@ -87,6 +102,7 @@ def backtest(forecaster: Forecaster, series: Series, starts: np.ndarray | None =
         chunk = windows[starts[lo:lo + _BACKTEST_CHUNK], :-1][:, :, feature_index]
         predicted[lo:lo + len(chunk)] = forecaster.forecast(chunk)
     last = starts + length - 1  # row of each predicted reading
+    bounds = forecaster.bounds(predicted)
     return Backtest(
         targets=forecaster.targets,
         timestamps=series.timestamps[last],
@@ -94,7 +110,26 @@ def backtest(forecaster: Forecaster, series: Series, starts: np.ndarray | None =
         predicted=predicted,
         persistence=series.values[last - 1][:, target_index],
         model_version=forecaster.version,
+        seasonal=_day_before(series, last, target_index),
+        lower=None if bounds is None else bounds[0],
+        upper=None if bounds is None else bounds[1],
+        quantiles=forecaster.interval_quantiles,
     )
+
+
+def _day_before(series: Series, rows: np.ndarray, target_index) -> np.ndarray:
+    """Seasonal naive: each row's targets as read exactly one day earlier (same sensor), else NaN."""
+    out = np.full((len(rows), len(target_index)), np.nan, dtype=np.float32)
+    segment_of = np.searchsorted(series.segments, np.arange(len(series)), side="right") - 1
+    for segment, lo in enumerate(series.segments):
+        hi = series.segments[segment + 1] if segment + 1 < len(series.segments) else len(series)
+        mine = np.flatnonzero(segment_of[rows] == segment)
+        stamps = series.timestamps[lo:hi]
+        wanted = series.timestamps[rows[mine]] - 86_400
+        at = np.clip(np.searchsorted(stamps, wanted), 0, max(0, hi - lo - 1))
+        found = stamps[at] == wanted if hi > lo else np.zeros(len(mine), bool)
+        out[mine[found]] = series.values[lo + at[found]][:, target_index]
+    return out
 
 
 @dataclass(frozen=True)
@@ -138,6 +173,7 @@ def train(config: Config, series: Series, initial: Forecaster | None = None,
         "targets": list(data.targets),
         "sequence_length": spec.sequence_length,
         "layers": list(spec.layers),
+        "predict": spec.predict,
         "normalization": {
             "method": data.normalization if initial is None else initial.metadata["normalization"].get("method"),
             "features": scaler.subset(feature_index).to_dict(),
@@ -161,11 +197,22 @@ def train(config: Config, series: Series, initial: Forecaster | None = None,
             "epochs": spec.epochs,
             "dropout": spec.dropout,
             "seed": spec.seed,
+            "patience": spec.patience,
+            "preset": spec.preset,
             "history": history,
         },
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "libraries": library_versions(),
     }
+    if spec.intervals and len(validation_starts):
+        errors = backtest(Forecaster(model, metadata), series, validation_starts)
+        residuals = errors.truth - errors.predicted
+        metadata["intervals"] = {
+            "quantiles": list(spec.intervals),
+            "lower": np.quantile(residuals, spec.intervals[0], axis=0).tolist(),
+            "upper": np.quantile(residuals, spec.intervals[1], axis=0).tolist(),
+            "from_windows": len(validation_starts),
+        }
     forecaster = Forecaster(model, metadata)
     test = backtest(forecaster, series, test_starts)
     metadata["training"]["seconds"] = round(time.monotonic() - started, 3)
