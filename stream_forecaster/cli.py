@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from . import __version__, logs
 from .config import Config, load_config
 from .errors import UserError
 from .records import SAMPLE_PATH, read_uci
@@ -108,7 +108,9 @@ def _config(args) -> Config:
     path = args.config
     if path is None and Path("config.yaml").is_file():
         path = "config.yaml"
-    return load_config(path, args.overrides)
+    config = load_config(path, args.overrides)
+    logs.configure(config.logging)
+    return config
 
 
 def _data_path(args, config: Config) -> Path:
@@ -263,8 +265,7 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "run": cmd_run, "repla
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("kafka").setLevel(logging.WARNING)  # kafka-python logs every connection at INFO
+    logs.configure()  # until a command has read its configuration
     try:
         return COMMANDS[args.command](args)
     except UserError as exc:

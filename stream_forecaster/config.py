@@ -29,6 +29,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "KafkaConfig",
+    "LoggingConfig",
     "MetricsConfig",
     "ModelConfig",
     "ModelStoreConfig",
@@ -170,6 +171,12 @@ class RetrainConfig:
 
 
 @dataclass(frozen=True)
+class LoggingConfig:
+    level: str = _spec("INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    format: str = _spec("plain", choices=("plain", "json"))
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -178,6 +185,7 @@ class Config:
     window: WindowConfig = field(default_factory=WindowConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def redacted(self) -> dict:
         """The effective configuration as plain data, every password replaced by ``***``."""

@@ -73,14 +73,21 @@ class Metrics:
                                   "Readings in the input topic not yet consumed (sum over partitions)", registry=r)
         self.model_version = Gauge("stream_forecaster_model_version", "Version number of the model serving",
                                    registry=r)
+        self.model_created = Gauge("stream_forecaster_model_created_timestamp_seconds",
+                                   "When the model serving was trained (Unix time)", registry=r)
+        self.interval_coverage = Gauge("stream_forecaster_rolling_interval_coverage",
+                                       "Share of the last metrics.rolling_window scored readings inside the "
+                                       "published prediction interval", ["target"], registry=r)
         self.ready = Gauge("stream_forecaster_ready", "1 when connected with a model loaded", registry=r)
         swaps = Counter("stream_forecaster_model_swaps", "New current model versions: swapped in, or refused "
                         "(corrupted, incompatible or unloadable; the old one keeps serving)", ["outcome"], registry=r)
         self.swapped, self.swap_refused = swaps.labels("swapped"), swaps.labels("refused")
 
-    def bind_rolling(self, targets: Sequence[str], model, baseline) -> None:
+    def bind_rolling(self, targets: Sequence[str], model, baseline, coverage=None) -> None:
         """Rolling gauges read from :class:`~stream_forecaster.scoring.RollingErrors` at scrape time."""
         for i, target in enumerate(targets):
+            if coverage is not None:
+                self.interval_coverage.labels(target).set_function(lambda i=i: coverage.mae(i))
             for name, errors in (("model", model), ("persistence", baseline)):
                 self.rolling_mae.labels(target, name).set_function(lambda e=errors, i=i: e.mae(i))
                 self.rolling_rmse.labels(target, name).set_function(lambda e=errors, i=i: e.rmse(i))

@@ -85,7 +85,9 @@ class Pipeline:
         self.pending = PendingForecasts(len(targets))
         self.model_errors = RollingErrors(config.metrics.rolling_window, len(targets))
         self.baseline_errors = RollingErrors(config.metrics.rolling_window, len(targets))
-        metrics.bind_rolling(targets, self.model_errors, self.baseline_errors)
+        # 1 where a truth fell inside its interval; its rolling "MAE" is the interval's coverage
+        self.inside = RollingErrors(config.metrics.rolling_window, len(targets))
+        metrics.bind_rolling(targets, self.model_errors, self.baseline_errors, self.inside)
         self._invalid_log = _RateLimitedLog()
         self._batch = np.empty((0, forecaster.sequence_length - 1, len(features)), dtype=np.float32)
 
@@ -210,6 +212,7 @@ class Pipeline:
             for start, future in forecasts:
                 chunk = future.result()
                 predictions[start:start + len(chunk)] = chunk
+                bounds = self.forecaster.bounds(chunk)
                 for k in range(start, start + len(chunk)):
                     i, _, reading = accepted[window_of[k]]
                     record = records[i]
@@ -219,7 +222,8 @@ class Pipeline:
                     # the same reading always gets the same id, so at-least-once repeats are recognisable downstream
                     ident = f"{reading.sensor}@{when}" if when else f"{reading.sensor}@{record.partition}/{record.offset}"
                     value = encode_prediction(ident, reading.sensor, when, predictions[k], targets, version,
-                                              record.partition, record.offset)
+                                              record.partition, record.offset,
+                                              None if bounds is None else (bounds[0][k - start], bounds[1][k - start]))
                     yield OutRecord(self.output_topic, record.key, value,
                                     [("prediction_id", ident.encode()), ("model_version", (version or "").encode())])
 
@@ -273,6 +277,9 @@ class Pipeline:
             return
         error = (forecast[scored] - truth[scored]).astype(np.float64)
         self.model_errors.add(error)
+        bounds = self.forecaster.bounds(forecast[scored])
+        if bounds is not None:
+            self.inside.add((bounds[0] <= truth[scored]) & (truth[scored] <= bounds[1]))
         self.baseline_errors.add(baseline[scored] - truth[scored])
         m = self.metrics
         m.scored.inc(len(error))

@@ -8,6 +8,7 @@ exits 0 within about one poll timeout plus one batch.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import signal
@@ -135,7 +136,7 @@ class Daemon:
             return False
         self.metrics = self.metrics or Metrics(forecaster.targets, self.config.metrics.labelled_sensors,
                                                self._registry)
-        self.metrics.model_version.set(_version_number(forecaster.version))
+        self._show_model(forecaster)
         if self.server is None:
             m = self.config.metrics
             self.server = MetricsServer(self.metrics.registry, m.host, m.port, self.ready).start()
@@ -272,8 +273,16 @@ class Daemon:
         old = self.pipeline.forecaster.version
         self.pipeline.swap_model(new)
         self.metrics.swapped.inc()
-        self.metrics.model_version.set(_version_number(new.version))
+        self._show_model(new)
         log.info("now serving model version %s (was %s)", new.version, old)
+
+    def _show_model(self, forecaster) -> None:
+        self.metrics.model_version.set(_version_number(forecaster.version))
+        try:
+            created = dt.datetime.fromisoformat(forecaster.metadata["created"]).timestamp()
+        except (KeyError, TypeError, ValueError):
+            created = 0.0  # unknown: an alert on model age fires, which is what an unknown age deserves
+        self.metrics.model_created.set(created)
 
     def _update_gauges(self) -> None:
         lag = self.source.lag()

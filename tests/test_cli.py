@@ -107,3 +107,30 @@ def test_ctrl_c_during_training_exits_130_and_writes_nothing(tmp_path):
     assert proc.wait(timeout=60) == 130, rest
     assert "interrupted" in rest and "Traceback" not in rest
     assert not store.exists() or list(store.iterdir()) == []
+
+
+def test_change_model_with_intervals_trained_before_a_date_and_scored_after_it(tmp_path, capsys):
+    lines = sample_lines(4000)  # from 16/12/2006 17:24 on: the cut below leaves about a day after it
+    data = write_uci(tmp_path / "slice.txt", lines)
+    series = read_uci(data, ["Global_active_power"])
+    cut = "2006-12-18T12:00:00"
+    args = ["--set", "model.predict=change", "--set", "model.intervals=[0.1, 0.9]", "--set", "model.patience=1",
+            "--set", "model.epochs=2", *TINY, *store_args(tmp_path)]
+    assert main(["train", "--data", str(data), "--quiet", "--until", cut, *args]) == 0
+    capsys.readouterr()
+    meta = ModelStore(tmp_path / "models").metadata("1")
+    assert meta["predict"] == "change"
+    assert meta["data"]["last"] < cut  # nothing at or after the cut was read
+    low, high = meta["intervals"]["lower"][0], meta["intervals"]["upper"][0]
+    assert low <= 0 <= high
+
+    assert main(["evaluate", "--data", str(data), "--json", "--since", cut, *store_args(tmp_path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    after = int(np.sum(series.timestamps >= np.datetime64(cut, "s").astype(np.int64)))
+    assert report["n"] == after  # windows may reach back before the cut; only their targets are after it
+    assert 0 <= report["coverage"] <= 1 and report["interval"] == [0.1, 0.9]
+    assert report["skill_rmse"] == pytest.approx(1 - report["rmse"] / report["persistence_rmse"])
+    # the seasonal baseline: the same minute a day earlier, wherever the file has it
+    assert 0 < report["seasonal_n"] <= report["n"] and report["seasonal_rmse"] > 0
+
+    assert main(["evaluate", "--data", str(data), "--since", "2031-01-01", *store_args(tmp_path)]) == 2

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from stream_forecaster.config import Config, ConfigError, load_config
@@ -151,3 +153,21 @@ def test_every_key_is_commented_in_config_yaml_and_documented_in_readme():
 
 def test_exponent_without_a_dot_is_a_number():
     assert load_config(None, ["model.learning_rate=1e-4"], environ={}).model.learning_rate == 1e-4
+
+
+def test_seed_preset_replaces_the_keys_it_names_and_set_still_wins():
+    shipped = Path(__file__).resolve().parents[1] / "config.yaml"
+    seed = load_config(shipped, ["model.preset=seed"], environ={})
+    assert (seed.model.layers, seed.model.loss, seed.model.optimizer, seed.model.predict) == \
+        ((1, 50, 100, 1), "mse", "rmsprop", "level")
+    assert (seed.data.features, seed.data.normalization, seed.model.epochs) == (("Global_active_power",), "center", 3)
+    assert seed.model_store == load_config(shipped, environ={}).model_store  # other sections untouched
+    tuned = load_config(shipped, ["model.preset=seed", "model.epochs=5"], environ={})
+    assert tuned.model.epochs == 5
+    with pytest.raises(ConfigError, match="model.preset: must be one of None, seed"):
+        load_config(shipped, ["model.preset=tutorial"], environ={})
+
+
+def test_change_needs_the_targets_among_the_features():
+    with pytest.raises(ConfigError, match="model.predict: change needs every target among data.features"):
+        load_config(None, ["model.predict=change", "data.targets=[Voltage]"], environ={})

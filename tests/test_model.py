@@ -80,3 +80,28 @@ def test_scaler_center_and_standardize():
     standard = Scaler.fit(values, "standardize")
     np.testing.assert_array_equal(standard.scale, [1.0, 1.0])  # constant column keeps scale 1
     np.testing.assert_allclose(standard.inverse(standard.transform(values)), values)
+
+
+def test_change_forecast_adds_the_scaled_step_to_the_last_reading_of_the_target():
+    rng = np.random.default_rng(1)
+    model = build_model(spec([2, 4, 1], sequence_length=5))
+    meta = {**metadata(["a", "x"], ["x"], 5, rng), "predict": "change"}
+    forecaster = Forecaster(model, meta)
+    windows = rng.normal(size=(6, 4, 2)).astype(np.float32)
+    scaled = (windows - forecaster.feature_scaler.mean) / forecaster.feature_scaler.scale
+    step = model(scaled, training=False).numpy()
+    np.testing.assert_allclose(forecaster.forecast(windows), windows[:, -1, [1]] + step * 2.0, rtol=1e-5, atol=1e-5)
+
+
+def test_bounds_add_the_stored_error_quantiles():
+    rng = np.random.default_rng(2)
+    meta = {**metadata(["a"], ["x", "y"], 5, rng),
+            "intervals": {"quantiles": [0.1, 0.9], "lower": [-1.0, -0.5], "upper": [2.0, 0.25]}}
+    forecaster = Forecaster(build_model(spec([1, 4, 2], sequence_length=5)), meta)
+    predictions = rng.normal(size=(3, 2)).astype(np.float32)
+    lower, upper = forecaster.bounds(predictions)
+    np.testing.assert_allclose(lower, predictions + [-1.0, -0.5])
+    np.testing.assert_allclose(upper, predictions + [2.0, 0.25])
+    assert forecaster.interval_quantiles == (0.1, 0.9)
+    assert Forecaster(build_model(spec([1, 4, 2], sequence_length=5)), metadata(["a"], ["x", "y"], 5, rng)).bounds(
+        predictions) is None

@@ -192,3 +192,28 @@ def test_idle_sensors_lose_their_window_and_come_back_empty():
     pipeline.process([FakeRecord("in", 0, 9 + i, b"old", line.encode()) for i, line in enumerate(lines[8:12])])
     assert len(sink.records) == before
     assert pipeline.windows.slots["old"] == 0
+
+
+def test_intervals_are_published_and_their_live_coverage_counts_the_truths_inside():
+    forecaster = make_forecaster(sequence_length=L)
+    forecaster.metadata["intervals"] = {"quantiles": [0.1, 0.9], "lower": [-0.3], "upper": [0.2]}
+    forecaster = type(forecaster)(forecaster.model, forecaster.metadata, forecaster.version)
+    pipeline, sink, metrics = build(forecaster=forecaster)
+    records, accepted = stream(n=60)
+    for i in range(0, len(records), 25):
+        pipeline.process(records[i:i + 25])
+    published = {}
+    for r in sink.records:
+        p = json.loads(r.value)
+        assert p["lower"] == pytest.approx(p["prediction"] - 0.3, abs=1e-6)
+        assert p["upper"] == pytest.approx(p["prediction"] + 0.2, abs=1e-6)
+        published.setdefault(p["sensor"], []).append(p)
+    # recount from the truth: the k-th forecast of a sensor is scored by its (k + L - 1)-th accepted reading
+    parser, inside = UciLineParser(["Global_active_power"]), []
+    for sensor, lines in accepted.items():
+        truths = [parser.parse(line)[1][0] for line in lines]
+        for k, p in enumerate(published[sensor]):
+            if k + L - 1 < len(truths):
+                inside.append(p["lower"] <= truths[k + L - 1] <= p["upper"])
+    assert inside and value(metrics, "stream_forecaster_rolling_interval_coverage",
+                            target="Global_active_power") == pytest.approx(np.mean(inside))

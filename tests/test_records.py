@@ -149,14 +149,21 @@ def test_bundled_sample_is_four_weeks_of_real_data():
 @settings(max_examples=300, deadline=None)
 @given(ident=st.text(), sensor=st.text(), timestamp=st.none() | st.text(), version=st.none() | st.text(),
        prediction=st.lists(st.floats(width=32), min_size=1, max_size=3), partition=st.integers(0, 2**31 - 1),
-       offset=st.integers(0, 2**63 - 1))
+       offset=st.integers(0, 2**63 - 1), interval=st.none() | st.floats(-10, 10, width=32))
 def test_encoded_prediction_is_exactly_what_json_dumps_writes(ident, sensor, timestamp, version, prediction,
-                                                             partition, offset):
+                                                             partition, offset, interval):
     targets = [f"t{i}" for i in range(len(prediction))]
-    numbers = [v if math.isfinite(v) else None for v in prediction]
-    expected = json.dumps({"id": ident, "sensor": sensor, "timestamp": timestamp,
-                           "prediction": numbers[0] if len(targets) == 1 else dict(zip(targets, numbers)),
-                           "model_version": version, "source": {"partition": partition, "offset": offset}},
-                          separators=(",", ":")).encode()
+
+    def plain(values):
+        numbers = [v if math.isfinite(v) else None for v in values]
+        return numbers[0] if len(targets) == 1 else dict(zip(targets, numbers))
+
     values = np.array(prediction, dtype=np.float32)
-    assert encode_prediction(ident, sensor, timestamp, values, targets, version, partition, offset) == expected
+    expected = {"id": ident, "sensor": sensor, "timestamp": timestamp, "prediction": plain(prediction)}
+    bounds = None
+    if interval is not None:
+        bounds = (values - abs(interval), values + abs(interval))
+        expected.update(lower=plain(bounds[0].tolist()), upper=plain(bounds[1].tolist()))
+    expected.update(model_version=version, source={"partition": partition, "offset": offset})
+    encoded = encode_prediction(ident, sensor, timestamp, values, targets, version, partition, offset, bounds)
+    assert encoded == json.dumps(expected, separators=(",", ":")).encode()

@@ -35,3 +35,29 @@ def test_split_is_time_ordered_within_each_segment():
 def test_windows_never_span_two_segments():
     starts = window_starts([0, 3, 10], 12, 4)
     assert [s.tolist() for s in starts] == [[], [3, 4, 5, 6], []]
+
+
+def series(stamps, values, segments=(0,)):
+    from stream_forecaster.records import Series
+
+    values = np.asarray(values, dtype=np.float32).reshape(-1, 1)
+    return Series(("x",), np.asarray(stamps, dtype=np.int64), values, "test", len(stamps), 0, 0, segments=segments)
+
+
+def test_select_keeps_each_sensors_segment_and_drops_emptied_ones():
+    s = series(range(10), range(10), segments=(0, 4, 7))
+    kept = s.select(np.array([1, 1, 0, 0, 0, 0, 0, 1, 1, 1], dtype=bool))
+    assert kept.segments == (0, 2) and kept.values[:, 0].tolist() == [0, 1, 7, 8, 9]
+    assert s.select(np.arange(10) >= 5).segments == (0, 2)
+
+
+def test_seasonal_naive_is_the_reading_exactly_one_day_earlier_of_the_same_sensor():
+    from stream_forecaster.training import _day_before
+
+    day = 86_400
+    stamps = [0, 60, 120, day, day + 60, day + 180, 0, day]  # two sensors; the second starts at row 6
+    s = series(stamps, [1, 2, 3, 10, 20, 30, 5, 50], segments=(0, 6))
+    got = _day_before(s, np.array([3, 4, 5, 7]), [0])[:, 0]
+    np.testing.assert_array_equal(got[:2], [1, 2])  # minutes 0 and 1 of the day before
+    assert np.isnan(got[2])  # day + 180 s: that minute is missing a day earlier
+    assert got[3] == 5  # the second sensor's own reading, not the first one's
