@@ -5,7 +5,8 @@
 --quick shortens every measurement (a few minutes in all); --json also writes the
 figures under the keys model_ceiling_windows_per_s, naive_windows_per_s,
 e2e_predictions_per_s (sensor count -> figure), latency_p50_ms, latency_p99_ms,
-ingest_msgs_per_s and bytes_per_sensor. --large adds the end-to-end run with
+ingest_msgs_per_s and bytes_per_sensor (the default model's 7 columns; also
+bytes_per_sensor_one_column). --large adds the end-to-end run with
 100,000 sensors (6,000,000 readings: long).
 """
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -61,13 +61,6 @@ def ingest(forecaster, messages: int, sensors: int = 1000) -> float:
     return messages / (time.perf_counter() - start)
 
 
-def bytes_per_sensor(n: int) -> float:
-    out = subprocess.run([sys.executable, "-c", memory.CHILD, str(n), str(HERE.parent)], check=True,
-                         capture_output=True, text=True).stdout
-    r = json.loads(out)
-    return r["bytes"] / r["sensors"]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -108,8 +101,13 @@ def main() -> None:
     figures["ingest_msgs_per_s"] = ingest(forecaster, 50_000 if q else 200_000)
     rows.append(("ingest only (parse and buffer)", f"{figures['ingest_msgs_per_s']:,.0f} messages/s"))
     n = 100_000 if q else 1_000_000
-    figures["bytes_per_sensor"] = bytes_per_sensor(n)
-    rows.append((f"window state, {n:,} sensors", f"{figures['bytes_per_sensor']:.0f} bytes per sensor"))
+    r = memory.measure(n)
+    figures["bytes_per_sensor"] = r["bytes"] / r["sensors"]
+    one = memory.measure(n, "one")
+    figures["bytes_per_sensor_one_column"] = one["bytes"] / one["sensors"]
+    rows.append((f"window state, {n:,} sensors", f"{figures['bytes_per_sensor']:.0f} bytes per sensor "
+                                                  f"({r['columns']} columns; {figures['bytes_per_sensor_one_column']:.0f} "
+                                                  f"with one column)"))
 
     ceiling = figures["model_ceiling_windows_per_s"]
     e2e = max(figures["e2e_predictions_per_s"].values())

@@ -75,7 +75,8 @@ def parse_duration(value) -> float:
 @dataclass(frozen=True)
 class DataConfig:
     path: str | None = _spec(None)
-    features: tuple[str, ...] = _spec(["Global_active_power"])
+    features: tuple[str, ...] = _spec(["Global_active_power", "Global_reactive_power", "Voltage", "Global_intensity",
+                                       "Sub_metering_1", "Sub_metering_2", "Sub_metering_3"])
     targets: tuple[str, ...] = _spec(["Global_active_power"])
     ratio: float = _spec(1.0, low=0.0, high=1.0, low_open=True)
     train_split: float = _spec(0.9, low=0.0, high=1.0, low_open=True)
@@ -87,17 +88,18 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     sequence_length: int = _spec(50, low=2, high=10_000)
-    layers: tuple[int, ...] = _spec([1, 50, 100, 1], low=1)
+    layers: tuple[int, ...] = _spec([7, 50, 100, 1], low=1)
     dropout: float = _spec(0.2, low=0.0, high=1.0)
-    loss: str = _spec("mse", choices=("mse", "mae", "huber"))
-    optimizer: str = _spec("rmsprop", choices=("rmsprop", "adam", "sgd"))
+    loss: str = _spec("huber", choices=("mse", "mae", "huber"))
+    optimizer: str = _spec("adam", choices=("rmsprop", "adam", "sgd"))
     learning_rate: float = _spec(0.001, low=0.0, high=10.0, low_open=True)
     batch_size: int = _spec(512, low=1, high=1_000_000)
-    epochs: int = _spec(1, low=1, high=100_000)
+    epochs: int = _spec(15, low=1, high=100_000)
     validation_split: float = _spec(0.05, low=0.0, high=1.0)
     seed: int = _spec(7, low=0)
-    predict: str = _spec("level", choices=("level", "change"))
-    patience: int = _spec(0, low=0, high=1_000)
+    predict: str = _spec("change", choices=("level", "change"))
+    min_step: float | None = _spec(None, low=0.0)
+    patience: int = _spec(2, low=0, high=1_000)
     intervals: tuple[float, ...] = _spec([0.1, 0.9], low=0.0, high=1.0, low_open=True)
     preset: str | None = _spec(None, choices=(None, "seed"))
 
@@ -250,7 +252,7 @@ PRESETS = {
         "data": {"features": ["Global_active_power"], "targets": ["Global_active_power"], "normalization": "center"},
         "model": {"sequence_length": 50, "layers": [1, 50, 100, 1], "dropout": 0.2, "loss": "mse",
                   "optimizer": "rmsprop", "learning_rate": 0.001, "batch_size": 512, "epochs": 3,
-                  "predict": "level", "patience": 0},
+                  "predict": "level", "patience": 0, "min_step": 0.0},
     },
 }
 

@@ -36,6 +36,7 @@ __all__ = ["run_demo"]
 log = logging.getLogger(__name__)
 SENSOR = "house-1"
 TRAIN_FRACTION = 0.75  # three of the sample's four weeks; the fourth is replayed
+DEMO_EPOCHS = 3
 PLOT_POINTS = 300
 
 
@@ -70,10 +71,11 @@ def _train_if_empty(config_path, overrides, config: Config) -> None:
         return
     from .training import train
 
-    print(f"model: none in {store.path}; training one on the first three weeks of the bundled sample")
+    epochs = min(config.model.epochs, DEMO_EPOCHS)  # a demo should start within a minute or two
+    print(f"model: none in {store.path}; training one ({epochs} epochs) on the first three weeks of the bundled sample")
     columns = list(dict.fromkeys(config.data.features + config.data.targets))
     series = read_uci(SAMPLE_PATH, columns, ratio=TRAIN_FRACTION)
-    trained = train(config, series)
+    trained = train(config.replace("model", epochs=epochs), series)
     version = store.publish(trained.forecaster.save)
     s = trained.test.summary()
     print(f"model: version {version} trained in {trained.seconds:.0f} s; test RMSE {s['rmse']:.4f} "

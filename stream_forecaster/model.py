@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 import platform
 from dataclasses import dataclass
@@ -219,9 +220,11 @@ class Forecaster:
         norm = metadata["normalization"]
         self.feature_scaler = Scaler.from_dict(norm["features"])
         self.target_scaler = Scaler.from_dict(norm["targets"])
-        # "change": the model's output is the step from the last reading, in the target's scale
-        self._last = ([self.features.index(t) for t in self.targets] if metadata.get("predict") == "change"
-                      else None)
+        # where each target's last reading sits among the features (None when a target is not a feature)
+        self._last = ([self.features.index(t) for t in self.targets]
+                      if set(self.targets) <= set(self.features) else None)
+        self._change = metadata.get("predict") == "change"  # the output is the step from the last reading
+        self._min_step = np.asarray(metadata["min_step"], np.float32) if metadata.get("min_step") else None
         intervals = metadata.get("intervals") or {}
         self.interval_quantiles: tuple[float, ...] = tuple(intervals.get("quantiles", ()))
         self._offsets = (np.asarray(intervals["lower"], np.float32), np.asarray(intervals["upper"], np.float32)) \
@@ -244,9 +247,15 @@ class Forecaster:
         for start in range(0, len(windows), _MAX_CHUNK):
             chunk = self.feature_scaler.transform(windows[start:start + _MAX_CHUNK])
             out[start:start + len(chunk)] = self._call(chunk).numpy()
-        if self._last is not None:
-            return windows[:, -1, self._last] + out * self.target_scaler.scale
-        return self.target_scaler.inverse(out)
+        if self._change:
+            out = windows[:, -1, self._last] + out * self.target_scaler.scale
+        else:
+            out = self.target_scaler.inverse(out)
+        if self._min_step is not None:
+            # a forecast step smaller than min_step is noise more often than not: keep the last reading
+            last = windows[:, -1, self._last]
+            out = np.where(np.abs(out - last) < self._min_step, last, out)
+        return out
 
     def bounds(self, predictions: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """Lower and upper bounds around ``predictions`` at :attr:`interval_quantiles`, or None.
@@ -260,13 +269,19 @@ class Forecaster:
         return predictions + self._offsets[0], predictions + self._offsets[1]
 
     def forecast_async(self, windows: np.ndarray) -> Future:
-        """:meth:`forecast` on the inference thread; leave ``windows`` untouched until the result is in.
+        """:meth:`forecast` on the inference thread: a future of ``(predictions, seconds it took)``.
 
-        TensorFlow releases the GIL while it computes, so the caller's Python
-        work (parsing the next readings, publishing the last forecasts) runs
-        meanwhile. One thread for every forecaster: models never compete.
+        Leave ``windows`` untouched until the result is in. TensorFlow releases
+        the GIL while it computes, so the caller's Python work (parsing the next
+        readings, publishing the last forecasts) runs meanwhile. One thread for
+        every forecaster: models never compete.
         """
-        return _inference_thread().submit(self.forecast, windows)
+        def timed():
+            started = time.perf_counter()
+            predictions = self.forecast(windows)
+            return predictions, time.perf_counter() - started
+
+        return _inference_thread().submit(timed)
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write the Keras file and the metadata into an existing directory."""

@@ -198,12 +198,16 @@ def train(config: Config, series: Series, initial: Forecaster | None = None,
             "dropout": spec.dropout,
             "seed": spec.seed,
             "patience": spec.patience,
+            "min_step": spec.min_step,
             "preset": spec.preset,
             "history": history,
         },
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "libraries": library_versions(),
     }
+    if len(validation_starts) and set(data.targets) <= set(data.features) and spec.min_step != 0:
+        metadata["min_step"] = [spec.min_step] * len(data.targets) if spec.min_step is not None else \
+            _calibrate_min_step(backtest(Forecaster(model, metadata), series, validation_starts))
     if spec.intervals and len(validation_starts):
         errors = backtest(Forecaster(model, metadata), series, validation_starts)
         residuals = errors.truth - errors.predicted
@@ -218,6 +222,30 @@ def train(config: Config, series: Series, initial: Forecaster | None = None,
     metadata["training"]["seconds"] = round(time.monotonic() - started, 3)
     metadata["test"] = {k: v for k, v in test.summary().items() if k != "model_version"}
     return Trained(forecaster, test, test_starts, time.monotonic() - started)
+
+
+def _calibrate_min_step(validation: Backtest) -> list[float]:
+    """Per target, the smallest forecast step worth taking, chosen on the validation slice.
+
+    Steps below it become "no change" (the last reading): small forecast steps
+    are mostly noise, which costs MAE where persistence is hard to beat. The
+    threshold minimises MAE / persistence's MAE + RMSE / persistence's RMSE,
+    both goals at once.
+    """
+    chosen = []
+    for t in range(len(validation.targets)):
+        truth, forecast, last = (a[:, t].astype(np.float64) for a in
+                                 (validation.truth, validation.predicted, validation.persistence))
+        step = np.abs(forecast - last)
+        base_mae, base_rmse = np.abs(truth - last).mean(), np.sqrt(np.square(truth - last).mean())
+        best = None
+        for threshold in np.unique(np.quantile(step, np.linspace(0, 0.99, 34))):
+            held = np.where(step < threshold, last, forecast)
+            cost = np.abs(truth - held).mean() / base_mae + np.sqrt(np.square(truth - held).mean()) / base_rmse
+            if best is None or cost < best[0]:
+                best = (cost, float(threshold))
+        chosen.append(best[1])
+    return chosen
 
 
 def _rows_of(starts: np.ndarray, length: int, n_rows: int) -> np.ndarray:

@@ -35,7 +35,7 @@ def tiny_config(tmp_path):
             None,
             [
                 "model.sequence_length=6",
-                "model.layers=[1, 8, 1]",
+                "data.features=[Global_active_power]", "model.layers=[1, 8, 1]",
                 "model.epochs=1",
                 "model.batch_size=64",
                 f"model_store.path={tmp_path / 'models'}",
@@ -56,7 +56,8 @@ def make_forecaster(features=("Global_active_power",), targets=("Global_active_p
 
     spec = load_config(None, [f"data.features={list(features)}", f"data.targets={list(targets)}",
                               f"model.layers={[len(features), *hidden, len(targets)]}",
-                              f"model.sequence_length={sequence_length}", f"model.seed={seed}"], environ={}).model
+                              f"model.sequence_length={sequence_length}", f"model.seed={seed}",
+                              "model.predict=level"], environ={}).model
     meta = {
         "features": list(features), "targets": list(targets), "sequence_length": sequence_length,
         "normalization": {

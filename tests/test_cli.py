@@ -16,7 +16,8 @@ from stream_forecaster.registry import ModelStore
 from stream_forecaster.training import backtest
 from stream_forecaster.records import read_uci
 
-TINY = ["--set", "model.sequence_length=10", "--set", "model.layers=[1, 8, 1]", "--set", "model.batch_size=64"]
+TINY = ["--set", "model.sequence_length=10", "--set", "data.features=[Global_active_power]", "--set", "model.layers=[1, 8, 1]", "--set", "model.batch_size=64",
+        "--set", "model.epochs=1"]
 
 
 @pytest.fixture
@@ -68,7 +69,8 @@ def test_train_then_evaluate(tmp_path, data_file, capsys):
 
 def test_multi_feature_multi_target(tmp_path, data_file, capsys):
     args = ["--set", "data.features=[Global_active_power, Voltage, Global_intensity]",
-            "--set", "data.targets=[Global_active_power, Sub_metering_3]", "--set", "model.layers=[3, 6, 6, 2]"]
+            "--set", "data.targets=[Global_active_power, Sub_metering_3]", "--set", "model.layers=[3, 6, 6, 2]",
+            "--set", "model.predict=level"]
     assert main(["train", "--data", str(data_file), "--quiet", *TINY[:2], *TINY[4:], *args, *store_args(tmp_path)]) == 0
     capsys.readouterr()
     assert main(["evaluate", "--data", str(data_file), "--json", *store_args(tmp_path)]) == 0
@@ -87,6 +89,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path, data_file, capsys):
     assert main(["train", "--data", str(short), *TINY, *store_args(tmp_path)]) == 2
     assert "too few to train" in capsys.readouterr().err
     assert main(["train", "--data", str(data_file), "--set", "data.features=Volts", "--set", "data.targets=Volts",
+                 "--set", "model.layers=[1, 8, 1]",
                  *store_args(tmp_path)]) == 2
     assert "Volts not in the data" in capsys.readouterr().err
 
@@ -115,11 +118,12 @@ def test_change_model_with_intervals_trained_before_a_date_and_scored_after_it(t
     series = read_uci(data, ["Global_active_power"])
     cut = "2006-12-18T12:00:00"
     args = ["--set", "model.predict=change", "--set", "model.intervals=[0.1, 0.9]", "--set", "model.patience=1",
-            "--set", "model.epochs=2", *TINY, *store_args(tmp_path)]
+            *TINY, "--set", "model.epochs=2", *store_args(tmp_path)]
     assert main(["train", "--data", str(data), "--quiet", "--until", cut, *args]) == 0
     capsys.readouterr()
     meta = ModelStore(tmp_path / "models").metadata("1")
     assert meta["predict"] == "change"
+    assert len(meta["min_step"]) == 1 and meta["min_step"][0] >= 0  # chosen on the validation slice (null)
     assert meta["data"]["last"] < cut  # nothing at or after the cut was read
     low, high = meta["intervals"]["lower"][0], meta["intervals"]["upper"][0]
     assert low <= 0 <= high

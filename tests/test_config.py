@@ -12,12 +12,12 @@ def test_repo_config_holds_exactly_the_defaults():
     assert load_config(REPO_CONFIG, environ={}) == Config()
 
 
-def test_defaults_follow_the_seed_model():
+def test_defaults_keep_the_seed_architecture_and_learn_the_step_from_every_column():
     config = load_config(None, environ={})
     assert config.model.sequence_length == 50
-    assert config.model.layers == (1, 50, 100, 1)
+    assert config.model.layers == (7, 50, 100, 1) and len(config.data.features) == 7
     assert config.model.dropout == 0.2
-    assert config.model.loss == "mse" and config.model.optimizer == "rmsprop"
+    assert config.model.predict == "change" and config.model.loss == "huber"
     assert config.data.train_split == 0.9
 
 
@@ -82,7 +82,7 @@ def test_set_overrides_parse_yaml_and_beat_the_file(tmp_path):
 
 def test_single_string_is_accepted_for_a_list_of_strings():
     config = load_config(None, ["kafka.bootstrap_servers=host:9092", "data.features=Voltage",
-                                "data.targets=Voltage"], environ={})
+                                "data.targets=Voltage", "model.layers=[1, 8, 1]"], environ={})
     assert config.kafka.bootstrap_servers == ("host:9092",)
     assert config.data.features == ("Voltage",)
 
@@ -170,4 +170,5 @@ def test_seed_preset_replaces_the_keys_it_names_and_set_still_wins():
 
 def test_change_needs_the_targets_among_the_features():
     with pytest.raises(ConfigError, match="model.predict: change needs every target among data.features"):
-        load_config(None, ["model.predict=change", "data.targets=[Voltage]"], environ={})
+        load_config(None, ["model.predict=change", "data.features=[Global_active_power]", "data.targets=[Voltage]",
+                           "model.layers=[1, 8, 1]"], environ={})

@@ -79,7 +79,7 @@ def test_running_loop_counts_every_message_and_forecasts_the_valid_ones(stream, 
     forecaster = FORECASTER
     metrics = Metrics(forecaster.targets)
     sink = ListSink()
-    config = load_config(None, ["model.sequence_length=6", "model.layers=[1, 8, 1]", "kafka.dead_letter_topic=dead"],
+    config = load_config(None, ["model.sequence_length=6", "data.features=[Global_active_power]", "model.layers=[1, 8, 1]", "kafka.dead_letter_topic=dead"],
                          environ={})
     pipeline = Pipeline(config, forecaster, sink, metrics)
     records = [FakeRecord("in", 0, i, k, v) for i, (k, v, _) in enumerate(stream)]

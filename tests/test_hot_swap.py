@@ -81,7 +81,7 @@ def test_other_sequence_length_is_refused(store, caplog):
 
 
 def test_daemon_swaps_between_batches_without_dropping_or_repeating(store, tmp_path):
-    config = load_config(None, [f"model_store.path={store.path}", "model.sequence_length=6", "model.layers=[1, 8, 1]",
+    config = load_config(None, [f"model_store.path={store.path}", "model.sequence_length=6", "data.features=[Global_active_power]", "model.layers=[1, 8, 1]",
                                 "metrics.port=0", "model_store.poll_interval=3600s"], environ={})
     lines = sample_lines(40)
     records = [FakeRecord("in", 0, i, b"s", line.encode()) for i, line in enumerate(lines)]

@@ -46,7 +46,7 @@ def test_kcat_produces_readings_and_reads_predictions(shimmed_broker, tmp_path):
     store.publish(make_forecaster(sequence_length=L).save)
     overrides = [f"kafka.bootstrap_servers={shimmed_broker}", "kafka.input_topic=readings",
                  "kafka.output_topic=predictions", "kafka.group_id=kcat-test", "kafka.session_timeout_ms=6000",
-                 f"model_store.path={store.path}", "model.sequence_length=6", "model.layers=[1, 8, 1]"]
+                 f"model_store.path={store.path}", "model.sequence_length=6", "data.features=[Global_active_power]", "model.layers=[1, 8, 1]"]
     config = load_config(None, overrides, environ={})
     ensure_topics(config.kafka, ["readings", "predictions"], partitions=2)
     lines = {"meter-1": sample_lines(12), "meter-2": sample_lines(9, start=3000)}

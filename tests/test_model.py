@@ -10,7 +10,7 @@ keras = pytest.importorskip("keras")
 def spec(layers, sequence_length=8, features=None, targets=None):
     features = features or [f"f{i}" for i in range(layers[0])]
     targets = targets or [f"t{i}" for i in range(layers[-1])]
-    return load_config(None, [f"model.layers={list(layers)}", f"model.sequence_length={sequence_length}",
+    return load_config(None, ["model.predict=level", f"model.layers={list(layers)}", f"model.sequence_length={sequence_length}",
                               f"data.features={features}", f"data.targets={targets}"], environ={}).model
 
 
@@ -25,13 +25,16 @@ def test_stacked_lstm_wiring(layers):
     assert model.layers[-1].units == layers[-1]
     assert model.input_shape == (None, 7, layers[0])
     assert model.output_shape == (None, layers[-1])
-    assert model.loss == "mse" and type(model.optimizer).__name__ == "RMSprop"
+    assert type(model.loss).__name__ == "Huber"
+    assert type(model.optimizer).__name__ == "Adam"
 
 
-def test_default_is_the_seed_architecture():
+def test_default_is_the_seed_architecture_over_every_column_and_the_preset_is_the_seed():
     model = build_model(load_config(None, environ={}).model)
     assert [type(l).__name__ for l in model.layers] == ["LSTM", "Dropout", "LSTM", "Dropout", "Dense"]
-    assert model.input_shape == (None, 49, 1)
+    assert model.input_shape == (None, 49, 7)
+    seed = build_model(load_config(None, ["model.preset=seed"], environ={}).model)
+    assert seed.input_shape == (None, 49, 1) and seed.loss == "mse"
 
 
 def metadata(features, targets, sequence_length, rng):
@@ -105,3 +108,34 @@ def test_bounds_add_the_stored_error_quantiles():
     assert forecaster.interval_quantiles == (0.1, 0.9)
     assert Forecaster(build_model(spec([1, 4, 2], sequence_length=5)), metadata(["a"], ["x", "y"], 5, rng)).bounds(
         predictions) is None
+
+
+def test_min_step_keeps_the_last_reading_when_the_forecast_moves_less():
+    rng = np.random.default_rng(3)
+    meta = metadata(["x", "a"], ["x"], 5, rng)
+    free = Forecaster(build_model(spec([2, 4, 1], sequence_length=5)), meta)
+    windows = rng.normal(loc=3.0, size=(50, 4, 2)).astype(np.float32)
+    raw, last = free.forecast(windows), windows[:, -1, [0]]
+    threshold = float(np.median(np.abs(raw - last)))
+    held = Forecaster(free.model, {**meta, "min_step": [threshold]}).forecast(windows)
+    small = np.abs(raw - last) < threshold
+    assert small.any() and (~small).any()
+    np.testing.assert_array_equal(held[small], last[small])
+    np.testing.assert_array_equal(held[~small], raw[~small])
+
+
+def test_min_step_calibration_holds_small_noisy_steps_and_keeps_real_ones():
+    from stream_forecaster.training import Backtest, _calibrate_min_step
+
+    rng = np.random.default_rng(4)
+    n = 4000
+    last = rng.normal(size=(n, 1)).astype(np.float32)
+    jump = rng.random((n, 1)) < 0.05  # rare real steps of size 3, which the forecast sees coming
+    truth = last + np.where(jump, 3.0, rng.normal(scale=0.01, size=(n, 1))).astype(np.float32)
+    forecast = last + np.where(jump, 3.0, rng.normal(scale=0.2, size=(n, 1))).astype(np.float32)  # noisy otherwise
+    validation = Backtest(("x",), np.arange(n), truth, forecast, last, None)
+    threshold = _calibrate_min_step(validation)[0]
+    assert 0.2 < threshold <= 3.0
+    held = np.where(np.abs(forecast - last) < threshold, last, forecast)
+    assert np.abs(truth - held).mean() <= np.abs(truth - last).mean()
+    assert np.sqrt(np.square(truth - held).mean()) < 0.5 * np.sqrt(np.square(truth - last).mean())

@@ -17,7 +17,7 @@ L = 6
 
 
 def config(*overrides):
-    return load_config(None, ["model.sequence_length=6", "model.layers=[1, 8, 1]", "metrics.rolling_window=1000",
+    return load_config(None, ["model.sequence_length=6", "data.features=[Global_active_power]", "model.layers=[1, 8, 1]", "metrics.rolling_window=1000",
                               *overrides], environ={})
 
 
@@ -149,7 +149,7 @@ def test_multi_target_prediction_is_an_object_per_target():
     forecaster = make_forecaster(features=("Global_active_power", "Voltage"), targets=("Global_active_power", "Sub_metering_3"),
                                  sequence_length=L)
     pipeline, sink, _ = build("data.features=[Global_active_power, Voltage]",
-                              "data.targets=[Global_active_power, Sub_metering_3]", "model.layers=[2, 8, 2]",
+                              "data.targets=[Global_active_power, Sub_metering_3]", "model.layers=[2, 8, 2]", "model.predict=level",
                               forecaster=forecaster)
     records = [FakeRecord("in", 0, i, b"h", line.encode()) for i, line in enumerate(sample_lines(10))]
     pipeline.process(records)

@@ -169,7 +169,7 @@ def test_slow_batches_stay_inside_max_poll_interval(broker, kafka_names, tmp_pat
     store = ModelStore(tmp_path / "models")
     store.publish(make_forecaster(sequence_length=L, hidden=(384, 384)).save)
     overrides = daemon_overrides(broker.address, kafka_names, store.path, kafka__max_poll_interval_ms="4000",
-                                 kafka__max_poll_records="100000", model__layers="[1, 384, 384, 1]")
+                                 kafka__max_poll_records="100000", model__layers="[1, 384, 384, 1]", data__features="[Global_active_power]")
     config = load_config(None, overrides, environ={})
     ensure_topics(config.kafka, [config.kafka.input_topic, config.kafka.output_topic], partitions=2)
     many = {s: [l for l in sample_lines(6000, start=6000 * i) if "?" not in l][:4000] for i, s in enumerate(SENSORS)}

@@ -16,7 +16,8 @@ from stream_forecaster.records import SAMPLE_PATH
 from stream_forecaster.retrain import Retrainer, series_from_records
 from stream_forecaster.testing import FakeRecord
 
-BASE = ["model.sequence_length=8", "model.layers=[1, 8, 1]", "model.batch_size=128", "data.ratio=0.15"]
+BASE = ["model.sequence_length=8", "data.features=[Global_active_power]", "model.layers=[1, 8, 1]", "model.batch_size=128", "data.ratio=0.15",
+        "model.epochs=1"]
 
 
 def retrainer(tmp_path, *overrides, data=SAMPLE_PATH):

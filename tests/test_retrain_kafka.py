@@ -73,7 +73,8 @@ def test_retrain_from_topic_and_swap_under_load(broker, kafka_names, tmp_path):
     store.publish(make_forecaster(sequence_length=L, target_mean=40.0).save)  # a poor current model
     common = [f"kafka.bootstrap_servers={broker.address}", f"kafka.input_topic={kafka_names['input']}",
               "kafka.session_timeout_ms=6000", f"model_store.path={store.path}", "model_store.poll_interval=1s",
-              "model.sequence_length=6", "model.layers=[1, 8, 1]"]
+              "model.sequence_length=6", "data.features=[Global_active_power]", "model.layers=[1, 8, 1]",
+              "model.epochs=1"]
     outputs = {"a": kafka_names["output"] + "-a", "b": kafka_names["output"] + "-b"}
     config = load_config(None, common, environ={})
     ensure_topics(config.kafka, [config.kafka.input_topic, *outputs.values()], partitions=2)

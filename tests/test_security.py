@@ -56,7 +56,7 @@ def test_unknown_sasl_mechanism_is_refused():
 def test_daemon_start_up_log_states_the_config_without_secrets(tmp_path, caplog):
     store = ModelStore(tmp_path / "models")
     store.publish(make_forecaster(sequence_length=6).save)
-    config = load_config(None, [f"model_store.path={store.path}", "model.sequence_length=6", "model.layers=[1, 8, 1]",
+    config = load_config(None, [f"model_store.path={store.path}", "model.sequence_length=6", "data.features=[Global_active_power]", "model.layers=[1, 8, 1]",
                                 "metrics.port=0"], environ={"STREAM_FORECASTER__KAFKA__SASL_PASSWORD": SECRET})
     stop = threading.Event()
     daemon = Daemon(config, source=ListSource([], stop_when_done=stop), sink=ListSink())

@@ -59,8 +59,8 @@ def _refused(port):
 
 def test_demo_trains_streams_and_plots(tmp_path):
     args = [sys.executable, "-m", "stream_forecaster.cli", "demo", "--rate", "5000", "--out", str(tmp_path / "out"),
-            "--set", "model.sequence_length=10", "--set", "model.layers=[1, 8, 1]",
-            "--set", f"model_store.path={tmp_path / 'models'}"]
+            "--set", "model.sequence_length=10", "--set", "data.features=[Global_active_power]", "--set", "model.layers=[1, 8, 1]",
+            "--set", "model.epochs=1", "--set", f"model_store.path={tmp_path / 'models'}"]
     result = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=300,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert result.returncode == 0, result.stdout + result.stderr
