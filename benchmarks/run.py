@@ -38,7 +38,7 @@ from stream_forecaster.testing import FakeRecord, ListSink  # noqa: E402
 
 def naive(forecaster, calls: int) -> float:
     """The tutorials' way: ``model.predict`` on one window per message."""
-    window = np.zeros((1, forecaster.sequence_length - 1, 1), dtype=np.float32)
+    window = np.zeros((1, forecaster.sequence_length - 1, len(forecaster.features)), dtype=np.float32)
     forecaster.model.predict(window, verbose=0)
     start = time.perf_counter()
     for _ in range(calls):

@@ -39,7 +39,8 @@ from stream_forecaster.registry import ModelStore  # noqa: E402
 def default_forecaster(config) -> Forecaster:
     identity = Scaler(np.zeros(1, np.float32), np.ones(1, np.float32)).to_dict()
     meta = {"features": list(config.data.features), "targets": list(config.data.targets),
-            "sequence_length": config.model.sequence_length,
+            "sequence_length": config.model.sequence_length, "predict": config.model.predict,
+            "min_step": [0.2] * len(config.data.targets),  # as trained (chosen on validation): the same work
             "normalization": {"features": identity, "targets": identity}}
     return Forecaster(build_model(config.model), meta)
 
@@ -48,7 +49,7 @@ def ceiling(forecaster: Forecaster, seconds: float = 3.0) -> dict[int, float]:
     rates = {}
     rng = np.random.default_rng(0)
     for batch in (64, 256, 1024, 4096):
-        windows = rng.normal(size=(batch, forecaster.sequence_length - 1, 1)).astype(np.float32)
+        windows = rng.normal(size=(batch, forecaster.sequence_length - 1, len(forecaster.features))).astype(np.float32)
         forecaster.forecast(windows)
         n, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:

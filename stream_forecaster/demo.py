@@ -72,7 +72,7 @@ def _train_if_empty(config_path, overrides, config: Config) -> None:
     from .training import train
 
     epochs = min(config.model.epochs, DEMO_EPOCHS)  # a demo should start within a minute or two
-    print(f"model: none in {store.path}; training one ({epochs} epochs) on the first three weeks of the bundled sample")
+    print(f"model: none in {store.path}; training one on the first three weeks of the bundled sample ({epochs} epochs)")
     columns = list(dict.fromkeys(config.data.features + config.data.targets))
     series = read_uci(SAMPLE_PATH, columns, ratio=TRAIN_FRACTION)
     trained = train(config.replace("model", epochs=epochs), series)

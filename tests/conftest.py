@@ -107,6 +107,7 @@ def daemon_overrides(address: str, names: dict, store_path, **extra: str) -> lis
         "kafka.bootstrap_servers": address, "kafka.input_topic": names["input"],
         "kafka.output_topic": names["output"], "kafka.group_id": names["group"], "kafka.session_timeout_ms": "6000",
         "model_store.path": str(store_path), "model.sequence_length": "6", "model.layers": "[1, 8, 1]",
+        "data.features": "[Global_active_power]",
         **{k.replace("__", "."): v for k, v in extra.items()},
     }
     return [f"{k}={v}" for k, v in values.items()]

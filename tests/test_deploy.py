@@ -134,7 +134,7 @@ def test_kubernetes_configmap_is_config_yaml_with_the_in_cluster_settings(tmp_pa
     assert (in_cluster.metrics.host, in_cluster.model_store.path) == ("0.0.0.0", "/models")
     expected = shipped.replace("kafka", bootstrap_servers=in_cluster.kafka.bootstrap_servers) \
         .replace("metrics", host="0.0.0.0").replace("model_store", path="/models")
-    assert in_cluster == expected
+    assert in_cluster == expected, "deploy/k8s/configmap.yaml is stale: run python deploy/k8s/configmap.py"
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not available here")
