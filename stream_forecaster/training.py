@@ -120,15 +120,15 @@ def backtest(forecaster: Forecaster, series: Series, starts: np.ndarray | None =
 def _day_before(series: Series, rows: np.ndarray, target_index) -> np.ndarray:
     """Seasonal naive: each row's targets as read exactly one day earlier (same sensor), else NaN."""
     out = np.full((len(rows), len(target_index)), np.nan, dtype=np.float32)
+    if not len(series):
+        return out
+    # (sensor, time) as one sorted key: each sensor's readings are in time order, sensors one after another
     segment_of = np.searchsorted(series.segments, np.arange(len(series)), side="right") - 1
-    for segment, lo in enumerate(series.segments):
-        hi = series.segments[segment + 1] if segment + 1 < len(series.segments) else len(series)
-        mine = np.flatnonzero(segment_of[rows] == segment)
-        stamps = series.timestamps[lo:hi]
-        wanted = series.timestamps[rows[mine]] - 86_400
-        at = np.clip(np.searchsorted(stamps, wanted), 0, max(0, hi - lo - 1))
-        found = stamps[at] == wanted if hi > lo else np.zeros(len(mine), bool)
-        out[mine[found]] = series.values[lo + at[found]][:, target_index]
+    keys = segment_of.astype(np.int64) << 33 | series.timestamps.astype(np.int64)
+    wanted = keys[rows] - 86_400
+    at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+    found = keys[at] == wanted
+    out[found] = series.values[at[found]][:, target_index]
     return out
 
 
