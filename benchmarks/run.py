@@ -86,7 +86,7 @@ def main() -> None:
         store = ModelStore(Path(tmp) / "models")
         store.publish(forecaster.save)
         for sensors in counts:
-            r = throughput.end_to_end(broker, store.path, 20_000 if q else 40_000, sensors, Path(tmp))
+            r = throughput.end_to_end(broker, store.path, 20_000 if q else 40_000, sensors, Path(tmp), 50 if q else 100)
             figures["e2e_predictions_per_s"][str(sensors)] = r["predictions_per_s"]
             rows.append((f"end to end, {sensors:,} sensors", f"{r['readings_per_s']:,.0f} readings/s in, "
                                                              f"{r['predictions_per_s']:,.0f} predictions/s out"))

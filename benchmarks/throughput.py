@@ -4,7 +4,7 @@
 
 Every sensor reports minute by minute. A first daemon consumes the readings that
 fill the windows (no forecast yet) and stops; then at least 100 readings per
-sensor are produced, and a second daemon, which refills the windows from the
+sensor (50 under `run.py --quick`) are produced, and a second daemon, which refills the windows from the
 topic as it starts, is timed over them: the steady state, every reading forecast.
 
 The default model (config defaults, untrained weights: speed does not depend on
@@ -59,10 +59,10 @@ def ceiling(forecaster: Forecaster, seconds: float = 3.0) -> dict[int, float]:
     return rates
 
 
-def end_to_end(broker, store_path: Path, readings: int, sensors: int, workdir: Path) -> dict:
+def end_to_end(broker, store_path: Path, readings: int, sensors: int, workdir: Path, per_sensor: int = 100) -> dict:
     """Steady state: a first daemon fills every window and stops; a second one, which refills the windows
     from the topic on start, is timed over a backlog in which every reading is forecast."""
-    readings = max(readings, 100 * sensors)
+    readings = max(readings, per_sensor * sensors)
     tag = f"s{sensors}-{time.monotonic_ns()}"
     overrides = [f"kafka.bootstrap_servers={broker.address}", f"kafka.input_topic=in-{tag}",
                  f"kafka.output_topic=out-{tag}", f"kafka.group_id=g-{tag}", "kafka.session_timeout_ms=6000",
