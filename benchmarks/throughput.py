@@ -17,10 +17,12 @@ batched model call alone, in the same run.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -31,7 +33,7 @@ from stream_forecaster.config import load_config  # noqa: E402
 from stream_forecaster.devbroker import DevBroker, free_port  # noqa: E402
 from stream_forecaster.kafka_io import KafkaSink, ensure_topics  # noqa: E402
 from stream_forecaster.metrics import scrape  # noqa: E402
-from stream_forecaster.model import Forecaster, Scaler, build_model  # noqa: E402
+from stream_forecaster.model import Forecaster, Scaler, build_model, use_inference_threads  # noqa: E402
 from stream_forecaster.records import SAMPLE_PATH, OutRecord, open_text  # noqa: E402
 from stream_forecaster.registry import ModelStore  # noqa: E402
 
@@ -45,18 +47,40 @@ def default_forecaster(config) -> Forecaster:
     return Forecaster(build_model(config.model), meta)
 
 
-def ceiling(forecaster: Forecaster, seconds: float = 3.0) -> dict[int, float]:
+def ceiling(forecaster: Forecaster, seconds: float = 3.0, callers: int = 1) -> dict[int, float]:
+    """Windows/s at several batch sizes, with ``callers`` threads calling the model at once."""
     rates = {}
     rng = np.random.default_rng(0)
     for batch in (64, 256, 1024, 4096):
         windows = rng.normal(size=(batch, forecaster.sequence_length - 1, len(forecaster.features))).astype(np.float32)
         forecaster.forecast(windows)
-        n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            forecaster.forecast(windows)
-            n += batch
-        rates[batch] = n / (time.perf_counter() - start)
+        counts, start = [0] * callers, time.perf_counter()
+
+        def call(i):
+            while time.perf_counter() - start < seconds:
+                forecaster.forecast(windows)
+                counts[i] += batch
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(callers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        rates[batch] = sum(counts) / (time.perf_counter() - start)
     return rates
+
+
+def ceilings(forecaster: Forecaster, seconds: float = 3.0) -> dict[str, dict[int, float]]:
+    """The model alone, both ways: one call on TensorFlow's own threads (in this process), and as the daemon
+    runs it, one call per CPU at once, one core each (a fresh process: TensorFlow fixes its pools at start)."""
+    daemon = subprocess.run([sys.executable, __file__, "--ceiling-as-daemon", str(seconds)],
+                            capture_output=True, text=True, check=True).stdout.splitlines()[-1]
+    return {"one call": ceiling(forecaster, seconds),
+            f"{_cpus()} calls at once": {int(k): v for k, v in json.loads(daemon).items()}}
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def end_to_end(broker, store_path: Path, readings: int, sensors: int, workdir: Path, per_sensor: int = 100) -> dict:
@@ -108,7 +132,7 @@ def end_to_end(broker, store_path: Path, readings: int, sensors: int, workdir: P
                     first = sample
                 if sample[1] >= until_readings and sample[2] >= until_predictions:
                     return first, sample
-                time.sleep(0.02)
+                time.sleep(0.2)  # polling; a scrape costs the daemon CPU, so not too often
         finally:
             daemon.terminate()
             daemon.wait(60)
@@ -127,13 +151,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--readings", type=int, default=40_000)
     parser.add_argument("--sensors", type=int, nargs="+", default=[1, 1000])
+    parser.add_argument("--ceiling-as-daemon", type=float, metavar="SECONDS", help=argparse.SUPPRESS)
     args = parser.parse_args()
     config = load_config(None, environ={})
+    if args.ceiling_as_daemon:
+        use_inference_threads()
+        print(json.dumps(ceiling(default_forecaster(config), args.ceiling_as_daemon, _cpus())))
+        return
     forecaster = default_forecaster(config)
-    rates = ceiling(forecaster)
     print("model-only ceiling (default model, compiled batched call):")
-    for batch, rate in rates.items():
-        print(f"  batch {batch:>5}: {rate:>8,.0f} windows/s")
+    rates = {}
+    for arrangement, by_batch in ceilings(forecaster).items():
+        for batch, rate in by_batch.items():
+            print(f"  {arrangement:>16}, batch {batch:>5}: {rate:>8,.0f} windows/s")
+        rates.update({(arrangement, batch): rate for batch, rate in by_batch.items()})
     with tempfile.TemporaryDirectory() as tmp, DevBroker() as broker:
         store = ModelStore(Path(tmp) / "models")
         store.publish(forecaster.save)

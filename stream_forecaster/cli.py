@@ -164,7 +164,7 @@ def cmd_evaluate(args) -> int:
     from .training import backtest
     from .window import window_starts
 
-    forecaster = Forecaster.load(directory, version)
+    forecaster = Forecaster.load(directory, version, config.model.jit_compile)
     series = _read(_data_path(args, config), _union(forecaster.features, forecaster.targets), config)
     starts = np.concatenate(window_starts(series.segments, len(series), forecaster.sequence_length))
     predicted_at = series.timestamps[starts + forecaster.sequence_length - 1]

@@ -165,7 +165,8 @@ class Retrainer:
         version = self.store.current()
         if version is None:
             return None
-        current = Forecaster.load(self.store.verify(self.store.directory(version)), version)
+        current = Forecaster.load(self.store.verify(self.store.directory(version)), version,
+                                  self.config.model.jit_compile)
         d, m = self.config.data, self.config.model
         if (current.features, current.targets, current.sequence_length) != (d.features, d.targets, m.sequence_length):
             log.warning("current model %s serves %s -> %s with windows of %d, the configuration asks for "

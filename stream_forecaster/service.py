@@ -18,7 +18,7 @@ import time
 from . import __version__
 from .config import Config
 from .metrics import Metrics, MetricsServer
-from .pipeline import Pipeline, Stopped
+from .pipeline import CHUNK, Pipeline, Stopped
 from .registry import ModelStore
 
 __all__ = ["Daemon", "ModelWatcher"]
@@ -37,8 +37,10 @@ class ModelWatcher:
     between two models.
     """
 
-    def __init__(self, store: ModelStore, serving, interval: float, stop: threading.Event, metrics: Metrics):
+    def __init__(self, store: ModelStore, serving, interval: float, stop: threading.Event, metrics: Metrics,
+                 jit_compile: bool = True):
         self.store, self.interval, self.stop, self.metrics = store, interval, stop, metrics
+        self.jit_compile = jit_compile
         self.serving = serving
         self._seen = serving.version
         self._ready = None
@@ -67,13 +69,13 @@ class ModelWatcher:
 
         try:
             directory = self.store.verify(self.store.directory(version))
-            candidate = Forecaster.load(directory, version)
+            candidate = Forecaster.load(directory, version, self.jit_compile)
             served = (self.serving.features, self.serving.targets, self.serving.sequence_length)
             offered = (candidate.features, candidate.targets, candidate.sequence_length)
             if offered != served:
                 raise ValueError(f"it maps {offered[0]} -> {offered[1]} with windows of {offered[2]}, "
                                  f"the daemon serves {served[0]} -> {served[1]} with windows of {served[2]}")
-            candidate.warm_up()
+            candidate.warm_up(CHUNK)
         except Exception as exc:  # a bad version must never take the daemon down
             self.metrics.swap_refused.inc()
             log.error("refusing model version %s: %s; still serving version %s", version, exc, self.serving.version)
@@ -131,6 +133,9 @@ class Daemon:
 
     def initialize(self) -> bool:
         """Load the model, start the endpoint and the Kafka clients; False if stopped first."""
+        from .model import use_inference_threads  # noqa: PLC0415 (TensorFlow loads only once it is needed)
+
+        use_inference_threads(self.config.model.inference_threads)
         forecaster = self._wait_for_model()
         if forecaster is None:
             return False
@@ -144,7 +149,7 @@ class Daemon:
             return False
         self.pipeline = Pipeline(self.config, forecaster, self.sink, self.metrics, self.stop)
         self.watcher = ModelWatcher(self.store, forecaster, self.config.model_store.poll_interval, self.stop,
-                                    self.metrics).start()
+                                    self.metrics, self.config.model.jit_compile).start()
         k = self.config.kafka
         log.info("stream-forecaster %s running: model version %s (%s -> %s), brokers %s, "
                  "topics %s -> %s, dead letters %s, metrics on http://%s:%d/metrics",
@@ -182,8 +187,8 @@ class Daemon:
             version = self.store.current()
             if version is not None:
                 directory = self.store.verify(self.store.directory(version))
-                forecaster = Forecaster.load(directory, version)
-                forecaster.warm_up()
+                forecaster = Forecaster.load(directory, version, self.config.model.jit_compile)
+                forecaster.warm_up(CHUNK)
                 return forecaster
             if not told:
                 log.warning("no model in %s yet: waiting for one (train with `stream-forecaster train`)",

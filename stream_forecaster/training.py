@@ -207,9 +207,10 @@ def train(config: Config, series: Series, initial: Forecaster | None = None,
     }
     if len(validation_starts) and set(data.targets) <= set(data.features) and spec.min_step != 0:
         metadata["min_step"] = [spec.min_step] * len(data.targets) if spec.min_step is not None else \
-            _calibrate_min_step(backtest(Forecaster(model, metadata), series, validation_starts))
+            _calibrate_min_step(backtest(Forecaster(model, metadata, jit_compile=spec.jit_compile), series,
+                                         validation_starts))
     if spec.intervals and len(validation_starts):
-        errors = backtest(Forecaster(model, metadata), series, validation_starts)
+        errors = backtest(Forecaster(model, metadata, jit_compile=spec.jit_compile), series, validation_starts)
         residuals = errors.truth - errors.predicted
         metadata["intervals"] = {
             "quantiles": list(spec.intervals),
@@ -217,7 +218,7 @@ def train(config: Config, series: Series, initial: Forecaster | None = None,
             "upper": np.quantile(residuals, spec.intervals[1], axis=0).tolist(),
             "from_windows": len(validation_starts),
         }
-    forecaster = Forecaster(model, metadata)
+    forecaster = Forecaster(model, metadata, jit_compile=spec.jit_compile)
     test = backtest(forecaster, series, test_starts)
     metadata["training"]["seconds"] = round(time.monotonic() - started, 3)
     metadata["test"] = {k: v for k, v in test.summary().items() if k != "model_version"}

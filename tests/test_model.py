@@ -1,10 +1,13 @@
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from stream_forecaster.config import load_config
-from stream_forecaster.model import Forecaster, Scaler, build_model
+from stream_forecaster.model import _MAX_CHUNK, Forecaster, Scaler, _pieces, build_model, use_inference_threads
 
 keras = pytest.importorskip("keras")
+tf = pytest.importorskip("tensorflow")
 
 
 def spec(layers, sequence_length=8, features=None, targets=None):
@@ -139,3 +142,53 @@ def test_min_step_calibration_holds_small_noisy_steps_and_keeps_real_ones():
     held = np.where(np.abs(forecast - last) < threshold, last, forecast)
     assert np.abs(truth - held).mean() <= np.abs(truth - last).mean()
     assert np.sqrt(np.square(truth - held).mean()) < 0.5 * np.sqrt(np.square(truth - last).mean())
+
+
+@given(st.integers(min_value=0, max_value=3 * _MAX_CHUNK + 5))
+def test_batches_are_cut_into_few_power_of_two_pieces(n):
+    pieces = _pieces(n)
+    assert sum(pieces) == n
+    assert all(p & (p - 1) == 0 and 0 < p <= _MAX_CHUNK for p in pieces)
+    assert pieces == sorted(pieces, reverse=True)
+    below = [p for p in pieces if p < _MAX_CHUNK]
+    assert len(set(below)) == len(below)  # at most one call per shape below the largest
+
+
+def test_xla_forecasts_match_the_plain_graph_at_every_batch_size():
+    rng = np.random.default_rng(3)
+    model, meta = build_model(spec([2, 5, 4, 2], sequence_length=6)), metadata(["a", "b"], ["x", "y"], 6, rng)
+    xla, plain = Forecaster(model, meta), Forecaster(model, meta, jit_compile=False)
+    for n in (1, 3, 37, 300):
+        windows = rng.normal(size=(n, 5, 2)).astype(np.float32)
+        np.testing.assert_allclose(xla.forecast(windows), plain.forecast(windows), rtol=1e-5, atol=1e-5)
+    assert xla._xla is not None  # XLA served them, not the fallback
+
+
+def test_a_failing_xla_compile_falls_back_to_the_plain_graph(caplog):
+    rng = np.random.default_rng(4)
+    model, meta = build_model(spec([1, 4, 1], sequence_length=5)), metadata(["a"], ["x"], 5, rng)
+    forecaster = Forecaster(model, meta)
+
+    def unavailable(_):
+        raise tf.errors.UnimplementedError(None, None, "XLA is not built into this TensorFlow")
+
+    forecaster._xla = unavailable  # as on a platform without XLA
+    windows = rng.normal(size=(4, 4, 1)).astype(np.float32)
+    expected = Forecaster(model, meta, jit_compile=False).forecast(windows)
+    np.testing.assert_allclose(forecaster.forecast(windows), expected, rtol=1e-6)
+    assert forecaster._xla is None and "XLA cannot compile" in caplog.text
+
+
+def test_forecasts_on_several_inference_threads_come_back_in_order():
+    rng = np.random.default_rng(5)
+    forecaster = Forecaster(build_model(spec([1, 4, 1], sequence_length=5)), metadata(["a"], ["x"], 5, rng))
+    use_inference_threads(3)
+    try:
+        chunks = [rng.normal(size=(n, 4, 1)).astype(np.float32) for n in (64, 1, 17, 256, 5)]
+        futures = [forecaster.forecast_async(c) for c in chunks]
+        for chunk, future in zip(chunks, futures):
+            predictions, seconds = future.result()
+            np.testing.assert_allclose(predictions, forecaster.forecast(chunk), rtol=1e-6)
+            assert seconds > 0
+    finally:
+        use_inference_threads(1)
