@@ -1,0 +1,39 @@
+from hypothesis import given
+from hypothesis import strategies as st
+from kafka.partitioner import DefaultPartitioner
+
+from stream_forecaster.kafka_io import KeyPartitioner
+
+
+class Cluster:
+    """The three questions a partitioner asks of kafka-python's ClusterMetadata."""
+
+    def __init__(self, partitions: int):
+        self.partitions = set(range(partitions))
+
+    def topics(self):
+        return {"out"}
+
+    def partitions_for_topic(self, topic):
+        return self.partitions
+
+    def available_partitions_for_topic(self, topic):
+        return self.partitions
+
+
+@given(st.lists(st.binary(min_size=1, max_size=40), min_size=1, max_size=50), st.integers(1, 64), st.integers(1, 64))
+def test_remembered_partitions_are_the_default_partitioners_even_after_a_partition_count_change(keys, before, after):
+    remembering, default = KeyPartitioner(limit=10), DefaultPartitioner()
+    for count in (before, after):
+        cluster = Cluster(count)
+        for key in keys + keys:  # the second pass answers from memory
+            assert remembering.partition("out", key, key, None, b"v", cluster) == \
+                default.partition("out", key, key, None, b"v", cluster)
+
+
+def test_memory_is_bounded_and_unkeyed_records_still_spread():
+    partitioner, cluster = KeyPartitioner(limit=100), Cluster(4)
+    for i in range(1000):
+        partitioner.partition("out", None, str(i).encode(), None, b"v", cluster)
+    assert len(partitioner._known["out"][1]) <= 100
+    assert {partitioner.partition("out", None, None, None, b"v", cluster) for _ in range(200)} == {0, 1, 2, 3}
