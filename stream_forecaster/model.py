@@ -83,13 +83,25 @@ def use_inference_threads(count: int | None = None) -> None:
         previous.shutdown(wait=False)  # its queued forecasts still finish
 
 
-_MAX_CHUNK = 4096  # windows per compiled call (a power of two); bounds the memory of one call
+_MAX_CHUNK = 4096  # windows per compiled call (a power of _BASE); bounds the memory of one call
+_BASE = 4  # batch shapes are its powers: 7 shapes to compile (powers of two made 13, and a swap took 9 s)
+
+
+def _shapes(largest: int) -> list[int]:
+    """The batch shapes up to ``largest`` windows, smallest first."""
+    shapes = [1]
+    while shapes[-1] * _BASE <= min(largest, _MAX_CHUNK):
+        shapes.append(shapes[-1] * _BASE)
+    return shapes
 
 
 def _pieces(n: int) -> list[int]:
-    """``n`` as a sum of powers of two, largest first, none above ``_MAX_CHUNK``: few shapes, no padding."""
-    return [_MAX_CHUNK] * (n // _MAX_CHUNK) + [1 << b for b in reversed(range(_MAX_CHUNK.bit_length() - 1))
-                                                if n % _MAX_CHUNK & 1 << b]
+    """``n`` windows as a sum of batch shapes, largest first: no padding, at most 3 of a shape but the largest."""
+    pieces = []
+    for size in reversed(_shapes(_MAX_CHUNK)):
+        pieces += [size] * (n // size)
+        n %= size
+    return pieces
 
 
 def _plain_pieces(n: int) -> list[int]:
@@ -271,13 +283,13 @@ class Forecaster:
         # One traced graph for any batch size: no per-call retracing, no model.predict overhead.
         self._graph = tf.function(lambda x: self.model(x, training=False), input_signature=[spec])
         # XLA fuses each LSTM step's kernels: 1.4x (large batches) to 3x (one window) the plain graph on CPU.
-        # It compiles once per batch shape, so batches are cut into powers of two (at most 13 shapes).
+        # It compiles once per batch shape, so batches are cut into a few shapes (see _pieces).
         self._xla = tf.function(lambda x: self.model(x, training=False), input_signature=[spec],
                                 jit_compile=True) if jit_compile else None
 
     def warm_up(self, largest: int = 1) -> None:
         """Trace and compile the call for every batch shape up to ``largest`` windows, so no real batch waits."""
-        for size in [1 << b for b in range(max(1, largest).bit_length())]:
+        for size in _shapes(largest):
             self.forecast(np.zeros((size, self.sequence_length - 1, len(self.features)), dtype=np.float32))
 
     def forecast(self, windows: np.ndarray) -> np.ndarray:

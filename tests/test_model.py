@@ -4,7 +4,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from stream_forecaster.config import load_config
-from stream_forecaster.model import _MAX_CHUNK, Forecaster, Scaler, _pieces, build_model, use_inference_threads
+from stream_forecaster.model import (_MAX_CHUNK, Forecaster, Scaler, _pieces, _shapes, build_model,
+                                     use_inference_threads)
 
 keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
@@ -145,13 +146,12 @@ def test_min_step_calibration_holds_small_noisy_steps_and_keeps_real_ones():
 
 
 @given(st.integers(min_value=0, max_value=3 * _MAX_CHUNK + 5))
-def test_batches_are_cut_into_few_power_of_two_pieces(n):
+def test_batches_are_cut_into_few_shapes_without_padding(n):
     pieces = _pieces(n)
     assert sum(pieces) == n
-    assert all(p & (p - 1) == 0 and 0 < p <= _MAX_CHUNK for p in pieces)
+    assert set(pieces) <= set(_shapes(_MAX_CHUNK)) and len(_shapes(_MAX_CHUNK)) <= 7
     assert pieces == sorted(pieces, reverse=True)
-    below = [p for p in pieces if p < _MAX_CHUNK]
-    assert len(set(below)) == len(below)  # at most one call per shape below the largest
+    assert all(pieces.count(p) < 4 for p in pieces if p < _MAX_CHUNK)
 
 
 def test_xla_forecasts_match_the_plain_graph_at_every_batch_size():
