@@ -1,6 +1,6 @@
 """Benchmark: readings/s in and predictions/s out through the embedded broker, beside the model-only ceiling.
 
-    python benchmarks/throughput.py [--readings 40000] [--sensors 1 1000]
+    python benchmarks/throughput.py [--readings 40000] [--sensors 1 1000] [--per-sensor 100]
 
 Every sensor reports minute by minute. A first daemon consumes the readings that
 fill the windows (no forecast yet) and stops; then at least 100 readings per
@@ -90,7 +90,8 @@ def end_to_end(broker, store_path: Path, readings: int, sensors: int, workdir: P
     tag = f"s{sensors}-{time.monotonic_ns()}"
     overrides = [f"kafka.bootstrap_servers={broker.address}", f"kafka.input_topic=in-{tag}",
                  f"kafka.output_topic=out-{tag}", f"kafka.group_id=g-{tag}", "kafka.session_timeout_ms=6000",
-                 f"model_store.path={store_path}", f"metrics.port={free_port()}"]
+                 f"model_store.path={store_path}", f"metrics.port={free_port()}",
+                 f"window.rebuild_messages={max(100_000, 50 * sensors)}"]  # the timed daemon refills every window
     config = load_config(None, overrides, environ={})
     ensure_topics(config.kafka, [config.kafka.input_topic, config.kafka.output_topic], partitions=3)
     with open_text(SAMPLE_PATH) as f:
@@ -151,6 +152,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--readings", type=int, default=40_000)
     parser.add_argument("--sensors", type=int, nargs="+", default=[1, 1000])
+    parser.add_argument("--per-sensor", type=int, default=100, help="timed readings per sensor, at least")
     parser.add_argument("--ceiling-as-daemon", type=float, metavar="SECONDS", help=argparse.SUPPRESS)
     args = parser.parse_args()
     config = load_config(None, environ={})
@@ -171,7 +173,7 @@ def main() -> None:
         print("end to end through the embedded broker (a backlog of readings, 3 partitions):")
         print(f"  {'sensors':>7} {'readings':>9} {'readings/s':>11} {'predictions/s':>14} {'% of best ceiling':>18}")
         for sensors in args.sensors:
-            r = end_to_end(broker, store.path, args.readings, sensors, Path(tmp))
+            r = end_to_end(broker, store.path, args.readings, sensors, Path(tmp), args.per_sensor)
             print(f"  {sensors:>7} {r['readings']:>9,.0f} {r['readings_per_s']:>11,.0f} {r['predictions_per_s']:>14,.0f} "
                   f"{100 * r['predictions_per_s'] / max(rates.values()):>17.0f}%")
 

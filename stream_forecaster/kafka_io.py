@@ -189,7 +189,7 @@ class KeyPartitioner(DefaultPartitioner):
     so does a full memory (``limit`` keys per topic), which bounds it.
     """
 
-    def __init__(self, limit: int = 100_000):
+    def __init__(self, limit: int = 1_000_000):
         self.limit = limit
         self._known: dict[str, tuple[int, dict]] = {}
 
@@ -198,10 +198,12 @@ class KeyPartitioner(DefaultPartitioner):
         if serialized_key is None or not partitions:
             return super().partition(topic, key, serialized_key, value, serialized_value, cluster)
         count, known = self._known.get(topic, (0, {}))
-        if count != len(partitions) or len(known) >= self.limit:
+        if count != len(partitions):
             count, known = self._known[topic] = (len(partitions), {})
         found = known.get(serialized_key)
         if found is None:
+            if len(known) >= self.limit:
+                known.clear()
             found = known[serialized_key] = super().partition(topic, key, serialized_key, value, serialized_value,
                                                               cluster)
         return found

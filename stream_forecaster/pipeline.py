@@ -98,7 +98,7 @@ class Pipeline:
         window) is recomputed, so the next reading is scored as if the daemon
         had never stopped. Returns the number of readings replayed.
         """
-        now, replayed, last_full = time.monotonic(), 0, {}
+        now, replayed, last_full, unfilled = time.monotonic(), 0, {}, set()
         for record in records:
             reading = self.parser.parse(record.key, record.value)
             if not isinstance(reading, Reading):
@@ -109,7 +109,8 @@ class Pipeline:
                 last_full[slot] = np.asarray(reading.values, dtype=np.float32)[self.target_index]
             else:
                 last_full.pop(slot, None)
-                self.pending.clear([slot])
+                unfilled.add(slot)
+        self.pending.clear(list(unfilled - last_full.keys()))  # once: per reading it took a tenth of a rebuild
         if last_full:
             slots = list(last_full)
             windows = np.stack([self.windows.window(s) for s in slots])

@@ -36,4 +36,8 @@ def test_memory_is_bounded_and_unkeyed_records_still_spread():
     for i in range(1000):
         partitioner.partition("out", None, str(i).encode(), None, b"v", cluster)
     assert len(partitioner._known["out"][1]) <= 100
+    known = dict(partitioner._known["out"][1])
+    for key in known:  # a full memory still answers the keys it holds
+        partitioner.partition("out", None, key, None, b"v", cluster)
+    assert partitioner._known["out"][1] == known
     assert {partitioner.partition("out", None, None, None, b"v", cluster) for _ in range(200)} == {0, 1, 2, 3}
