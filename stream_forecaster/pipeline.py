@@ -191,8 +191,10 @@ class Pipeline:
             slot = self.windows.slot(reading.sensor, record.partition)
             full = self.windows.append(slot, reading.values, now)
             if full:
-                window = self.windows.window(slot)
-                self._batch[len(window_of)] = window if self._all_features else window[:, self.feature_index]
+                if self._all_features:
+                    self.windows.window_into(slot, self._batch[len(window_of)])
+                else:
+                    self._batch[len(window_of)] = self.windows.window(slot)[:, self.feature_index]
                 window_of.append(len(accepted))
             accepted.append((i, slot, reading))
         m = self.metrics  # counted once per chunk: a counter update takes a lock

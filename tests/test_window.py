@@ -1,6 +1,8 @@
 import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
 
-from stream_forecaster.window import sliding_windows, split_windows, window_starts
+from stream_forecaster.window import SensorWindows, sliding_windows, split_windows, window_starts
 
 
 def test_windows_are_consecutive_rows():
@@ -61,3 +63,19 @@ def test_seasonal_naive_is_the_reading_exactly_one_day_earlier_of_the_same_senso
     np.testing.assert_array_equal(got[:2], [1, 2])  # minutes 0 and 1 of the day before
     assert np.isnan(got[2])  # day + 180 s: that minute is missing a day earlier
     assert got[3] == 5  # the second sensor's own reading, not the first one's
+
+
+@given(st.integers(1, 6), st.integers(1, 3), st.lists(st.integers(0, 4), max_size=60))
+def test_sensor_windows_hold_each_sensors_last_readings_oldest_first(size, width, sensors):
+    windows, history = SensorWindows(size, width, capacity=2), {}
+    for n, sensor in enumerate(sensors):
+        values = [float(n * 10 + c) for c in range(width)]
+        slot = windows.slot(f"s{sensor}")
+        history.setdefault(sensor, []).append(values)
+        assert windows.append(slot, values) == (len(history[sensor]) >= size)
+        if len(history[sensor]) >= size:
+            expected = np.array(history[sensor][-size:], dtype=np.float32)
+            into = np.full((size, width), np.nan, dtype=np.float32)
+            windows.window_into(slot, into)
+            np.testing.assert_array_equal(windows.window(slot), expected)
+            np.testing.assert_array_equal(into, expected)
