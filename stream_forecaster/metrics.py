@@ -55,7 +55,7 @@ class Metrics:
                                       ["sensor", "target"], registry=r)
         self.labelled_sensors = frozenset(labelled_sensors)
         self.inference_seconds = Histogram("stream_forecaster_batch_inference_seconds",
-                                           "Time of one compiled model call (up to 1,024 windows)", buckets=_LATENCY_BUCKETS, registry=r)
+                                           "Time to forecast one chunk of a batch (up to 1,024 windows)", buckets=_LATENCY_BUCKETS, registry=r)
         self.latency_seconds = Histogram("stream_forecaster_reading_to_published_seconds",
                                          "From a reading's Kafka timestamp to its prediction acknowledged",
                                          buckets=_LATENCY_BUCKETS, registry=r)

@@ -135,6 +135,9 @@ def test_kubernetes_configmap_is_config_yaml_with_the_in_cluster_settings(tmp_pa
     expected = shipped.replace("kafka", bootstrap_servers=in_cluster.kafka.bootstrap_servers) \
         .replace("metrics", host="0.0.0.0").replace("model_store", path="/models")
     assert in_cluster == expected, "deploy/k8s/configmap.yaml is stale: run python deploy/k8s/configmap.py"
+    shown = [{(section, key) for section, values in yaml.safe_load(t).items() for key in values}
+             for t in (text, (DEPLOY.parent / "config.yaml").read_text())]
+    assert shown[0] == shown[1], "deploy/k8s/configmap.yaml does not show every key: run python deploy/k8s/configmap.py"
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not available here")
