@@ -8,6 +8,11 @@ each prediction = its Kafka timestamp (set when the daemon published it) minus
 its reading's Kafka timestamp. "During" runs from the publish to one second
 after the first prediction made by the new version; the swap time is from the
 publish to that first prediction.
+
+``steady_load(..., serve="echo")`` runs, instead of the daemon, a bare relay
+through the same broker with the daemon's Kafka settings: poll, republish each
+reading at once, wait for the acknowledgements, commit. Its latency is the floor
+that the broker and kafka-python set, before any window or model.
 """
 
 from __future__ import annotations
@@ -29,15 +34,33 @@ from throughput import default_forecaster  # noqa: E402
 
 from stream_forecaster.config import load_config  # noqa: E402
 from stream_forecaster.devbroker import DevBroker, free_port  # noqa: E402
-from stream_forecaster.kafka_io import KafkaSink, ensure_topics, read_topic  # noqa: E402
+from stream_forecaster.kafka_io import KafkaSink, KafkaSource, ensure_topics, read_topic  # noqa: E402
 from stream_forecaster.metrics import scrape  # noqa: E402
 from stream_forecaster.records import SAMPLE_PATH, OutRecord, open_text  # noqa: E402
 from stream_forecaster.registry import ModelStore  # noqa: E402
 
 
-def steady_load(rate: float, sensors: int, seconds: float, swap_at: float | None = None):
-    """Serve a paced load through a daemon process; returns [(publish ms, latency ms, version)] and
-    the time (s since the epoch) a new version was published, if ``swap_at`` (a fraction of the run)."""
+def echo(overrides: list[str]) -> None:
+    """The relay of ``steady_load(serve="echo")``: the daemon's loop without windows or model."""
+    config = load_config(None, overrides, environ={})
+    source, sink = KafkaSource(config.kafka), KafkaSink(config.kafka, client_id="echo")
+    while True:
+        records = source.poll(0.5, config.kafka.max_poll_records)
+        if source.take_changes()[1]:
+            print("ready", flush=True)
+        sink.publish(OutRecord(config.kafka.output_topic, r.key, json.dumps(
+            {"source": {"partition": r.partition, "offset": r.offset}, "model_version": "echo"}).encode())
+            for r in records)
+        offsets: dict[tuple[str, int], int] = {}
+        for r in records:
+            offsets[(r.topic, r.partition)] = max(offsets.get((r.topic, r.partition), 0), r.offset + 1)
+        source.commit(offsets)
+
+
+def steady_load(rate: float, sensors: int, seconds: float, swap_at: float | None = None, serve: str = "daemon"):
+    """Serve a paced load through a daemon process (or the bare relay, ``serve="echo"``); returns
+    [(publish ms, latency ms, version)] and the time (s since the epoch) a new version was published,
+    if ``swap_at`` (a fraction of the run)."""
     with tempfile.TemporaryDirectory() as tmp, DevBroker() as broker:
         store = ModelStore(Path(tmp) / "models")
         base = load_config(None, environ={})
@@ -47,18 +70,15 @@ def steady_load(rate: float, sensors: int, seconds: float, swap_at: float | None
                      f"model_store.path={store.path}", "model_store.poll_interval=1s", f"metrics.port={port}"]
         config = load_config(None, overrides, environ={})
         ensure_topics(config.kafka, [config.kafka.input_topic, config.kafka.output_topic], partitions=3)
-        cmd = [sys.executable, "-m", "stream_forecaster.cli", "run"] + sum((["--set", o] for o in overrides), [])
-        daemon = subprocess.Popen(cmd, stdout=open(Path(tmp) / "daemon.log", "wb"), stderr=subprocess.STDOUT,
+        cmd = ([sys.executable, "-m", "stream_forecaster.cli", "run"] + sum((["--set", o] for o in overrides), [])
+               if serve == "daemon" else [sys.executable, __file__, "--echo", *overrides])
+        log = Path(tmp) / "daemon.log"
+        daemon = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
-            while True:
+            while not _ready(serve, port, log):
                 if daemon.poll() is not None:
-                    raise SystemExit(f"the daemon exited: {(Path(tmp) / 'daemon.log').read_text()[-2000:]}")
-                try:
-                    if scrape(f"http://127.0.0.1:{port}/metrics").get("stream_forecaster_ready") == 1:
-                        break
-                except OSError:
-                    pass
+                    raise SystemExit(f"the {serve} process exited: {log.read_text()[-2000:]}")
                 time.sleep(0.1)  # polling for readiness
             with open_text(SAMPLE_PATH) as f:
                 next(f)
@@ -84,7 +104,7 @@ def steady_load(rate: float, sensors: int, seconds: float, swap_at: float | None
                 m = f.get(timeout=30)
                 sent[(m.partition, m.offset)] = m.timestamp
             sink.close()
-            expected = total - sensors * (base.model.sequence_length - 2)
+            expected = total - (sensors * (base.model.sequence_length - 2) if serve == "daemon" else 0)
             got = []
             for record in read_topic(config.kafka, config.kafka.output_topic, threading.Event(), idle_s=30):
                 p = json.loads(record.value)
@@ -99,7 +119,18 @@ def steady_load(rate: float, sensors: int, seconds: float, swap_at: float | None
     return got, publish_at
 
 
+def _ready(serve: str, port: int, log: Path) -> bool:
+    if serve == "echo":
+        return "ready" in log.read_text()
+    try:
+        return scrape(f"http://127.0.0.1:{port}/metrics").get("stream_forecaster_ready") == 1
+    except OSError:
+        return False
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--echo"]:
+        return echo(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, default=1000.0)
     parser.add_argument("--sensors", type=int, default=100)

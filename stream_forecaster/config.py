@@ -122,7 +122,7 @@ class KafkaConfig:
     group_id: str = _spec("stream-forecaster")
     auto_offset_reset: str = _spec("earliest", choices=("earliest", "latest"))
     session_timeout_ms: int = _spec(10_000, low=1_000, high=3_600_000)
-    max_poll_records: int = _spec(5_000, low=1, high=1_000_000)
+    max_poll_records: int = _spec(20_000, low=1, high=1_000_000)
     max_poll_interval_ms: int = _spec(300_000, low=1_000, high=86_400_000)
     fetch_max_wait_ms: int = _spec(50, low=0, high=60_000)
     security_protocol: str = _spec("PLAINTEXT", choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"))

@@ -1,11 +1,13 @@
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from stream_forecaster.config import load_config
-from stream_forecaster.model import (_MAX_CHUNK, Forecaster, Scaler, _pieces, _shapes, build_model,
-                                     use_inference_threads)
+from stream_forecaster.model import (_CALL_COST, _MAX_CHUNK, Forecaster, Scaler, _parts, _pieces, _shapes,
+                                     build_model, use_inference_threads)
 
 keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
@@ -152,6 +154,55 @@ def test_batches_are_cut_into_few_shapes_without_padding(n):
     assert set(pieces) <= set(_shapes(_MAX_CHUNK)) and len(_shapes(_MAX_CHUNK)) <= 7
     assert pieces == sorted(pieces, reverse=True)
     assert all(pieces.count(p) < 4 for p in pieces if p < _MAX_CHUNK)
+
+
+@given(st.integers(min_value=0, max_value=2 * _MAX_CHUNK), st.integers(min_value=1, max_value=8))
+def test_a_batch_is_shared_among_the_threads_in_runs_of_whole_calls(n, threads):
+    pieces = _pieces(n)
+    parts = _parts(pieces, threads)
+    assert sum(parts) == n and len(parts) <= threads and (n == 0 or all(parts))
+    bounds, run = set(), 0
+    for size in pieces:
+        run += size
+        bounds.add(run)
+    assert set(itertools.accumulate(parts)) <= bounds | {0}  # no call is split
+    if threads > 1 and len(pieces) > 1:
+        assert len(parts) > 1  # a batch of several calls never waits on one thread
+    cost = sum(size + _CALL_COST for size in pieces)
+    biggest = max(pieces, default=0) + _CALL_COST
+    assert all(_cost(part) <= cost / threads + biggest for part in _runs(pieces, parts))
+
+
+def _runs(pieces, parts):
+    it = iter(pieces)
+    for part in parts:
+        run = []
+        while sum(run) < part:
+            run.append(next(it))
+        yield run
+
+
+def _cost(run):
+    return sum(size + _CALL_COST for size in run)
+
+
+def test_a_failed_part_fails_the_whole_forecast():
+    rng = np.random.default_rng(6)
+    forecaster = Forecaster(build_model(spec([1, 4, 1], sequence_length=5)), metadata(["a"], ["x"], 5, rng))
+    use_inference_threads(2)
+    try:
+        forecaster.warm_up(16)
+
+        def broken(chunk):
+            if len(chunk) == 1:
+                raise tf.errors.InternalError(None, None, "device lost")
+            return original(chunk)
+
+        original, forecaster._call = forecaster._call, broken
+        with pytest.raises(tf.errors.InternalError, match="device lost"):
+            forecaster.forecast_async(rng.normal(size=(17, 4, 1)).astype(np.float32)).result()  # 16 | 1
+    finally:
+        use_inference_threads(1)
 
 
 def test_xla_forecasts_match_the_plain_graph_at_every_batch_size():
