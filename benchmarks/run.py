@@ -5,7 +5,8 @@
 --quick shortens every measurement (a few minutes in all); --json also writes the
 figures under the keys model_ceiling_windows_per_s, naive_windows_per_s,
 e2e_predictions_per_s (sensor count -> figure), latency_p50_ms, latency_p99_ms
-(and latency_floor_p50_ms, latency_floor_p99_ms: a bare relay, no model), ingest_msgs_per_s and bytes_per_sensor (the default model's 7 columns; also
+(and latency_floor_p50_ms, latency_floor_p99_ms: a bare relay, no model),
+ingest_msgs_per_s and bytes_per_sensor (the default model's 7 columns; also
 bytes_per_sensor_one_column). --large adds the end-to-end run with
 100,000 sensors (4,800,000 readings to fill the windows, 1,000,000 timed: about 15 minutes).
 """

@@ -347,7 +347,7 @@ class Forecaster:
             raise ValueError(f"expected windows of shape [n, {expected[0]}, {expected[1]}], got {windows.shape}")
         out = np.empty((len(windows), len(self.targets)), dtype=np.float32)
         start = 0
-        for size in _pieces(len(windows)) if self._xla is not None else _plain_pieces(len(windows)):
+        for size in self._calls(len(windows)):
             out[start:start + size] = self._call(self.feature_scaler.transform(windows[start:start + size]))
             start += size
         if self._change:
@@ -359,6 +359,10 @@ class Forecaster:
             last = windows[:, -1, self._last]
             out = np.where(np.abs(out - last) < self._min_step, last, out)
         return out
+
+    def _calls(self, n: int) -> list[int]:
+        """The window counts of the compiled calls that forecast ``n`` windows."""
+        return _pieces(n) if self._xla is not None else _plain_pieces(n)
 
     def _call(self, chunk: np.ndarray) -> np.ndarray:
         if self._xla is not None:
@@ -397,9 +401,8 @@ class Forecaster:
             return predictions, time.perf_counter() - started
 
         executor, threads = _inference_threads()
-        pieces = _pieces(len(windows)) if self._xla is not None else _plain_pieces(len(windows))
         futures, start = [], 0
-        for size in _parts(pieces, threads):
+        for size in _parts(self._calls(len(windows)), threads):
             futures.append(executor.submit(timed, windows[start:start + size]))
             start += size
         return _gather(futures)
