@@ -111,3 +111,17 @@ def daemon_overrides(address: str, names: dict, store_path, **extra: str) -> lis
         **{k.replace("__", "."): v for k, v in extra.items()},
     }
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def daemon_setup(address: str, names: dict, tmp_path: Path, partitions: int, **extra: str):
+    """A tiny model published in a fresh store and this test's topics created: ``(config, overrides, store)``."""
+    from stream_forecaster.kafka_io import ensure_topics
+    from stream_forecaster.registry import ModelStore
+
+    store = ModelStore(tmp_path / "models")
+    store.publish(make_forecaster(sequence_length=6).save)
+    overrides = daemon_overrides(address, names, store.path, **extra)
+    config = load_config(None, overrides, environ={})
+    k = config.kafka
+    ensure_topics(k, [k.input_topic, k.output_topic, k.dead_letter_topic], partitions=partitions)
+    return config, overrides, store

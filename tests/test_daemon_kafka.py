@@ -13,13 +13,11 @@ import numpy as np
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from conftest import daemon_overrides, make_forecaster, offline_forecasts, sample_lines
+from conftest import daemon_setup, offline_forecasts, sample_lines
 from daemon import DaemonProcess, wait_for
-from stream_forecaster.config import load_config
-from stream_forecaster.kafka_io import ensure_topics, read_topic
+from stream_forecaster.kafka_io import read_topic
 from stream_forecaster.model import Forecaster
 from stream_forecaster.records import UciLineParser
-from stream_forecaster.registry import ModelStore
 
 L = 6
 SENSORS = ("house-a", "house-b", "house-c", "house-d")
@@ -27,12 +25,8 @@ SENSORS = ("house-a", "house-b", "house-c", "house-d")
 
 @pytest.fixture
 def setup(broker, kafka_names, tmp_path):
-    store = ModelStore(tmp_path / "models")
-    store.publish(make_forecaster(sequence_length=L).save)
-    overrides = daemon_overrides(broker.address, kafka_names, store.path, kafka__dead_letter_topic=kafka_names["dead"])
-    config = load_config(None, overrides, environ={})
-    ensure_topics(config.kafka, [kafka_names["input"], kafka_names["output"], kafka_names["dead"]], partitions=3)
-    return config, overrides, store
+    return daemon_setup(broker.address, kafka_names, tmp_path, partitions=3,
+                        kafka__dead_letter_topic=kafka_names["dead"])
 
 
 def readings():

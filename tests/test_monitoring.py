@@ -13,16 +13,13 @@ import urllib.request
 
 import pytest
 
-from conftest import daemon_overrides, make_forecaster, sample_lines
+from conftest import daemon_setup, sample_lines
 from daemon import DaemonProcess, wait_for
 from stream_forecaster import __version__
-from stream_forecaster.config import load_config
 from stream_forecaster.devbroker import free_port
-from stream_forecaster.kafka_io import KafkaSink, ensure_topics
+from stream_forecaster.kafka_io import KafkaSink
 from stream_forecaster.records import OutRecord
-from stream_forecaster.registry import ModelStore
 
-L = 6
 PROMETHEUS, PROMTOOL = shutil.which("prometheus"), shutil.which("promtool")
 pytestmark = pytest.mark.skipif((PROMETHEUS is None or PROMTOOL is None) and not os.environ.get("CI"),
                                 reason="prometheus is not installed (./dev test installs it: apt-get install prometheus)")
@@ -30,11 +27,7 @@ pytestmark = pytest.mark.skipif((PROMETHEUS is None or PROMTOOL is None) and not
 
 @pytest.fixture
 def daemon(broker, kafka_names, tmp_path):
-    store = ModelStore(tmp_path / "models")
-    store.publish(make_forecaster(sequence_length=L).save)
-    overrides = daemon_overrides(broker.address, kafka_names, store.path)
-    config = load_config(None, overrides, environ={})
-    ensure_topics(config.kafka, [config.kafka.input_topic, config.kafka.output_topic], partitions=3)
+    config, overrides, _ = daemon_setup(broker.address, kafka_names, tmp_path, partitions=3)
     process = DaemonProcess([*overrides, "logging.format=json", "kafka.sasl_password=hunter2"], tmp_path / "daemon.log")
     try:
         process.wait_ready()

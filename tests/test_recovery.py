@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from kafka import KafkaProducer
 
-from conftest import daemon_overrides, make_forecaster, offline_forecasts, sample_lines
+from conftest import daemon_overrides, daemon_setup, make_forecaster, offline_forecasts, sample_lines
 from daemon import DaemonProcess, wait_for
 from stream_forecaster.config import load_config
 from stream_forecaster.kafka_io import ensure_topics, read_topic
@@ -23,11 +23,7 @@ SENSORS = ("r1", "r2", "r3", "r4")
 
 @pytest.fixture
 def env(broker, kafka_names, tmp_path):
-    store = ModelStore(tmp_path / "models")
-    store.publish(make_forecaster(sequence_length=L).save)
-    overrides = daemon_overrides(broker.address, kafka_names, store.path)
-    config = load_config(None, overrides, environ={})
-    ensure_topics(config.kafka, [config.kafka.input_topic, config.kafka.output_topic], partitions=2)
+    config, overrides, store = daemon_setup(broker.address, kafka_names, tmp_path, partitions=2)
     lines = {s: [l for l in sample_lines(200, start=700 * i) if "?" not in l][:60] for i, s in enumerate(SENSORS)}
     return config, overrides, store, lines
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import threading
 
-import numpy as np
 import pytest
 
 from conftest import sample_lines, write_uci

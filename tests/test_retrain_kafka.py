@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 
-import pytest
 from kafka import KafkaProducer
 
 from conftest import make_forecaster, sample_lines
