@@ -82,7 +82,7 @@ class DataConfig:
     train_split: float = _spec(0.9, low=0.0, high=1.0, low_open=True)
     on_error: str = _spec("raise", choices=("raise", "skip"))
     normalization: str = _spec("standardize", choices=("center", "standardize"))
-    interval: Duration = _spec(60.0, low=0.0, low_open=True)
+    interval: Duration = _spec(60.0, low=0.0, high=366 * 86400.0, low_open=True)
 
 
 @dataclass(frozen=True)
@@ -274,15 +274,29 @@ def _apply_override(raw: dict, origins: dict, dotted: str, value: str, origin: s
     section, sep, key = dotted.partition(".")
     if not sep or not key or "." in key:
         raise ConfigError(f"{origin}: expected section.key, e.g. model.epochs")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{origin}: value is not valid YAML: {exc}") from None
     target = raw.setdefault(section, {})
     if not isinstance(target, dict):
         raise ConfigError(f"{origin}: section {section!r} in the file is not a mapping")
-    target[key] = parsed
+    target[key] = _Override(value)
     origins[(section, key)] = origin
+
+
+class _Override(str):
+    """The text of an environment variable or ``--set``, read once its key's type is known.
+
+    A string key takes the text as written (a password may hold ``#`` or be all
+    digits); other keys read it as YAML (``[a, b]``, ``true``, ``1e-3``).
+    """
+
+    def resolve(self, hint):
+        optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
+        if base is str and not (optional and self.strip() in ("", "null", "~")):
+            return str(self)
+        try:
+            return yaml.safe_load(self) if self.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ValueError(f"is not valid YAML: {exc}") from None
 
 
 def _build(raw: Mapping, origins: Mapping, source: str) -> Config:
@@ -314,9 +328,12 @@ def _build_section(section: str, cls, values: Mapping, origins: Mapping, source:
     for key, value in values.items():
         where = origins.get((section, key), source)
         try:
+            if isinstance(value, _Override):
+                value = value.resolve(hints[key])
             kwargs[key] = _coerce(value, hints[key], known[key].metadata)
         except ValueError as exc:
-            raise ConfigError(f"{where}: {section}.{key}: {exc} (got {value!r})") from None
+            got = "***" if "password" in key else repr(value)
+            raise ConfigError(f"{where}: {section}.{key}: {exc} (got {got})") from None
     return cls(**kwargs)
 
 

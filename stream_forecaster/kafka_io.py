@@ -150,9 +150,10 @@ class KafkaSource:
         total, known = 0, False
         for tp in self._consumer.assignment():
             highwater = self._consumer.highwater(tp)
-            if highwater is None:
+            position = self._consumer.position(tp, timeout_ms=1000) if highwater is not None else None
+            if position is None:  # not fetched yet, or an offset reset pending
                 continue
-            total += max(0, highwater - self._consumer.position(tp, timeout_ms=1000))
+            total += max(0, highwater - position)
             known = True
         return total if known else None
 
@@ -229,8 +230,10 @@ class KafkaSink:
         # and is retried here, instead of blocking the loop for kafka-python's default minute
         # batch_size: a poll batch's forecasts go out in a few large requests (each new batch wakes the
         # sender thread, which cost 9 % of the daemon at the 16 KiB default)
+        # max_request_size: a dead letter carries up to max_message_bytes and its headers
         return _connect(lambda: KafkaProducer(acks="all", enable_idempotence=True, linger_ms=5, max_block_ms=5000,
                                               batch_size=256 * 1024, partitioner=KeyPartitioner(),
+                                              max_request_size=max(1 << 20, self._config.max_message_bytes + 65536),
                                               **client_settings(self._config, self._client_id)), "producer")
 
     def publish(self, records: Iterable[OutRecord], stop: threading.Event | None = None,
@@ -278,10 +281,15 @@ class KafkaSink:
     def _recreate(self) -> None:
         log.warning("replacing the Kafka producer after repeated failures")
         try:
+            new = self._new_producer()
+        except BrokerUnavailable as exc:  # still no broker: the old one goes on failing until the next round
+            log.warning("%s; trying again after the next failed round", exc)
+            return
+        try:
             self._producer.close(timeout=0)
-        except Exception:  # the old producer is broken anyway
+        except Exception:  # noqa: BLE001 (the old producer is broken anyway)
             pass
-        self._producer = self._new_producer()
+        self._producer = new
         if self._on_recreate:
             self._on_recreate()
 

@@ -80,7 +80,8 @@ class Pipeline:
         self.feature_index = [self.columns.index(c) for c in features]
         self.target_index = [self.columns.index(c) for c in targets]
         self._all_features = self.feature_index == list(range(len(self.columns)))
-        self.parser = MessageParser(self.columns, config.kafka.max_message_bytes)
+        self.max_message_bytes = config.kafka.max_message_bytes
+        self.parser = MessageParser(self.columns, self.max_message_bytes)
         self.windows = SensorWindows(forecaster.sequence_length - 1, len(self.columns))
         self.pending = PendingForecasts(len(targets))
         self.model_errors = RollingErrors(config.metrics.rolling_window, len(targets))
@@ -241,11 +242,17 @@ class Pipeline:
         self._invalid_log.warning("invalid message at %s[%d]@%d from sensor %r: %s",
                                   record.topic, record.partition, record.offset, invalid.sensor, invalid.reason)
         if self.dead_letter_topic:
-            headers = list(record.headers or []) + [
+            # a header without a value (null in Kafka) cannot be sent by kafka-python: it goes on empty
+            headers = [(k, v or b"") for k, v in record.headers or []] + [
                 ("error", invalid.reason.encode()),
                 ("source", f"{record.topic}/{record.partition}/{record.offset}".encode()),
             ]
-            dead_letters.append(OutRecord(self.dead_letter_topic, record.key, record.value or b"", headers))
+            value = record.value or b""
+            if len(value) > self.max_message_bytes:
+                # as sent it could exceed what the broker takes and stall the loop; the whole stays at `source`
+                headers.append(("truncated", str(len(value)).encode()))
+                value = value[:self.max_message_bytes]
+            dead_letters.append(OutRecord(self.dead_letter_topic, record.key, value, headers))
 
     def _score(self, accepted, window_of, predictions) -> None:
         """Score every accepted reading against the forecast pending for its sensor; leave the new ones pending.

@@ -363,12 +363,20 @@ class MessageParser:
             return MISSING
         try:
             if text.startswith("{"):
-                return self._json(sensor, text)
-            if ";" in text:
-                return self._line(sensor, text)
-            return self._number(sensor, text)
+                reading = self._json(sensor, text)
+            elif ";" in text:
+                reading = self._line(sensor, text)
+            else:
+                reading = self._number(sensor, text)
         except RecordError as exc:
             return Invalid(sensor, str(exc))
+        except Exception as exc:  # noqa: BLE001 (whatever a message does, it must not stop the daemon)
+            return Invalid(sensor, f"unreadable message ({type(exc).__name__}: {str(exc)[:80]})")
+        if isinstance(reading, Reading) and reading.timestamp is not None \
+                and not _EARLIEST <= reading.timestamp <= _LATEST:
+            # its forecast's time (a minute or a day later) must still be a date
+            return Invalid(sensor, f"timestamp out of range: only years {_EARLIEST_YEAR} to {_LATEST_YEAR}")
+        return reading
 
     def _line(self, sensor: str, text: str):
         if UciLineParser.is_header(text):
@@ -388,7 +396,7 @@ class MessageParser:
     def _json(self, sensor: str, text: str):
         try:
             obj = json.loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise RecordError(f"bad JSON: {exc}") from None
         if not isinstance(obj, dict):
             raise RecordError("a JSON reading must be an object")
@@ -416,7 +424,7 @@ class MessageParser:
 def _finite(value) -> float:
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise RecordError(f"bad number {str(value)[:40]!r}") from None
     if not math.isfinite(number):
         raise RecordError(f"non-finite number {str(value)[:40]!r}")
@@ -431,12 +439,18 @@ def _json_time(value) -> tuple[float | None, bool]:
     if isinstance(value, bool) or not isinstance(value, str):
         raise RecordError('"timestamp" must be an ISO-8601 string')
     try:
-        stamp = dt.datetime.fromisoformat(value)
+        # Python 3.10 reads no "Z" (3.11 does)
+        stamp = dt.datetime.fromisoformat(value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value)
     except ValueError:
         raise RecordError(f"bad timestamp {value[:40]!r} (expected ISO-8601)") from None
     if stamp.tzinfo is None:
         return (stamp - dt.datetime(1970, 1, 1)).total_seconds(), False
     return stamp.timestamp(), True
+
+
+_EARLIEST_YEAR, _LATEST_YEAR = 1000, 9000  # room on both sides for any forecast interval and time zone
+_EARLIEST = (dt.datetime(_EARLIEST_YEAR, 1, 1) - dt.datetime(1970, 1, 1)).total_seconds()
+_LATEST = (dt.datetime(_LATEST_YEAR + 1, 1, 1) - dt.datetime(1970, 1, 1)).total_seconds() - 1
 
 
 @functools.lru_cache(maxsize=4096)  # a fleet's sensors share the minutes they report

@@ -19,7 +19,7 @@ from . import __version__
 from .config import Config
 from .metrics import Metrics, MetricsServer
 from .pipeline import CHUNK, Pipeline, Stopped
-from .registry import ModelStore
+from .registry import ModelStore, ModelStoreError
 
 __all__ = ["Daemon", "ModelWatcher"]
 
@@ -59,7 +59,7 @@ class ModelWatcher:
         """Load the current version if it is new; refuse it (logged, counted) if it does not fit."""
         try:
             version = self.store.current()
-        except OSError as exc:
+        except (OSError, ModelStoreError) as exc:  # checked again next poll: fixing the pointer is enough
             log.warning("cannot read the model store pointer: %s", exc)
             return
         if version is None or version == self._seen:
@@ -208,6 +208,9 @@ class Daemon:
                 self.stop.wait(1.0)
                 continue
             self._handle_rebalance()
+            if self.stop.is_set():
+                # a rebuild cut short by the stop left windows without their latest readings
+                break
             if records:
                 started = time.monotonic()
                 try:
@@ -290,7 +293,11 @@ class Daemon:
         self.metrics.model_created.set(created)
 
     def _update_gauges(self) -> None:
-        lag = self.source.lag()
+        try:
+            lag = self.source.lag()
+        except Exception as exc:  # noqa: BLE001 (a gauge is not worth the daemon; the next tick tries again)
+            log.warning("consumer lag unknown (%s: %s)", type(exc).__name__, exc)
+            lag = None
         if lag is not None:
             self.metrics.consumer_lag.set(lag)
         self.metrics.ready.set(1 if self.ready() else 0)

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,25 @@ def test_bad_overrides_name_the_override(override, fragments):
         assert fragment in str(info.value)
 
 
+@pytest.mark.parametrize("secret", ["abc #def", "#secret", "123456", "@at", "*star", "true", "[x"])
+def test_string_keys_take_the_override_as_written(secret):
+    env = {"STREAM_FORECASTER__KAFKA__SASL_PASSWORD": secret}
+    assert load_config(None, environ=env).kafka.sasl_password == secret
+    assert load_config(None, [f"kafka.sasl_password={secret}"], environ={}).kafka.sasl_password == secret
+    assert load_config(None, [f"kafka.group_id={secret}"], environ={}).kafka.group_id == secret
+
+
+def test_an_override_of_null_clears_an_optional_string():
+    assert load_config(None, ["kafka.dead_letter_topic=null"], environ={}).kafka.dead_letter_topic is None
+
+
+def test_a_refused_password_is_not_repeated_in_the_error():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, environ={"STREAM_FORECASTER__KAFKA__SASL_PASSWORD": "  "})
+    assert "environment variable STREAM_FORECASTER__KAFKA__SASL_PASSWORD" in str(info.value)
+    assert "***" in str(info.value)
+
+
 def test_bad_environment_value_names_the_variable():
     with pytest.raises(ConfigError, match="environment variable STREAM_FORECASTER__MODEL__DROPOUT"):
         load_config(None, environ={"STREAM_FORECASTER__MODEL__DROPOUT": "2"})
@@ -148,7 +168,9 @@ def test_every_key_is_commented_in_config_yaml_and_documented_in_readme():
         assert key in raw[section], f"{dotted} missing from config.yaml"
         line = next(l for l in lines if l.strip().startswith(f"{key}:"))
         assert "#" in line, f"{dotted} has no comment in config.yaml"
-        assert f"| `{dotted}` |" in readme, f"{dotted} missing from the README's configuration table"
+        row = re.search(rf"^\| `{re.escape(dotted)}` \| `([^`]*)` \|", readme, re.MULTILINE)
+        assert row, f"{dotted} missing from the README's configuration table (| `key` | `default` | meaning |)"
+        assert yaml.safe_load(row.group(1)) == raw[section][key], f"{dotted}: the README's default is not config.yaml's"
 
 
 def test_exponent_without_a_dot_is_a_number():

@@ -46,7 +46,12 @@ invalid_messages = st.one_of(
     st.binary(max_size=200).map(lambda b: b"\xff" + b),  # never UTF-8
     st.sampled_from([b"nan", b"NaN", b"inf", b"-inf", b"1e999", b'{"value": NaN}', b'{"value": Infinity}',
                      b"4,2", b"1 2", b"16/12/2006,17:24:00,1,2,3,4,5,6,7", b"31/2/2007;10:00:00;1;2;3;4;5;6;7",
-                     b"", b'{"values": []}', b"[1, 2]", b'{"value": "1"}', b"x" * (1 << 20)]),
+                     b"", b'{"values": []}', b"[1, 2]", b'{"value": "1"}', b"x" * (1 << 20),
+                     b'{"value": 1' + b"9" * 400 + b"}",  # too large for a float
+                     b'{"a": ' + b"[" * 5000 + b"]" * 5000 + b"}",  # deeper than the JSON reader recurses
+                     # a forecast's time would fall outside the calendar
+                     b'{"value": 1, "timestamp": "9999-12-31T23:59:30"}', b"31/12/9999;23:59:00;1;2;3;4;5;6;7",
+                     b'{"value": 1, "timestamp": "0001-01-01T00:00:00+01:00"}']),
     st.text(alphabet="abcdefghij ,.-_", min_size=1, max_size=50).map(lambda t: ("z" + t).encode()),
 )
 missing_messages = st.sampled_from([b"?", b" ? ", b'{"value": null}', b'{"values": {}}',

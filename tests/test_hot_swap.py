@@ -50,6 +50,17 @@ def point_at(store, version):
     (store.path / POINTER_FILE).write_text(version + "\n")  # as a damaged or hand-edited store would
 
 
+def test_a_damaged_pointer_is_waited_out_and_its_repair_is_picked_up(store, caplog):
+    watcher, metrics = watcher_for(store)
+    store.publish(make_forecaster(sequence_length=L, seed=2).save, make_current=False)
+    point_at(store, "latest")
+    watcher.check()  # must not raise: the watcher thread would die with it, and swaps with the thread
+    assert watcher.take() is None and "is damaged" in caplog.text
+    point_at(store, "2")
+    watcher.check()
+    assert watcher.take().version == "2" and refused(metrics) == 0
+
+
 def test_truncated_file_is_refused(store):
     watcher, metrics = watcher_for(store)
     version = store.publish(make_forecaster(sequence_length=L, seed=2).save, make_current=False)

@@ -1,8 +1,14 @@
+import dataclasses
+import threading
+
 from hypothesis import given
 from hypothesis import strategies as st
 from kafka.partitioner import DefaultPartitioner
 
-from stream_forecaster.kafka_io import KeyPartitioner
+from stream_forecaster.config import load_config
+from stream_forecaster.devbroker import free_port
+from stream_forecaster.kafka_io import KafkaSink, KeyPartitioner, ensure_topics, read_topic
+from stream_forecaster.records import OutRecord
 
 
 class Cluster:
@@ -41,3 +47,23 @@ def test_memory_is_bounded_and_unkeyed_records_still_spread():
         partitioner.partition("out", None, key, None, b"v", cluster)
     assert partitioner._known["out"][1] == known
     assert {partitioner.partition("out", None, None, None, b"v", cluster) for _ in range(200)} == {0, 1, 2, 3}
+
+
+def test_a_producer_that_cannot_be_replaced_yet_is_kept_and_replaced_later(broker, kafka_names):
+    config = load_config(None, [f"kafka.bootstrap_servers={broker.address}"], environ={})
+    recreated = []
+    sink = KafkaSink(config.kafka, on_recreate=lambda: recreated.append(1))
+    try:
+        working = sink._producer
+        sink._config = dataclasses.replace(config.kafka, bootstrap_servers=(f"127.0.0.1:{free_port()}",))
+        sink._recreate()  # no broker answers there: a long outage must not end the daemon
+        assert sink._producer is working and recreated == []
+        sink._config = config.kafka
+        sink._recreate()
+        assert sink._producer is not working and recreated == [1]
+        ensure_topics(config.kafka, [kafka_names["output"]])
+        assert sink.publish([OutRecord(kafka_names["output"], b"k", b"v")])
+        read = read_topic(config.kafka, kafka_names["output"], threading.Event(), idle_s=1)
+        assert [(r.key, r.value) for r in read] == [(b"k", b"v")]
+    finally:
+        sink.close()

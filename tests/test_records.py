@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import HEADER, sample_lines, write_uci
-from stream_forecaster.records import (MISSING, SAMPLE_PATH, UCI_COLUMNS, RecordError, UciLineParser, encode_prediction,
-                                      read_uci)
+from stream_forecaster.records import (MISSING, SAMPLE_PATH, UCI_COLUMNS, Invalid, MessageParser, RecordError,
+                                      UciLineParser, encode_prediction, read_uci)
 
 GOOD = "16/12/2006;17:24:00;4.216;0.418;234.840;18.400;0.000;1.000;17.000"
 
@@ -167,3 +167,18 @@ def test_encoded_prediction_is_exactly_what_json_dumps_writes(ident, sensor, tim
     expected.update(model_version=version, source={"partition": partition, "offset": offset})
     encoded = encode_prediction(ident, sensor, timestamp, values, targets, version, partition, offset, bounds)
     assert encoded == json.dumps(expected, separators=(",", ":")).encode()
+
+
+def test_a_json_time_in_utc_may_end_in_z():
+    parser = MessageParser(["Global_active_power"])
+    zulu = parser.parse(b"s", b'{"value": 1, "timestamp": "2007-01-10T22:17:00Z"}')
+    offset = parser.parse(b"s", b'{"value": 1, "timestamp": "2007-01-10T22:17:00+00:00"}')
+    assert zulu.aware and (zulu.timestamp, zulu.aware) == (offset.timestamp, offset.aware)
+
+
+@pytest.mark.parametrize("value", [b'{"value": 1, "timestamp": "9999-12-31T23:59:30"}',
+                                   b"31/12/9999;23:59:00;1;2;3;4;5;6;7",
+                                   b'{"value": 1, "timestamp": "0001-01-01T00:00:00+01:00"}'])
+def test_a_reading_whose_forecast_would_leave_the_calendar_is_invalid(value):
+    result = MessageParser(["Global_active_power"]).parse(b"s", value)
+    assert isinstance(result, Invalid) and "timestamp out of range" in result.reason

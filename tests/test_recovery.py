@@ -16,6 +16,8 @@ from stream_forecaster.config import load_config
 from stream_forecaster.kafka_io import ensure_topics, read_topic
 from stream_forecaster.model import Forecaster
 from stream_forecaster.registry import ModelStore
+from stream_forecaster.service import Daemon
+from stream_forecaster.testing import FakeRecord, ListSink, ListSource
 
 L = 6
 SENSORS = ("r1", "r2", "r3", "r4")
@@ -183,3 +185,39 @@ def test_slow_batches_stay_inside_max_poll_interval(broker, kafka_names, tmp_pat
     finally:
         daemon.close()
         out.close()
+
+
+def test_a_stop_during_a_rebuild_publishes_and_commits_nothing(tmp_path):
+    """A SIGTERM while a regained partition's windows are refilled: the windows lack their newest readings,
+    so the batch in hand must be left for the next owner, not forecast from them."""
+    store = ModelStore(tmp_path / "models")
+    store.publish(make_forecaster(sequence_length=L).save)
+    config = load_config(None, daemon_overrides("127.0.0.1:9", {"input": "in", "output": "out", "group": "g"},
+                                                store.path, metrics__port="0"), environ={})
+    lines = [line.encode() for line in sample_lines(40)]
+    history = [FakeRecord("in", 0, i, b"s", line) for i, line in enumerate(lines[:30])]
+
+    class RegainingSource(ListSource):
+        def take_changes(self):
+            changes, self.changes = self.changes, (set(), set(), set())
+            return changes
+
+        def committed(self, partition):
+            return 30
+
+        def beginning(self, partition):
+            return 0
+
+        def read_range(self, partition, start, end, stop):
+            yield from history[start:start + 10]
+            stop.set()  # the signal arrives; the reader stops early, as KafkaSource.read_range does
+
+    stop = threading.Event()
+    source = RegainingSource([[FakeRecord("in", 0, 30 + i, b"s", line) for i, line in enumerate(lines[30:])]])
+    source.changes = (set(), {0}, set())
+    sink = ListSink()
+    daemon = Daemon(config, source=source, sink=sink)
+    daemon.stop = stop
+    assert daemon.run() == 0
+    assert daemon.metrics.registry.get_sample_value("stream_forecaster_rebuilt_readings_total") == 10
+    assert sink.records == [] and source.commits == []
