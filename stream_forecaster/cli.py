@@ -73,10 +73,10 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--data", metavar="FILE", help="UCI .txt/.zip/.gz (default: data.path, else the bundled sample)")
     replay.add_argument("--sensor", default="house-1", help="message key, the sensor id (default: house-1)")
     pace = replay.add_mutually_exclusive_group()
-    pace.add_argument("--rate", type=float, default=100.0, metavar="N", help="messages per second (default 100)")
+    pace.add_argument("--rate", type=_positive(float), default=100.0, metavar="N", help="messages per second (default 100)")
     pace.add_argument("--max", action="store_true", help="as fast as the broker takes them")
-    replay.add_argument("--skip", type=int, default=0, metavar="N", help="start after the first N data lines")
-    replay.add_argument("--limit", type=int, metavar="N", help="send at most N lines")
+    replay.add_argument("--skip", type=_positive(int, zero=True), default=0, metavar="N", help="start after the first N data lines")
+    replay.add_argument("--limit", type=_positive(int, zero=True), metavar="N", help="send at most N lines")
 
     command("broker", "run the embedded development broker until Ctrl-C")
 
@@ -93,6 +93,19 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=float, default=200.0, metavar="N", help="replayed readings per second (default 200)")
     demo.add_argument("--out", default="out", metavar="DIR", help="where the plot goes (default: out)")
     return parser
+
+
+def _positive(kind, zero: bool = False):
+    """An argparse type: a number of ``kind`` above zero (or at least zero)."""
+    def read(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < 0 or (value == 0 and not zero) or value != value:
+            raise argparse.ArgumentTypeError(f"{text!r} must be {'0 or more' if zero else 'more than 0'}")
+        return value
+    return read
 
 
 def _date(text: str) -> int:

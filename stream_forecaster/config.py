@@ -47,9 +47,9 @@ class ConfigError(UserError, ValueError):
     """A user error in the configuration; the CLI prints it and exits 2."""
 
 
-def _spec(default, *, low=None, high=None, low_open=False, choices=None):
-    """A field with a default (copied for lists) and its allowed range."""
-    meta = {"low": low, "high": high, "low_open": low_open, "choices": choices}
+def _spec(default, *, low=None, high=None, low_open=False, high_open=False, choices=None):
+    """A field with a default (copied for lists) and its allowed range (``*_open``: the bound itself is out)."""
+    meta = {"low": low, "high": high, "low_open": low_open, "high_open": high_open, "choices": choices}
     if isinstance(default, list):
         return field(default_factory=lambda: tuple(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -89,13 +89,13 @@ class DataConfig:
 class ModelConfig:
     sequence_length: int = _spec(50, low=2, high=10_000)
     layers: tuple[int, ...] = _spec([7, 50, 100, 1], low=1)
-    dropout: float = _spec(0.2, low=0.0, high=1.0)
+    dropout: float = _spec(0.2, low=0.0, high=1.0, high_open=True)
     loss: str = _spec("huber", choices=("mse", "mae", "huber"))
     optimizer: str = _spec("adam", choices=("rmsprop", "adam", "sgd"))
     learning_rate: float = _spec(0.001, low=0.0, high=10.0, low_open=True)
     batch_size: int = _spec(512, low=1, high=1_000_000)
     epochs: int = _spec(15, low=1, high=100_000)
-    validation_split: float = _spec(0.05, low=0.0, high=1.0)
+    validation_split: float = _spec(0.05, low=0.0, high=1.0, high_open=True)
     seed: int = _spec(7, low=0)
     predict: str = _spec("change", choices=("level", "change"))
     min_step: float | None = _spec(None, low=0.0)
@@ -311,7 +311,7 @@ def _build(raw: Mapping, origins: Mapping, source: str) -> Config:
             raise ConfigError(f"{source}: section {name!r} must be a mapping of keys")
         sections[name] = _build_section(name, cls, values, origins, source)
     config = Config(**sections)
-    _check_consistency(config, source)
+    _check_consistency(config, origins, source)
     return config
 
 
@@ -384,46 +384,52 @@ def _check_range(value, meta) -> None:
     low, high, choices = meta.get("low"), meta.get("high"), meta.get("choices")
     if choices is not None and value not in choices:
         raise ValueError(f"must be one of {', '.join(map(str, choices))}")
+    above = f"{'>' if meta.get('low_open') else '>='} {low}"
+    below = f"{'<' if meta.get('high_open') else '<='} {high}"
     if low is not None and (value <= low if meta.get("low_open") else value < low):
-        bound = ">" if meta.get("low_open") else ">="
-        raise ValueError(f"must be {bound} {low}" + (f" and <= {high}" if high is not None else ""))
-    if high is not None and value > high:
-        raise ValueError(f"must be <= {high}" + (f" and >= {low}" if low is not None else ""))
+        raise ValueError(f"must be {above}" + (f" and {below}" if high is not None else ""))
+    if high is not None and (value >= high if meta.get("high_open") else value > high):
+        raise ValueError(f"must be {below}" + (f" and {above}" if low is not None else ""))
 
 
-def _check_consistency(config: Config, source: str) -> None:
+def _check_consistency(config: Config, origins: Mapping, source: str) -> None:
+    def where(dotted: str) -> str:  # the variable or --set that gave the key, else the file
+        return origins.get(tuple(dotted.split(".")), source)
+
     data, model = config.data, config.model
+    servers = config.kafka.bootstrap_servers
+    for server in servers or ("",):
+        host, _, port = server.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"{where('kafka.bootstrap_servers')}: kafka.bootstrap_servers: each must be host:port, e.g. broker:9092 "
+                              f"(got {list(servers)})")
     for name in ("features", "targets"):
         columns = getattr(data, name)
         if not columns:
-            raise ConfigError(f"{source}: data.{name}: must name at least one column")
+            raise ConfigError(f"{where('data.' + name)}: data.{name}: must name at least one column")
         if len(set(columns)) != len(columns):
-            raise ConfigError(f"{source}: data.{name}: a column is named twice ({', '.join(columns)})")
+            raise ConfigError(f"{where('data.' + name)}: data.{name}: a column is named twice ({', '.join(columns)})")
     if len(model.layers) < 3:
         raise ConfigError(
-            f"{source}: model.layers: needs input width, at least one LSTM size and output width, "
+            f"{where('model.layers')}: model.layers: needs input width, at least one LSTM size and output width, "
             f"e.g. [1, 50, 100, 1] (got {list(model.layers)})"
         )
     if model.layers[0] != len(data.features):
         raise ConfigError(
-            f"{source}: model.layers: the first entry is the input width and must equal the number "
+            f"{where('model.layers')}: model.layers: the first entry is the input width and must equal the number "
             f"of data.features ({len(data.features)}), got {model.layers[0]}"
         )
     if model.layers[-1] != len(data.targets):
         raise ConfigError(
-            f"{source}: model.layers: the last entry is the output width and must equal the number "
+            f"{where('model.layers')}: model.layers: the last entry is the output width and must equal the number "
             f"of data.targets ({len(data.targets)}), got {model.layers[-1]}"
         )
-    if not model.dropout < 1.0:
-        raise ConfigError(f"{source}: model.dropout: must be >= 0 and < 1 (got {model.dropout})")
     if model.predict == "change" and not set(data.targets) <= set(data.features):
-        raise ConfigError(f"{source}: model.predict: change needs every target among data.features "
+        raise ConfigError(f"{where('model.predict')}: model.predict: change needs every target among data.features "
                           f"(the change is added to the last reading); targets {', '.join(data.targets)}")
     if model.intervals and (len(model.intervals) != 2 or not model.intervals[0] < model.intervals[1] < 1.0):
-        raise ConfigError(f"{source}: model.intervals: two quantiles, lower then upper, each between 0 and 1, "
+        raise ConfigError(f"{where('model.intervals')}: model.intervals: two quantiles, lower then upper, each between 0 and 1, "
                           f"e.g. [0.1, 0.9], or [] for none (got {list(model.intervals)})")
-    if not model.validation_split < 1.0:
-        raise ConfigError(f"{source}: model.validation_split: must be >= 0 and < 1 (got {model.validation_split})")
 
 
 def _as_plain(config: Config) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import array
 import dataclasses
 import datetime as dt
+import contextlib
 import functools
 import json
 import gzip
@@ -22,6 +23,7 @@ import io
 import math
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterator, Sequence
@@ -211,9 +213,21 @@ def iso_time(seconds) -> str:
     return dt.datetime.fromtimestamp(int(seconds), dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
 
 
-def open_text(path: str | os.PathLike) -> IO[str]:
-    """Open a UCI file as text: plain, gzip (``.gz``) or the ``.txt`` inside a ``.zip``."""
-    path = Path(path)
+@contextlib.contextmanager
+def open_text(path: str | os.PathLike) -> Iterator[IO[str]]:
+    """Open a UCI file as text: plain, gzip (``.gz``) or the ``.txt`` inside a ``.zip``.
+
+    A file that cannot be read as such (a damaged archive, a directory) raises
+    :class:`RecordError` naming it, while opening or while reading.
+    """
+    try:
+        with _open_text(Path(path)) as f:
+            yield f
+    except (EOFError, zipfile.BadZipFile, zlib.error, gzip.BadGzipFile, IsADirectoryError, PermissionError) as exc:
+        raise RecordError(f"{path}: cannot read it ({type(exc).__name__}: {exc})") from None
+
+
+def _open_text(path: Path) -> IO[str]:
     # surrogateescape: a stray non-UTF-8 byte fails its own line, not the whole file
     text = dict(encoding="utf-8", errors="surrogateescape", newline=None)
     if path.suffix == ".gz":

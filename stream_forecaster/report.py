@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from pathlib import Path
 
@@ -66,7 +67,18 @@ def _num(value) -> str:
 
 
 def to_json(summary: dict, **extra) -> str:
-    return json.dumps({**summary, **extra}, sort_keys=True)
+    """Strict JSON: an undefined figure (no seasonal pair, a perfect baseline) is null, not NaN."""
+    return json.dumps(_nulls({**summary, **extra}), sort_keys=True, allow_nan=False)
+
+
+def _nulls(value):
+    if isinstance(value, dict):
+        return {k: _nulls(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nulls(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def write_csvs(backtest, directory: str | os.PathLike) -> tuple[Path, Path]:

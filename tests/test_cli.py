@@ -92,6 +92,18 @@ def test_user_errors_exit_2_with_one_line(tmp_path, data_file, capsys):
                  "--set", "model.layers=[1, 8, 1]",
                  *store_args(tmp_path)]) == 2
     assert "Volts not in the data" in capsys.readouterr().err
+    damaged = tmp_path / "damaged.gz"
+    damaged.write_bytes(b"not gzip")
+    assert main(["train", "--data", str(damaged), *store_args(tmp_path)]) == 2
+    assert "damaged.gz: cannot read it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, says", [(["--skip", "-1"], "0 or more"), (["--limit", "-1"], "0 or more"),
+                                        (["--rate", "0"], "more than 0"), (["--rate", "fast"], "not a number")])
+def test_replay_refuses_counts_below_zero_and_rates_not_above(args, says, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["replay", *args])
+    assert exited.value.code == 2 and says in capsys.readouterr().err
 
 
 def test_ctrl_c_during_training_exits_130_and_writes_nothing(tmp_path):
@@ -138,3 +150,16 @@ def test_change_model_with_intervals_trained_before_a_date_and_scored_after_it(t
     assert 0 < report["seasonal_n"] <= report["n"] and report["seasonal_rmse"] > 0
 
     assert main(["evaluate", "--data", str(data), "--since", "2031-01-01", *store_args(tmp_path)]) == 2
+
+
+def test_the_json_summary_is_strict_with_undefined_figures_as_null():
+    from stream_forecaster.report import to_json
+
+    text = to_json({"seasonal_n": 0, "seasonal_rmse": float("nan"), "per_target": {"x": {"skill": float("-inf")}}},
+                   coverage=[0.8, float("nan")])
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    assert json.loads(text, parse_constant=refuse) == {"seasonal_n": 0, "seasonal_rmse": None,
+                                                       "per_target": {"x": {"skill": None}}, "coverage": [0.8, None]}

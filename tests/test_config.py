@@ -102,6 +102,12 @@ def test_environment_overrides_and_set_beats_environment():
         ("epochs=3", ["--set epochs", "section.key"]),
         ("model.nope=3", ["--set model.nope", "unknown key model.nope"]),
         ("model.epochs=-1", ["--set model.epochs", ">= 1"]),
+        ("model.dropout=1.0", ["--set model.dropout", "must be < 1.0 and >= 0.0"]),
+        ("kafka.bootstrap_servers=[]", ["--set kafka.bootstrap_servers", "host:port"]),
+        ("kafka.bootstrap_servers=[localhost]", ["--set kafka.bootstrap_servers", "host:port"]),
+        ("kafka.bootstrap_servers=a:1,b:99999", ["--set kafka.bootstrap_servers", "host:port"]),
+        ("model.layers=[3, 50, 100, 1]", ["--set model.layers", "number of data.features"]),
+        ("model.validation_split=1", ["--set model.validation_split", "< 1.0"]),
     ],
 )
 def test_bad_overrides_name_the_override(override, fragments):

@@ -182,3 +182,12 @@ def test_a_json_time_in_utc_may_end_in_z():
 def test_a_reading_whose_forecast_would_leave_the_calendar_is_invalid(value):
     result = MessageParser(["Global_active_power"]).parse(b"s", value)
     assert isinstance(result, Invalid) and "timestamp out of range" in result.reason
+
+
+@pytest.mark.parametrize("name, content", [("bad.gz", b"not gzip"), ("bad.zip", b"not zip"), ("dir", None),
+                                           ("cut.gz", gzip.compress(("\n".join(sample_lines(2000))).encode())[:3000])])
+def test_a_file_that_cannot_be_read_is_a_record_error_naming_it(tmp_path, name, content):
+    path = tmp_path / name
+    path.mkdir() if content is None else path.write_bytes(content)
+    with pytest.raises(RecordError, match=f"{name}: cannot read it"):
+        read_uci(path, ["Global_active_power"])
