@@ -38,6 +38,10 @@ def test_prometheus_config_and_rules_pass_promtool():
 @needs_promtool
 def test_alerts_fire_on_the_series_that_should_trip_them():
     assert "SUCCESS" in promtool("test", "rules", "rules_test.yml")
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "rules.yml").read_text())["groups"][0]["rules"]
+    tests = yaml.safe_load((DEPLOY / "prometheus" / "rules_test.yml").read_text())["tests"]
+    firing = {t["alertname"] for case in tests for t in case["alert_rule_test"] if t["exp_alerts"]}
+    assert firing == {r["alert"] for r in rules if "alert" in r}, "every alert needs a unit test that fires it"
 
 
 def test_rules_cover_the_alerts_operators_need():
