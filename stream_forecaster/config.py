@@ -403,6 +403,10 @@ def _check_consistency(config: Config, origins: Mapping, source: str) -> None:
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ConfigError(f"{where('kafka.bootstrap_servers')}: kafka.bootstrap_servers: each must be host:port, e.g. broker:9092 "
                               f"(got {list(servers)})")
+    k = config.kafka
+    if k.security_protocol.startswith("SASL_") and not (k.sasl_username and (k.sasl_password or k.sasl_password_file)):
+        raise ConfigError(f"{where('kafka.security_protocol')}: kafka.security_protocol: {k.security_protocol} needs "
+                          "kafka.sasl_username and kafka.sasl_password (or kafka.sasl_password_file)")
     for name in ("features", "targets"):
         columns = getattr(data, name)
         if not columns:

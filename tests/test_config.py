@@ -107,6 +107,7 @@ def test_environment_overrides_and_set_beats_environment():
         ("kafka.bootstrap_servers=[localhost]", ["--set kafka.bootstrap_servers", "host:port"]),
         ("kafka.bootstrap_servers=a:1,b:99999", ["--set kafka.bootstrap_servers", "host:port"]),
         ("model.layers=[3, 50, 100, 1]", ["--set model.layers", "number of data.features"]),
+        ("kafka.security_protocol=SASL_SSL", ["--set kafka.security_protocol", "needs kafka.sasl_username"]),
         ("model.validation_split=1", ["--set model.validation_split", "< 1.0"]),
     ],
 )

@@ -34,7 +34,8 @@ def test_sasl_and_tls_settings_reach_kafka_python(tmp_path):
 
 
 def test_password_from_the_environment_and_never_in_the_redacted_config():
-    env = {"STREAM_FORECASTER__KAFKA__SASL_PASSWORD": SECRET, "STREAM_FORECASTER__KAFKA__SECURITY_PROTOCOL": "SASL_PLAINTEXT"}
+    env = {"STREAM_FORECASTER__KAFKA__SASL_PASSWORD": SECRET, "STREAM_FORECASTER__KAFKA__SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+           "STREAM_FORECASTER__KAFKA__SASL_USERNAME": "svc"}
     config = load_config(None, environ=env)
     assert client_settings(config.kafka, "x")["sasl_plain_password"] == SECRET
     assert SECRET not in json.dumps(config.redacted())
@@ -42,8 +43,8 @@ def test_password_from_the_environment_and_never_in_the_redacted_config():
 
 
 def test_unreadable_password_file_is_a_config_error(tmp_path):
-    config = load_config(None, ["kafka.security_protocol=SASL_PLAINTEXT", f"kafka.sasl_password_file={tmp_path / 'no'}"],
-                         environ={})
+    config = load_config(None, ["kafka.security_protocol=SASL_PLAINTEXT", "kafka.sasl_username=svc",
+                                f"kafka.sasl_password_file={tmp_path / 'no'}"], environ={})
     with pytest.raises(ConfigError, match="kafka.sasl_password_file: cannot read"):
         client_settings(config.kafka, "x")
 
