@@ -176,12 +176,25 @@ class Retrainer:
             return None
         return current
 
+    def _fits(self, current) -> bool:
+        """Whether ``current``'s network is the configured one, so training may start from its weights."""
+        if current is None:
+            return False
+        m = self.config.model
+        built = (current.metadata.get("layers"), current.metadata.get("predict"))
+        if built != (list(m.layers), m.predict):
+            log.info("current model %s has layers %s predicting the %s, the configuration asks for %s and the %s: "
+                     "training from scratch (and still comparing)", current.version, built[0], built[1],
+                     list(m.layers), m.predict)
+            return False
+        return True
+
     def _cycle(self) -> Outcome:
         from .training import backtest, train  # noqa: PLC0415 (TensorFlow)
 
         series = self.load_series()
         current = self._current()
-        initial = current if self.config.retrain.warm_start else None
+        initial = current if self.config.retrain.warm_start and self._fits(current) else None
         trained = train(self.config, series, initial=initial, verbose=0, stop=self.stop)
         losses = trained.forecaster.metadata["training"]["history"].get("loss", [])
         if not losses or not all(math.isfinite(v) for v in losses):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 
 import pytest
@@ -50,6 +51,15 @@ def test_warm_start_beats_and_replaces_the_current_model(tmp_path):
     assert meta["training"]["warm_start_from"] == "1"
     assert meta["normalization"] == r.store.metadata("1")["normalization"]  # fine-tuning keeps the scaling
     assert r.store.current() == "2"
+
+
+def test_a_new_network_shape_trains_from_scratch_and_is_still_gated(tmp_path, caplog):
+    retrainer(tmp_path).run_once()
+    with caplog.at_level(logging.INFO, logger="stream_forecaster.retrain"):
+        outcome = retrainer(tmp_path, "model.layers=[1, 12, 1]").run_once()
+    # warm-started, it would have kept version 1's network of 8 units under metadata that says 12
+    assert "layers [1, 8, 1] predicting the level, the configuration asks for [1, 12, 1]" in caplog.text
+    assert outcome.current_error is not None  # still compared with version 1, which the daemon can go on serving
 
 
 def test_a_worse_candidate_is_rejected_and_the_store_is_untouched(tmp_path):
