@@ -90,6 +90,16 @@ class KafkaSource:
         batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
         return [record for records in batches.values() for record in records]
 
+    def rewind(self, records) -> None:
+        """Read ``records`` again from the next poll on (those of partitions still assigned)."""
+        first: dict[int, int] = {}
+        for r in records:
+            first[r.partition] = min(first.get(r.partition, r.offset), r.offset)
+        owned = {tp.partition for tp in self._consumer.assignment()}
+        for partition, offset in first.items():
+            if partition in owned:
+                self._consumer.seek(TopicPartition(self.topic, partition), offset)
+
     def take_changes(self) -> tuple[set[int], set[int], set[int]]:
         """Partitions ``(lost, gained, regained)`` since the last call.
 

@@ -107,7 +107,8 @@ class Daemon:
         self.metrics = None
         self._registry = registry
         self.pipeline: Pipeline | None = None
-        self.rebuilding = 0
+        self.to_check: set[int] = set()  # regained partitions: are their windows still right?
+        self.to_rebuild: set[int] = set()  # partitions whose windows must be refilled before their readings count
         self.batch_limit = min(500, config.kafka.max_poll_records)  # grows once batches are timed
         self.processed: dict[int, int] = {}  # partition -> next offset after the last batch handled
         self.watcher: ModelWatcher | None = None
@@ -118,7 +119,7 @@ class Daemon:
 
     def ready(self) -> bool:
         return (self.pipeline is not None and self.source is not None and self.source.assigned()
-                and not self.rebuilding)
+                and not self.to_rebuild and not self.to_check)
 
     def run(self) -> int:
         if threading.current_thread() is threading.main_thread():
@@ -207,7 +208,14 @@ class Daemon:
                 log.warning("poll failed (%s: %s); retrying", type(exc).__name__, exc)
                 self.stop.wait(1.0)
                 continue
-            self._handle_rebalance()
+            try:
+                self._handle_rebalance()
+            except Exception as exc:  # noqa: BLE001 (a broker call failed midway; what is left is tried again)
+                log.warning("handling the new partitions failed (%s: %s); their readings are read again in 1 s",
+                            type(exc).__name__, exc)
+                self.source.rewind(records)
+                self.stop.wait(1.0)
+                continue
             if self.stop.is_set():
                 # a rebuild cut short by the stop left windows without their latest readings
                 break
@@ -243,36 +251,45 @@ class Daemon:
             self.batch_limit = max(1, min(k.max_poll_records, fitting, 2 * max(n, self.batch_limit)))
 
     def _handle_rebalance(self) -> None:
+        """Drop the windows of lost partitions; check regained ones and refill gained ones from their history.
+
+        The broker calls may fail midway (a coordinator moving): what is not done
+        yet stays in ``to_check`` and ``to_rebuild`` for the next call.
+        """
         lost, gained, regained = self.source.take_changes()
-        for partition in regained:
-            # still ours only if the group will not make us re-read: committed must be where we are
-            if self.source.committed(partition) != self.processed.get(partition):
-                lost.add(partition)
-                gained.add(partition)
+        self.to_check = (self.to_check | regained) - lost
+        self.to_rebuild = (self.to_rebuild | gained) - lost
         if lost:
             dropped = self.pipeline.drop_partitions(lost)
             for partition in lost:
                 self.processed.pop(partition, None)
             log.info("partitions %s revoked: %d sensors dropped", sorted(lost), dropped)
-        if gained:
-            self._rebuild(gained)
+        for partition in sorted(self.to_check):
+            # still ours only if the group will not make us re-read: committed must be where we are
+            if self.source.committed(partition) != self.processed.get(partition):
+                self.to_rebuild.add(partition)
+            self.to_check.discard(partition)
+        self.metrics.rebuilding.set(len(self.to_rebuild))
+        for partition in sorted(self.to_rebuild):
+            self._rebuild(partition)
 
-    def _rebuild(self, partitions: set[int]) -> None:
-        """Refill the windows of newly assigned partitions from the readings before their committed offsets."""
-        self.rebuilding = len(partitions)
-        self.metrics.rebuilding.set(self.rebuilding)
+    def _rebuild(self, partition: int) -> None:
+        """Refill the windows of ``partition`` from the readings before its committed offset."""
+        # whatever is there (a stale window, an earlier attempt cut short) would be counted twice
+        self.pipeline.drop_partitions({partition})
+        self.processed.pop(partition, None)
+        committed = self.source.committed(partition)
         limit = self.config.window.rebuild_messages
-        for partition in sorted(partitions):
-            committed = self.source.committed(partition)
-            if committed and limit:
-                start = max(self.source.beginning(partition), committed - limit)
-                started = time.monotonic()
-                n = self.pipeline.rebuild(self.source.read_range(partition, start, committed, self.stop))
-                self.processed[partition] = committed
-                log.info("partition %d: windows refilled from %d readings (offsets %d-%d) in %.2f s",
-                         partition, n, start, committed - 1, time.monotonic() - started)
-            self.rebuilding -= 1
-            self.metrics.rebuilding.set(self.rebuilding)
+        if committed and limit:
+            start = max(self.source.beginning(partition), committed - limit)
+            started = time.monotonic()
+            n = self.pipeline.rebuild(self.source.read_range(partition, start, committed, self.stop))
+            log.info("partition %d: windows refilled from %d readings (offsets %d-%d) in %.2f s",
+                     partition, n, start, committed - 1, time.monotonic() - started)
+        if committed is not None:
+            self.processed[partition] = committed
+        self.to_rebuild.discard(partition)
+        self.metrics.rebuilding.set(len(self.to_rebuild))
 
     def _swap_if_ready(self) -> None:
         new = self.watcher.take()

@@ -47,6 +47,10 @@ class ListSource:
     def commit(self, offsets) -> None:
         self.commits.append(dict(offsets))
 
+    def rewind(self, records) -> None:
+        if records:
+            self.batches.insert(0, list(records))
+
     def lag(self):
         return sum(len(b) for b in self.batches)
 

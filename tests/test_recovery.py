@@ -9,6 +9,7 @@ import threading
 import numpy as np
 import pytest
 from kafka import KafkaProducer
+from kafka.errors import KafkaTimeoutError
 
 from conftest import daemon_overrides, daemon_setup, make_forecaster, offline_forecasts, sample_lines
 from daemon import DaemonProcess, wait_for
@@ -187,37 +188,71 @@ def test_slow_batches_stay_inside_max_poll_interval(broker, kafka_names, tmp_pat
         out.close()
 
 
-def test_a_stop_during_a_rebuild_publishes_and_commits_nothing(tmp_path):
-    """A SIGTERM while a regained partition's windows are refilled: the windows lack their newest readings,
-    so the batch in hand must be left for the next owner, not forecast from them."""
+class RegainingSource(ListSource):
+    """Partition 0 arrives with a committed offset of ``len(history)``; ``faults`` name the calls that fail once
+    (``read_range`` after 2 records), as when the group coordinator moves during a rebalance."""
+
+    def __init__(self, history, batch, stop, faults=(), stop_in_read=False):
+        super().__init__([batch], stop_when_done=stop)
+        self.history, self.faults, self.stop_in_read = history, set(faults), stop_in_read
+        self.changes = (set(), {0}, set())
+
+    def fail_once(self, call):
+        if call in self.faults:
+            self.faults.discard(call)
+            raise KafkaTimeoutError(f"{call} timed out")
+
+    def take_changes(self):
+        changes, self.changes = self.changes, (set(), set(), set())
+        return changes
+
+    def committed(self, partition):
+        self.fail_once("committed")
+        return len(self.history)
+
+    def beginning(self, partition):
+        return 0
+
+    def read_range(self, partition, start, end, stop):
+        yield from self.history[start:start + 2]
+        if self.stop_in_read:
+            stop.set()  # the signal arrives; the reader stops early, as KafkaSource.read_range does
+            return
+        self.fail_once("read_range")
+        yield from self.history[start + 2:end]
+
+
+def run_regaining(tmp_path, kept=30, **faults):
     store = ModelStore(tmp_path / "models")
-    store.publish(make_forecaster(sequence_length=L).save)
+    if store.current() is None:
+        store.publish(make_forecaster(sequence_length=L).save)
     config = load_config(None, daemon_overrides("127.0.0.1:9", {"input": "in", "output": "out", "group": "g"},
                                                 store.path, metrics__port="0"), environ={})
     lines = [line.encode() for line in sample_lines(40)]
-    history = [FakeRecord("in", 0, i, b"s", line) for i, line in enumerate(lines[:30])]
-
-    class RegainingSource(ListSource):
-        def take_changes(self):
-            changes, self.changes = self.changes, (set(), set(), set())
-            return changes
-
-        def committed(self, partition):
-            return 30
-
-        def beginning(self, partition):
-            return 0
-
-        def read_range(self, partition, start, end, stop):
-            yield from history[start:start + 10]
-            stop.set()  # the signal arrives; the reader stops early, as KafkaSource.read_range does
-
+    history = [FakeRecord("in", 0, i, b"s", line) for i, line in enumerate(lines[:kept])]
+    batch = [FakeRecord("in", 0, kept + i, b"s", line) for i, line in enumerate(lines[kept:])]
     stop = threading.Event()
-    source = RegainingSource([[FakeRecord("in", 0, 30 + i, b"s", line) for i, line in enumerate(lines[30:])]])
-    source.changes = (set(), {0}, set())
-    sink = ListSink()
+    source, sink = RegainingSource(history, batch, stop, **faults), ListSink()
     daemon = Daemon(config, source=source, sink=sink)
     daemon.stop = stop
     assert daemon.run() == 0
-    assert daemon.metrics.registry.get_sample_value("stream_forecaster_rebuilt_readings_total") == 10
+    return daemon, source, sink
+
+
+@pytest.mark.parametrize("kept", [30, 3])  # 3: fewer than a window, which a refill counted twice would fill
+def test_a_broker_error_while_refilling_windows_is_tried_again_and_changes_no_forecast(tmp_path, caplog, kept):
+    _, clean_source, clean = run_regaining(tmp_path, kept)
+    daemon, source, sink = run_regaining(tmp_path, kept, faults=("committed", "read_range"))
+    assert caplog.text.count("handling the new partitions failed (KafkaTimeoutError") == 2 and not source.faults
+    # the refill cut short after 2 readings was dropped and done again, not counted twice
+    assert [json.loads(r.value) for r in sink.records] == [json.loads(r.value) for r in clean.records]
+    assert len(sink.records) == 40 - max(kept, L - 2) and source.commits == clean_source.commits == [{("in", 0): 40}]
+    assert daemon.metrics.registry.get_sample_value("stream_forecaster_rebuilding_partitions") == 0
+
+
+def test_a_stop_during_a_rebuild_publishes_and_commits_nothing(tmp_path):
+    """A SIGTERM while a regained partition's windows are refilled: the windows lack their newest readings,
+    so the batch in hand must be left for the next owner, not forecast from them."""
+    daemon, source, sink = run_regaining(tmp_path, stop_in_read=True)
+    assert daemon.metrics.registry.get_sample_value("stream_forecaster_rebuilt_readings_total") == 2
     assert sink.records == [] and source.commits == []
