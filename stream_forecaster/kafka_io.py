@@ -125,16 +125,29 @@ class KafkaSource:
         tp = TopicPartition(self.topic, partition)
         return self._consumer.beginning_offsets([tp])[tp]
 
-    def read_range(self, partition: int, start: int, end: int, stop: threading.Event):
-        """Records ``start <= offset < end`` of one partition, read by a separate, group-less consumer."""
+    def read_range(self, partition: int, start: int, end: int, stop: threading.Event, patience_s: float = 30.0):
+        """Records ``start <= offset < end`` of one partition, read by a separate, group-less consumer.
+
+        Ends early, logged, when nothing new comes for ``patience_s``: the log
+        may end before ``end`` (truncated by an unclean leader election).
+        """
         reader = KafkaConsumer(enable_auto_commit=False, **client_settings(self.config, "stream-forecaster-rebuild"))
         tp = TopicPartition(self.topic, partition)
         try:
             reader.assign([tp])
             reader.seek(tp, start)
-            while reader.position(tp) < end and not stop.is_set():
+            position, moved = start, time.monotonic()
+            while position < end and not stop.is_set():
                 for records in reader.poll(timeout_ms=500).values():
                     yield from (r for r in records if r.offset < end)
+                now = reader.position(tp, timeout_ms=1000)
+                if now is not None and now > position:
+                    position, moved = now, time.monotonic()
+                elif time.monotonic() - moved > patience_s:
+                    log.warning("partition %d: nothing after offset %d for %.0f s, short of the committed offset %d "
+                                "(a truncated log?); windows refilled from what there was",
+                                partition, position, patience_s, end)
+                    return
         finally:
             reader.close(autocommit=False, timeout_ms=5000)
 

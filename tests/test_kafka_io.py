@@ -7,7 +7,7 @@ from kafka.partitioner import DefaultPartitioner
 
 from stream_forecaster.config import load_config
 from stream_forecaster.devbroker import free_port
-from stream_forecaster.kafka_io import KafkaSink, KeyPartitioner, ensure_topics, read_topic
+from stream_forecaster.kafka_io import KafkaSink, KafkaSource, KeyPartitioner, ensure_topics, read_topic
 from stream_forecaster.records import OutRecord
 
 
@@ -67,3 +67,20 @@ def test_a_producer_that_cannot_be_replaced_yet_is_kept_and_replaced_later(broke
         assert [(r.key, r.value) for r in read] == [(b"k", b"v")]
     finally:
         sink.close()
+
+
+def test_a_refill_range_past_the_end_of_the_log_ends_once_nothing_comes(broker, kafka_names, caplog):
+    """As after an unclean leader election: the committed offset lies beyond what the log still holds."""
+    config = load_config(None, [f"kafka.bootstrap_servers={broker.address}", f"kafka.input_topic={kafka_names['input']}",
+                                f"kafka.group_id={kafka_names['group']}", "kafka.session_timeout_ms=6000"], environ={})
+    ensure_topics(config.kafka, [kafka_names["input"]])
+    sink = KafkaSink(config.kafka)
+    assert sink.publish([OutRecord(kafka_names["input"], b"s", str(i).encode()) for i in range(5)])
+    sink.close()
+    source = KafkaSource(config.kafka)
+    try:
+        read = list(source.read_range(0, 1, 8, threading.Event(), patience_s=2))
+    finally:
+        source.close()
+    assert [r.value for r in read] == [b"1", b"2", b"3", b"4"]
+    assert "nothing after offset 5 for 2 s, short of the committed offset 8" in caplog.text
