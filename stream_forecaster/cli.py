@@ -264,9 +264,11 @@ def cmd_models(args) -> int:
         store.set_current(args.version)
         print(f"current model: version {args.version}")
     else:
-        previous = store.previous()
+        previous, current = store.previous(), store.current()
+        if current is None:
+            raise UserError(f"nothing to roll back: {store.path} holds no model yet (train one: stream-forecaster train)")
         if previous is None:
-            raise UserError(f"nothing to roll back to: no version older than {store.current()} in {store.path}")
+            raise UserError(f"nothing to roll back to: no version older than {current} in {store.path}")
         store.set_current(previous)
         print(f"current model: version {previous} (rolled back)")
     return 0

@@ -119,7 +119,8 @@ class KafkaSource:
         return lost, gained, regained
 
     def committed(self, partition: int) -> int | None:
-        return self._consumer.committed(TopicPartition(self.topic, partition))
+        # bounded, so a stop during an outage is not held up by a coordinator that never answers
+        return self._consumer.committed(TopicPartition(self.topic, partition), timeout_ms=self.config.session_timeout_ms)
 
     def beginning(self, partition: int) -> int:
         tp = TopicPartition(self.topic, partition)
@@ -161,7 +162,8 @@ class KafkaSource:
         if not offsets:
             return True
         try:
-            self._consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()})
+            self._consumer.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()},
+                                  timeout_ms=self.config.session_timeout_ms)
             return True
         except KafkaError as exc:
             log.warning("commit failed (%s: %s); the partitions will be re-read from the last commit",

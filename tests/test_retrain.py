@@ -145,6 +145,11 @@ def test_models_commands(store_with_versions, capsys):
     capsys.readouterr()
 
 
+def test_rollback_in_an_empty_store_says_to_train_first(tmp_path, capsys):
+    assert main(["models", "rollback", "--set", f"model_store.path={tmp_path / 'models'}"]) == 2
+    assert "holds no model yet (train one" in capsys.readouterr().err
+
+
 def test_rollback_goes_to_the_previous_version(tmp_path, capsys):
     for epochs in (1, 2, 3):
         retrainer(tmp_path, f"model.epochs={epochs}", "retrain.min_improvement=0").run_once()
