@@ -123,6 +123,9 @@ def _config(args) -> Config:
         path = "config.yaml"
     config = load_config(path, args.overrides)
     logs.configure(config.logging)
+    for key in config.kafka.unused_security():
+        log.warning("kafka.%s is set, but kafka.security_protocol %s does not use it: it is ignored",
+                    key, config.kafka.security_protocol)
     return config
 
 

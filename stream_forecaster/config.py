@@ -148,6 +148,16 @@ class KafkaConfig:
                 raise ConfigError(f"kafka.{name}_file: cannot read {path}: {exc.strerror}") from None
         return value
 
+    def unused_security(self) -> list[str]:
+        """TLS and SASL keys that are set but that ``security_protocol`` does not use (worth a warning)."""
+        unused = []
+        if self.security_protocol not in ("SSL", "SASL_SSL"):
+            unused += [k for k in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password_file") if getattr(self, k)]
+        if not self.security_protocol.startswith("SASL_"):
+            unused += [k for k in ("sasl_mechanism", "sasl_username", "sasl_password", "sasl_password_file")
+                       if getattr(self, k)]
+        return unused
+
 
 @dataclass(frozen=True)
 class WindowConfig:

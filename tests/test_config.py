@@ -126,6 +126,21 @@ def test_string_keys_take_the_override_as_written(secret):
     assert load_config(None, [f"kafka.group_id={secret}"], environ={}).kafka.group_id == secret
 
 
+@pytest.mark.parametrize(
+    "overrides, unused",
+    [
+        (["kafka.sasl_password=x", "kafka.ssl_cafile=ca.pem"], ["ssl_cafile", "sasl_password"]),
+        (["kafka.security_protocol=SSL", "kafka.ssl_cafile=ca.pem", "kafka.sasl_username=u"], ["sasl_username"]),
+        (["kafka.security_protocol=SASL_PLAINTEXT", "kafka.sasl_username=u", "kafka.sasl_password=p",
+          "kafka.ssl_certfile=c.pem"], ["ssl_certfile"]),
+        (["kafka.security_protocol=SASL_SSL", "kafka.sasl_username=u", "kafka.sasl_password=p",
+          "kafka.ssl_cafile=ca.pem"], []),
+    ],
+)
+def test_security_keys_the_protocol_ignores_are_named(overrides, unused):
+    assert load_config(None, overrides, environ={}).kafka.unused_security() == unused
+
+
 def test_an_override_of_null_clears_an_optional_string():
     assert load_config(None, ["kafka.dead_letter_topic=null"], environ={}).kafka.dead_letter_topic is None
 

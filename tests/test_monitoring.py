@@ -119,3 +119,6 @@ def test_json_logs_start_with_version_model_broker_and_topics_and_no_secret(daem
         assert fact in start
     effective = next(line["message"] for line in lines if line["message"].startswith("effective configuration"))
     assert '"sasl_password": "***"' in effective and "hunter2" not in process.output()
+    # the password was given with PLAINTEXT, which sends none: the log says it is ignored
+    assert any(line["level"] == "WARNING" and "kafka.sasl_password is set" in line["message"]
+               and "ignored" in line["message"] for line in lines)
