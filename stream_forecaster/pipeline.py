@@ -97,20 +97,34 @@ class Pipeline:
 
         The forecast each refilled sensor had pending (made from its last
         window) is recomputed, so the next reading is scored as if the daemon
-        had never stopped. Returns the number of readings replayed.
+        had never stopped. A sensor whose last reading is ``window.idle_ttl``
+        older than the newest one replayed is evicted, as it would have been had
+        the daemon run on (ages follow the Kafka timestamps, not the clock now:
+        a daemon down for longer still refills the sensors that kept sending).
+        Returns the number of readings replayed.
         """
-        now, replayed, last_full, unfilled = time.monotonic(), 0, {}, set()
+        now, replayed, last_full, unfilled, heard_ms = time.monotonic(), 0, {}, set(), {}
         for record in records:
             reading = self.parser.parse(record.key, record.value)
             if not isinstance(reading, Reading):
                 continue
             replayed += 1
             slot = self.windows.slot(reading.sensor, record.partition)
+            if record.timestamp > 0:  # Kafka's -1: no timestamp
+                heard_ms[slot] = record.timestamp
             if self.windows.append(slot, reading.values, now):
                 last_full[slot] = np.asarray(reading.values, dtype=np.float32)[self.target_index]
             else:
                 last_full.pop(slot, None)
                 unfilled.add(slot)
+        if heard_ms:
+            newest = max(heard_ms.values())
+            stale = self.windows.drop([s for s, ms in heard_ms.items() if newest - ms > self.idle_ttl * 1000])
+            self.pending.clear(stale)
+            self.metrics.evicted.inc(len(stale))
+            for slot in stale:
+                last_full.pop(slot, None)
+                unfilled.discard(slot)
         self.pending.clear(list(unfilled - last_full.keys()))  # once: per reading it took a tenth of a rebuild
         if last_full:
             slots = list(last_full)

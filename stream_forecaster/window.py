@@ -103,16 +103,17 @@ class SensorWindows:
 
     def evict_idle(self, now: float, ttl: float) -> list[int]:
         """Free the slots of sensors without a reading since ``now - ttl``; returns those slots."""
-        return self._free_slots(np.flatnonzero(self._seen[: len(self._sensors)] < now - ttl))
+        return self.drop(np.flatnonzero(self._seen[: len(self._sensors)] < now - ttl).tolist())
 
     def drop_partitions(self, partitions) -> list[int]:
         """Free the slots of sensors read from ``partitions`` (no longer ours); returns those slots."""
         used = len(self._sensors)
-        return self._free_slots(np.flatnonzero(np.isin(self._partition[:used], list(partitions))))
+        return self.drop(np.flatnonzero(np.isin(self._partition[:used], list(partitions))).tolist())
 
-    def _free_slots(self, slots: np.ndarray) -> list[int]:
+    def drop(self, slots) -> list[int]:
+        """Free ``slots`` (their sensors start over empty); returns those that were in use."""
         evicted = []
-        for slot in slots.tolist():
+        for slot in slots:
             sensor = self._sensors[slot]
             if sensor is not None:
                 del self.slots[sensor]

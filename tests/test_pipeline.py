@@ -177,6 +177,27 @@ def test_failed_publish_is_retried_and_a_stop_during_retries_commits_nothing():
         pipeline.process(records)
 
 
+@pytest.mark.parametrize("silent_hours", [2, 25])
+def test_a_refill_evicts_sensors_silent_for_the_idle_ttl_before_the_newest_reading(silent_hours):
+    pipeline, sink, metrics = build("window.idle_ttl=1d")
+    lines = sample_lines(2 * L)
+    day_ms, hour_ms = 86_400_000, 3_600_000
+    # far in the past on purpose: ages count from the newest reading replayed, not from the clock now
+    newest = 30 * day_ms
+    quiet = [FakeRecord("in", 0, i, b"quiet", line.encode(), timestamp=newest - silent_hours * hour_ms - 60_000 * (L - i))
+             for i, line in enumerate(lines[:L])]
+    busy = [FakeRecord("in", 0, L + i, b"busy", line.encode(), timestamp=newest - 60_000 * (L - 1 - i))
+            for i, line in enumerate(lines[:L])]
+    assert pipeline.rebuild(quiet + busy) == 2 * L
+    evicted = silent_hours > 24
+    assert ("quiet" in pipeline.windows.slots) is not evicted and "busy" in pipeline.windows.slots
+    assert value(metrics, "stream_forecaster_evicted_sensors_total") == evicted
+    # the quiet sensor speaks again: forecast at once from its kept window, or only once a new window is full
+    pipeline.process([FakeRecord("in", 0, 2 * L, b"quiet", lines[L].encode())])
+    assert len(sink.records) == (0 if evicted else 1)
+    assert value(metrics, "stream_forecaster_scored_predictions_total") == (0 if evicted else 1)
+
+
 def test_idle_sensors_lose_their_window_and_come_back_empty():
     pipeline, sink, metrics = build("window.idle_ttl=60s")
     lines = sample_lines(12)
