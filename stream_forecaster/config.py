@@ -271,23 +271,27 @@ PRESETS = {
 
 def _merge(raw: dict, layer: Mapping, origins: dict, origin: str | None) -> None:
     for section, values in layer.items():
-        target = raw.setdefault(section, {})
-        if not isinstance(target, dict):
-            raise ConfigError(f"{origin or 'the configuration file'}: section {section!r} in the file is not a mapping")
+        target = _section(raw, section, origin or "the configuration file")
         target.update(values)
         if origin is not None:
             for key in values:
                 origins[(section, key)] = origin
 
 
+def _section(raw: dict, section: str, origin: str) -> dict:
+    """``raw[section]``, created if absent or empty (a section whose keys are all commented out reads as null)."""
+    if raw.get(section) is None:
+        raw[section] = {}
+    if not isinstance(raw[section], dict):
+        raise ConfigError(f"{origin}: section {section!r} in the file is not a mapping")
+    return raw[section]
+
+
 def _apply_override(raw: dict, origins: dict, dotted: str, value: str, origin: str) -> None:
     section, sep, key = dotted.partition(".")
     if not sep or not key or "." in key:
         raise ConfigError(f"{origin}: expected section.key, e.g. model.epochs")
-    target = raw.setdefault(section, {})
-    if not isinstance(target, dict):
-        raise ConfigError(f"{origin}: section {section!r} in the file is not a mapping")
-    target[key] = _Override(value)
+    _section(raw, section, origin)[key] = _Override(value)
     origins[(section, key)] = origin
 
 

@@ -81,6 +81,13 @@ def test_set_overrides_parse_yaml_and_beat_the_file(tmp_path):
     assert config.kafka.bootstrap_servers == ("a:1", "b:2")
 
 
+def test_a_section_with_every_key_commented_out_still_takes_overrides_and_presets(tmp_path):
+    path = write(tmp_path, "model:\n  # epochs: 3\nkafka:\ndata:\n")
+    config = load_config(path, ["model.epochs=4", "model.preset=seed"],
+                         environ={"STREAM_FORECASTER__KAFKA__GROUP_ID": "g"})
+    assert (config.model.epochs, config.kafka.group_id, config.data.normalization) == (4, "g", "center")
+
+
 def test_single_string_is_accepted_for_a_list_of_strings():
     config = load_config(None, ["kafka.bootstrap_servers=host:9092", "data.features=Voltage",
                                 "data.targets=Voltage", "model.layers=[1, 8, 1]"], environ={})
