@@ -20,7 +20,7 @@ import numpy as np
 
 from . import __version__, logs
 from .config import Config, load_config
-from .errors import UserError
+from .errors import Interrupted, UserError
 from .records import SAMPLE_PATH, read_uci
 from .registry import ModelStore
 
@@ -154,13 +154,17 @@ def cmd_train(args) -> int:
     from .report import format_table
     from .training import train
 
+    store = ModelStore(config.model_store.path, config.model_store.keep)
+    store.check_writable()
     series = _read(_data_path(args, config), _union(config.data.features, config.data.targets), config)
     if args.until is not None:
         series = series.select(series.timestamps < args.until)
     log.info("read %s: %d readings, %d missing skipped, %d malformed skipped",
              series.source, len(series), series.missing, series.malformed)
-    trained = train(config, series, verbose=0 if args.quiet else "auto", stop=_stop_on_signals())
-    store = ModelStore(config.model_store.path, config.model_store.keep)
+    stop = _stop_on_signals()
+    trained = train(config, series, verbose=0 if args.quiet else "auto", stop=stop)
+    if stop.is_set():  # after the last epoch, during calibration and the test
+        raise Interrupted("stopped after training; nothing was written")
     version = store.publish(trained.forecaster.save)
     summary = trained.test.summary()
     first, last = trained.forecaster.metadata["data"]["test_range"]

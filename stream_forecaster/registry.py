@@ -113,12 +113,26 @@ class ModelStore:
                 raise ModelStoreError(f"{directory}: checksum mismatch for {name}; the file is corrupted")
         return directory
 
+    def check_writable(self) -> None:
+        """Raise :class:`ModelStoreError` unless versions can be written here (check before hours of training)."""
+        probe = self.path / f"{_TMP_PREFIX}probe-{uuid.uuid4().hex}"
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe.mkdir()
+            probe.rmdir()
+        except OSError as exc:
+            raise ModelStoreError(f"model store {self.path} is not writable ({exc.strerror or exc}): "
+                                  "set model_store.path to a writable directory") from None
+
     def publish(self, write: Callable[[Path], None], make_current: bool = True) -> str:
         """Write a new version with ``write(directory)``, rename it into place, return its name."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._remove_stale_tmp()
-        tmp = self.path / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
-        tmp.mkdir()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._remove_stale_tmp()
+            tmp = self.path / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+            tmp.mkdir()
+        except OSError as exc:
+            raise ModelStoreError(f"cannot write a model version into {self.path}: {exc.strerror or exc}") from None
         try:
             write(tmp)
             files = sorted(p.name for p in tmp.iterdir() if p.is_file())
@@ -127,6 +141,8 @@ class ModelStore:
             for name in files + [CHECKSUM_FILE]:
                 _fsync(tmp / name)
             version = self._rename_into_place(tmp)
+        except OSError as exc:  # a full disk, say: nothing was published
+            raise ModelStoreError(f"cannot write a model version into {self.path}: {exc.strerror or exc}") from None
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -100,6 +100,7 @@ class Retrainer:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self.request_stop)
             signal.signal(signal.SIGINT, self.request_stop)
+        self.store.check_writable()
         server = None
         if not once:
             m = self.config.metrics
@@ -215,6 +216,8 @@ class Retrainer:
             "persistence": persistence, "min_improvement": self.config.retrain.min_improvement,
             "test_windows": int(len(trained.test_starts)),
         }
+        if self.stop.is_set():
+            raise Interrupted("stopped before publishing")
         version = self.store.publish(trained.forecaster.save)
         return Outcome("published", reason, version, candidate, current_error, persistence)
 

@@ -96,6 +96,9 @@ def test_user_errors_exit_2_with_one_line(tmp_path, data_file, capsys):
     damaged.write_bytes(b"not gzip")
     assert main(["train", "--data", str(damaged), *store_args(tmp_path)]) == 2
     assert "damaged.gz: cannot read it" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert main(["train", "--data", str(data_file), *TINY, "--set", f"model_store.path={tmp_path / 'file' / 'm'}"]) == 2
+    assert "is not writable" in capsys.readouterr().err  # said before training, not after
 
 
 @pytest.mark.parametrize("args, says", [(["--skip", "-1"], "0 or more"), (["--limit", "-1"], "0 or more"),
@@ -122,6 +125,22 @@ def test_ctrl_c_during_training_exits_130_and_writes_nothing(tmp_path):
     assert proc.wait(timeout=60) == 130, rest
     assert "interrupted" in rest and "Traceback" not in rest
     assert not store.exists() or list(store.iterdir()) == []
+
+
+def test_ctrl_c_after_the_last_epoch_still_writes_nothing(tmp_path, data_file, monkeypatch, capsys):
+    import stream_forecaster.training as training
+
+    calibrate = training._calibrate_min_step
+    monkeypatch.setattr(training, "_calibrate_min_step", lambda v: (signal.raise_signal(signal.SIGINT), calibrate(v))[1])
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = main(["train", "--data", str(data_file), "--quiet", *TINY, "--set", "model.min_step=null",
+                     *store_args(tmp_path)])
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert code == 130 and "interrupted" in capsys.readouterr().err
+    assert ModelStore(tmp_path / "models").versions() == []
 
 
 def test_change_model_with_intervals_trained_before_a_date_and_scored_after_it(tmp_path, capsys):

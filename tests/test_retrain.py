@@ -62,6 +62,24 @@ def test_a_new_network_shape_trains_from_scratch_and_is_still_gated(tmp_path, ca
     assert outcome.current_error is not None  # still compared with version 1, which the daemon can go on serving
 
 
+def test_a_stop_after_training_publishes_nothing(tmp_path, monkeypatch):
+    r = retrainer(tmp_path)
+    gate = r._gate
+    monkeypatch.setattr(r, "_gate", lambda *a: (r.stop.set(), gate(*a))[1])  # a signal once training is over
+    with pytest.raises(KeyboardInterrupt, match="before publishing"):
+        r.run_once()
+    assert r.store.versions() == []
+
+
+def test_an_unwritable_store_stops_the_retrainer_before_any_cycle(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    args = [a for o in BASE for a in ("--set", o)]
+    assert main(["retrain", "--once", "--data", str(SAMPLE_PATH), *args,
+                 "--set", f"model_store.path={tmp_path / 'file' / 'models'}"]) == 2
+    err = capsys.readouterr().err
+    assert "is not writable" in err and "model_store.path" in err and "Traceback" not in err
+
+
 def test_a_worse_candidate_is_rejected_and_the_store_is_untouched(tmp_path):
     retrainer(tmp_path, "model.epochs=2").run_once()
     # from scratch with a learning rate that cannot move the random weights: a deliberately worse model
