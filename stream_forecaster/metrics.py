@@ -17,6 +17,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
+from .errors import UserError
+
 __all__ = ["Metrics", "MetricsServer", "RetrainMetrics", "scrape"]
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -115,7 +117,11 @@ class MetricsServer:
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int, is_ready: Callable[[], bool]):
         handler = _handler(registry, is_ready)
-        self._server = ThreadingHTTPServer((host, port), handler)
+        try:
+            self._server = ThreadingHTTPServer((host, port), handler)
+        except OSError as exc:  # a port in use (a second daemon), an address not on this host
+            raise UserError(f"cannot serve /metrics on {host}:{port}: {exc.strerror or exc}; choose another "
+                            "host or port (port 0 takes any free one)") from None
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
 

@@ -97,9 +97,6 @@ class Retrainer:
 
     def run(self, once: bool = False) -> int:
         """Cycles until stopped (or one with ``once``); exit code 0, or 1 if the only cycle failed."""
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self.request_stop)
-            signal.signal(signal.SIGINT, self.request_stop)
         self.store.check_writable()
         server = None
         if not once:
@@ -107,6 +104,9 @@ class Retrainer:
             server = MetricsServer(self.metrics.registry, m.host, self.config.retrain.metrics_port, lambda: True).start()
             log.info("retrainer: every %.0f s, metrics on http://%s:%d/metrics", self.config.retrain.interval,
                      m.host, server.port)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.request_stop)
+            signal.signal(signal.SIGINT, self.request_stop)
         try:
             while True:
                 started = time.monotonic()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 
 import pytest
@@ -78,6 +79,17 @@ def test_an_unwritable_store_stops_the_retrainer_before_any_cycle(tmp_path, caps
                  "--set", f"model_store.path={tmp_path / 'file' / 'models'}"]) == 2
     err = capsys.readouterr().err
     assert "is not writable" in err and "model_store.path" in err and "Traceback" not in err
+
+
+def test_a_metrics_port_in_use_is_a_one_line_error(tmp_path, capsys):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert main(["retrain", "--data", str(SAMPLE_PATH), "--set", f"model_store.path={tmp_path / 'models'}",
+                     "--set", f"retrain.metrics_port={port}"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot serve /metrics on 127.0.0.1:{port}" in err and "Traceback" not in err
 
 
 def test_a_worse_candidate_is_rejected_and_the_store_is_untouched(tmp_path):
