@@ -22,6 +22,7 @@ from kafka.partitioner import DefaultPartitioner
 from kafka.structs import OffsetAndMetadata
 
 from .config import KafkaConfig
+from .errors import UserError
 from .records import OutRecord
 
 __all__ = ["BrokerUnavailable", "KafkaSink", "KafkaSource", "KeyPartitioner", "client_settings", "ensure_topics",
@@ -82,7 +83,7 @@ class KafkaSource:
             # up to this long regardless, so a short wait bounds latency there and costs little here
             fetch_max_wait_ms=config.fetch_max_wait_ms,
             **client_settings(config, client_id),
-        ), "consumer")
+        ), "consumer", config)
         self._consumer.subscribe([config.input_topic], listener=_Revocations(self._revoked))
 
     def poll(self, timeout_s: float, max_records: int | None = None) -> list:
@@ -196,15 +197,16 @@ class KafkaSource:
         self._consumer.close(autocommit=False, timeout_ms=5000)
 
 
-class BrokerUnavailable(RuntimeError):
-    """No broker could be reached to set up a client; try again later."""
+class BrokerUnavailable(UserError, RuntimeError):
+    """No broker could be reached to set up a client; try again later, or fix ``kafka.bootstrap_servers``."""
 
 
-def _connect(factory, what: str):
+def _connect(factory, what: str, config: KafkaConfig):
     try:
         return factory()
     except KafkaError as exc:  # NoBrokersAvailable and friends, raised while bootstrapping
-        raise BrokerUnavailable(f"cannot set up the {what}: {type(exc).__name__}: {exc}") from None
+        raise BrokerUnavailable(f"cannot set up the {what}: {type(exc).__name__}: {exc} (kafka.bootstrap_servers "
+                                f"{','.join(config.bootstrap_servers)}: is a broker running there?)") from None
 
 
 class KeyPartitioner(DefaultPartitioner):
@@ -259,7 +261,8 @@ class KafkaSink:
         return _connect(lambda: KafkaProducer(acks="all", enable_idempotence=True, linger_ms=5, max_block_ms=5000,
                                               batch_size=256 * 1024, partitioner=KeyPartitioner(),
                                               max_request_size=max(1 << 20, self._config.max_message_bytes + 65536),
-                                              **client_settings(self._config, self._client_id)), "producer")
+                                              **client_settings(self._config, self._client_id)), "producer",
+                        self._config)
 
     def publish(self, records: Iterable[OutRecord], stop: threading.Event | None = None,
                 backoff_s: float = 0.5, max_backoff_s: float = 10.0) -> bool:

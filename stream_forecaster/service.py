@@ -174,8 +174,7 @@ class Daemon:
                     self.source = KafkaSource(self.config.kafka)
                 return True
             except BrokerUnavailable as exc:
-                log.warning("%s (brokers %s); retrying in %.0f s", exc, ",".join(self.config.kafka.bootstrap_servers),
-                            backoff)
+                log.warning("%s; retrying in %.0f s", exc, backoff)
                 self.stop.wait(backoff)
                 backoff = min(30.0, backoff * 2)
         return False

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -107,6 +108,15 @@ def test_replay_refuses_counts_below_zero_and_rates_not_above(args, says, capsys
     with pytest.raises(SystemExit) as exited:
         main(["replay", *args])
     assert exited.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_replay_without_a_broker_is_a_one_line_error(data_file, capsys):
+    with socket.socket() as free:  # a port nothing listens on
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    assert main(["replay", "--data", str(data_file), "--max", "--set", f"kafka.bootstrap_servers=127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err
+    assert f"127.0.0.1:{port}: is a broker running there?" in err and "Traceback" not in err
 
 
 def test_ctrl_c_during_training_exits_130_and_writes_nothing(tmp_path):
