@@ -11,6 +11,7 @@ import argparse
 import datetime as dt
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -137,6 +138,14 @@ def _read(path: Path, columns, config: Config):
     return read_uci(path, columns, ratio=config.data.ratio, on_error=config.data.on_error)
 
 
+def _check_output(path: Path, parent: Path, directory: bool = False) -> None:
+    """Refuse an output path that cannot be written before a long backtest rather than after it."""
+    if path.exists() and path.is_dir() != directory:
+        raise UserError(f"{path}: {'not ' if directory else ''}a directory")
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UserError(f"{path}: cannot write there ({parent} is not a writable directory)")
+
+
 def _union(*groups) -> list[str]:
     return list(dict.fromkeys(name for group in groups for name in group))
 
@@ -176,6 +185,11 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     config = _config(args)
+    if args.plot:
+        _check_output(Path(args.plot), Path(args.plot).parent)  # the plot's directory is not created
+    if args.csv_dir:
+        csv_dir = Path(args.csv_dir).absolute()  # created with its parents: the nearest existing one must be writable
+        _check_output(csv_dir, next(p for p in (csv_dir, *csv_dir.parents) if p.exists()), directory=True)
     store = ModelStore(config.model_store.path, config.model_store.keep)
     directory, version = store.resolve(args.model)
     store.verify(directory)

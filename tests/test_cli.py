@@ -98,6 +98,11 @@ def test_user_errors_exit_2_with_one_line(tmp_path, data_file, capsys):
     assert main(["train", "--data", str(damaged), *store_args(tmp_path)]) == 2
     assert "damaged.gz: cannot read it" in capsys.readouterr().err
     (tmp_path / "file").write_text("")
+    for output, says in ((["--plot", str(tmp_path / "no" / "p.png")], "is not a writable directory"),
+                         (["--csv-dir", str(tmp_path / "file")], "not a directory"),
+                         (["--csv-dir", str(tmp_path / "file" / "csv")], "is not a writable directory")):
+        assert main(["evaluate", "--data", str(data_file), *output, "--model", str(tmp_path)]) == 2
+        assert says in capsys.readouterr().err
     assert main(["train", "--data", str(data_file), *TINY, "--set", f"model_store.path={tmp_path / 'file' / 'm'}"]) == 2
     assert "is not writable" in capsys.readouterr().err  # said before training, not after
 
