@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import Config
-from .errors import Interrupted
+from .errors import Interrupted, UserError
 from .metrics import MetricsServer, RetrainMetrics
 from .records import MISSING, MessageParser, Reading, Series, read_uci
 from .registry import ModelStore
@@ -98,6 +98,8 @@ class Retrainer:
     def run(self, once: bool = False) -> int:
         """Cycles until stopped (or one with ``once``); exit code 0, or 1 if the only cycle failed."""
         self.store.check_writable()
+        if self.data_path is not None and not Path(self.data_path).exists():
+            raise UserError(f"{self.data_path}: no such file (retrain --data)")
         server = None
         if not once:
             m = self.config.metrics
@@ -130,6 +132,9 @@ class Retrainer:
             outcome = self._cycle()
         except Interrupted:
             raise
+        except UserError as exc:  # bad data, a damaged store: the message says it all
+            log.error("retraining failed: %s", exc)
+            outcome = Outcome("failed", f"{type(exc).__name__}: {exc}")
         except Exception as exc:  # any failure of a cycle is counted and the next cycle still runs
             log.exception("retraining failed: %s", exc)
             outcome = Outcome("failed", f"{type(exc).__name__}: {exc}")

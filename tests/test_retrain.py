@@ -75,6 +75,8 @@ def test_a_stop_after_training_publishes_nothing(tmp_path, monkeypatch):
 def test_an_unwritable_store_stops_the_retrainer_before_any_cycle(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     args = [a for o in BASE for a in ("--set", o)]
+    assert main(["retrain", "--data", str(tmp_path / "absent.txt"), *args]) == 2
+    assert "absent.txt: no such file" in capsys.readouterr().err
     assert main(["retrain", "--once", "--data", str(SAMPLE_PATH), *args,
                  "--set", f"model_store.path={tmp_path / 'file' / 'models'}"]) == 2
     err = capsys.readouterr().err
@@ -110,10 +112,11 @@ def test_min_improvement_is_required(tmp_path):
     assert outcome.outcome == "rejected" and "by 99.0%" in outcome.reason
 
 
-def test_failures_are_counted_and_leave_the_store_alone(tmp_path):
+def test_failures_are_counted_and_leave_the_store_alone(tmp_path, caplog):
     retrainer(tmp_path).run_once()
     missing = retrainer(tmp_path, data=tmp_path / "absent.txt").run_once()
     assert missing.outcome == "failed" and "no such file" in missing.reason
+    assert "Traceback" not in caplog.text  # a user's error is a line, not a stack
     exploding = retrainer(tmp_path, "retrain.warm_start=false", "model.optimizer=sgd", "model.learning_rate=10",
                           "model.loss=mse").run_once()
     # an optimiser step this large overflows: the loss is not finite, or the candidate's error is not
