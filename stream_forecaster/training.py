@@ -7,6 +7,7 @@ here, so splitting, normalisation and scoring follow one set of rules.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import time
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ from .scoring import Scores, score
 from .window import sliding_windows, split_windows, window_starts
 
 __all__ = ["Backtest", "TrainingError", "backtest", "train"]
+
+log = logging.getLogger(__name__)
 
 _BACKTEST_CHUNK = 65536  # windows gathered at once; bounds backtest memory on big files
 
@@ -205,10 +208,18 @@ def train(config: Config, series: Series, initial: Forecaster | None = None,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "libraries": library_versions(),
     }
-    if len(validation_starts) and set(data.targets) <= set(data.features) and spec.min_step != 0:
-        metadata["min_step"] = [spec.min_step] * len(data.targets) if spec.min_step is not None else \
-            _calibrate_min_step(backtest(Forecaster(model, metadata, jit_compile=spec.jit_compile), series,
-                                         validation_starts))
+    if set(data.targets) <= set(data.features) and spec.min_step != 0:
+        if spec.min_step is not None:
+            metadata["min_step"] = [spec.min_step] * len(data.targets)
+        elif len(validation_starts):
+            metadata["min_step"] = _calibrate_min_step(
+                backtest(Forecaster(model, metadata, jit_compile=spec.jit_compile), series, validation_starts))
+        else:
+            log.warning("model.min_step is chosen on the validation slice, and there is none (model.validation_split "
+                        "is 0 or the data too short): no forecast step is held (give model.min_step)")
+    if spec.intervals and not len(validation_starts):
+        log.warning("model.intervals are measured on the validation slice, and there is none "
+                    "(model.validation_split is 0 or the data too short): the model publishes no interval")
     if spec.intervals and len(validation_starts):
         errors = backtest(Forecaster(model, metadata, jit_compile=spec.jit_compile), series, validation_starts)
         residuals = errors.truth - errors.predicted

@@ -158,6 +158,15 @@ def test_ctrl_c_after_the_last_epoch_still_writes_nothing(tmp_path, data_file, m
     assert ModelStore(tmp_path / "models").versions() == []
 
 
+def test_without_a_validation_slice_a_given_min_step_still_holds_and_the_lack_of_intervals_is_said(
+        tmp_path, data_file, capsys):
+    assert main(["train", "--data", str(data_file), "--quiet", *TINY, "--set", "model.validation_split=0",
+                 "--set", "model.min_step=5", "--set", "model.intervals=[0.1, 0.9]", *store_args(tmp_path)]) == 0
+    meta = ModelStore(tmp_path / "models").metadata("1")
+    assert meta["min_step"] == [5.0] and "intervals" not in meta
+    assert "the model publishes no interval" in capsys.readouterr().err
+
+
 def test_change_model_with_intervals_trained_before_a_date_and_scored_after_it(tmp_path, capsys):
     lines = sample_lines(4000)  # from 16/12/2006 17:24 on: the cut below leaves about a day after it
     data = write_uci(tmp_path / "slice.txt", lines)
