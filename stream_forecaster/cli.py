@@ -90,8 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     models.add_argument("version", nargs="?", help="the version, for show and promote")
 
     demo = command("demo", "broker, model, daemon and replay together, with a live view")
-    demo.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this long (default: when the replay is done)")
-    demo.add_argument("--rate", type=float, default=200.0, metavar="N", help="replayed readings per second (default 200)")
+    demo.add_argument("--duration", type=_positive(float), metavar="SECONDS", help="stop after this long (default: when the replay is done)")
+    demo.add_argument("--rate", type=_positive(float), default=200.0, metavar="N", help="replayed readings per second (default 200)")
     demo.add_argument("--out", default="out", metavar="DIR", help="where the plot goes (default: out)")
     return parser
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from .config import Config, load_config
 from .devbroker import DevBroker, free_port
-from .errors import UserError
+from .errors import Interrupted, UserError
 from .kafka_io import ensure_topics, read_topic
 from .metrics import scrape
 from .records import SAMPLE_PATH, read_uci
@@ -52,7 +52,7 @@ def run_demo(config_path: str | None, overrides: list[str], *, duration: float |
                           f"metrics.port={metrics_port}"]
         config = load_config(config_path, demo_overrides)
         print(f"broker: {broker.address} (embedded, in memory)")
-        _train_if_empty(config_path, overrides, config)
+        _train_if_empty(config, stop)
         ensure_topics(config.kafka, [config.kafka.input_topic, config.kafka.output_topic], partitions=3)
         daemon = _start_daemon(config_path, demo_overrides, out_dir / "daemon.log")
         try:
@@ -64,7 +64,7 @@ def run_demo(config_path: str | None, overrides: list[str], *, duration: float |
             print(f"daemon stopped (exit {daemon.returncode}); log: {out_dir / 'daemon.log'}")
 
 
-def _train_if_empty(config_path, overrides, config: Config) -> None:
+def _train_if_empty(config: Config, stop: threading.Event) -> None:
     store = ModelStore(config.model_store.path, config.model_store.keep)
     if store.current() is not None:
         print(f"model: version {store.current()} from {store.path}")
@@ -75,7 +75,9 @@ def _train_if_empty(config_path, overrides, config: Config) -> None:
     print(f"model: none in {store.path}; training one on the first three weeks of the bundled sample ({epochs} epochs)")
     columns = list(dict.fromkeys(config.data.features + config.data.targets))
     series = read_uci(SAMPLE_PATH, columns, ratio=TRAIN_FRACTION)
-    trained = train(config.replace("model", epochs=epochs), series)
+    trained = train(config.replace("model", epochs=epochs), series, stop=stop)
+    if stop.is_set():
+        raise Interrupted("stopped while training the demo's model; nothing was written")
     version = store.publish(trained.forecaster.save)
     s = trained.test.summary()
     print(f"model: version {version} trained in {trained.seconds:.0f} s; test RMSE {s['rmse']:.4f} "

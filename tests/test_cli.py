@@ -107,11 +107,15 @@ def test_user_errors_exit_2_with_one_line(tmp_path, data_file, capsys):
     assert "is not writable" in capsys.readouterr().err  # said before training, not after
 
 
-@pytest.mark.parametrize("args, says", [(["--skip", "-1"], "0 or more"), (["--limit", "-1"], "0 or more"),
-                                        (["--rate", "0"], "more than 0"), (["--rate", "fast"], "not a number")])
-def test_replay_refuses_counts_below_zero_and_rates_not_above(args, says, capsys):
+@pytest.mark.parametrize("args, says", [(["replay", "--skip", "-1"], "0 or more"),
+                                        (["replay", "--limit", "-1"], "0 or more"),
+                                        (["replay", "--rate", "0"], "more than 0"),
+                                        (["replay", "--rate", "fast"], "not a number"),
+                                        (["demo", "--rate", "-5"], "more than 0"),
+                                        (["demo", "--duration", "0"], "more than 0")])
+def test_replay_and_demo_refuse_counts_below_zero_and_rates_not_above(args, says, capsys):
     with pytest.raises(SystemExit) as exited:
-        main(["replay", *args])
+        main(args)
     assert exited.value.code == 2 and says in capsys.readouterr().err
 
 

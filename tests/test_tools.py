@@ -69,3 +69,18 @@ def test_demo_trains_streams_and_plots(tmp_path):
     assert re.search(r"plot: .*demo\.png \(10,072 predictions\)", result.stdout), result.stdout
     assert (tmp_path / "out" / "demo.png").read_bytes()[:4] == b"\x89PNG"
     assert "daemon stopped (exit 0)" in result.stdout
+
+
+def test_ctrl_c_while_the_demo_trains_exits_130_before_any_daemon_and_writes_no_model(tmp_path):
+    args = [sys.executable, "-m", "stream_forecaster.cli", "demo", "--out", str(tmp_path / "out"),
+            "--set", f"model_store.path={tmp_path / 'models'}"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if "training one on" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=120) == 130, rest
+    assert "interrupted" in rest and "daemon:" not in rest and "Traceback" not in rest
+    assert not (tmp_path / "models").exists() or list((tmp_path / "models").iterdir()) == []
