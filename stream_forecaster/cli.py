@@ -307,8 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"stream-forecaster {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"stream-forecaster {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        why = f" ({exc})" if str(exc) else ""  # an Interrupted says where it stopped
+        print(f"stream-forecaster {args.command}: interrupted{why}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
