@@ -100,6 +100,7 @@ class UciLineParser:
                 f"column(s) {', '.join(unknown)} not in the data; available: {', '.join(header)}"
             )
         self.columns = tuple(columns)
+        self.header = ["Date", "Time", *header]
         self.n_fields = 2 + len(header)
         self._indices = [2 + list(header).index(c) for c in columns]
         self._dates: dict[str, int] = {}
@@ -229,7 +230,7 @@ def open_text(path: str | os.PathLike) -> Iterator[IO[str]]:
 
 def _open_text(path: Path) -> IO[str]:
     # surrogateescape: a stray non-UTF-8 byte fails its own line, not the whole file
-    text = dict(encoding="utf-8", errors="surrogateescape", newline=None)
+    text = dict(encoding="utf-8-sig", errors="surrogateescape", newline=None)  # -sig: spreadsheets write a BOM
     if path.suffix == ".gz":
         return io.TextIOWrapper(gzip.open(path, "rb"), **text)
     if path.suffix == ".zip":
@@ -284,6 +285,8 @@ def read_uci(
             lineno += 1
             if limit is not None and lines >= limit:
                 break
+            if line.isspace() or line.startswith("Date;") and line.strip().split(";") == parser.header:
+                continue  # a trailing blank line; the header again where files were concatenated
             lines += 1
             try:
                 reading = parse(line)

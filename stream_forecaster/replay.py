@@ -22,12 +22,16 @@ def replay_file(config: KafkaConfig, path: Path, sensor: str, *, rate: float | N
     if not Path(path).exists():
         raise UserError(f"{path}: no such file")
     with open_text(path) as f:
-        total = sum(1 for line in f if not UciLineParser.is_header(line))
+        total = sum(1 for line in f if _is_data(line))
     total = max(0, min(total - skip, limit if limit is not None else total))
     with open_text(path) as f:
-        lines = (line.rstrip("\n") for line in f if not UciLineParser.is_header(line))
+        lines = (line.rstrip("\n") for line in f if _is_data(line))
         return replay_lines(config, itertools.islice(lines, skip, skip + total), sensor,
                             rate=rate, total=total, stop=stop, progress=progress)
+
+
+def _is_data(line: str) -> bool:
+    return not (UciLineParser.is_header(line) or line.isspace())
 
 
 def replay_lines(config: KafkaConfig, lines, sensor: str, *, rate: float | None = None, total: int | None = None,

@@ -114,6 +114,17 @@ def test_non_utf8_bytes_fail_their_line_only(tmp_path):
     assert (len(series), series.malformed) == (3, 1)
 
 
+def test_a_byte_order_mark_blank_lines_and_a_repeated_header_are_not_errors(tmp_path):
+    lines = sample_lines(6)
+    path = tmp_path / "d.txt"
+    # a spreadsheet's BOM, two files concatenated (the second with its header), a blank line at the end
+    text = "\n".join([HEADER, *lines[:3], HEADER, *lines[3:], "", ""])
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    series = read_uci(path, ["Global_active_power"])  # on_error "raise": any error would raise
+    assert (len(series), series.malformed) == (6, 0)
+    assert series.values[:, 0].tolist() == pytest.approx([float(line.split(";")[2]) for line in lines])
+
+
 def test_header_decides_the_column_order(tmp_path):
     path = tmp_path / "d.txt"
     path.write_text("Date;Time;Voltage;Global_active_power\n16/12/2006;17:24:00;230.5;4.25\n")
