@@ -116,6 +116,8 @@ def test_environment_overrides_and_set_beats_environment():
         ("model.layers=[3, 50, 100, 1]", ["--set model.layers", "number of data.features"]),
         ("kafka.security_protocol=SASL_SSL", ["--set kafka.security_protocol", "needs kafka.sasl_username"]),
         ("model.validation_split=1", ["--set model.validation_split", "< 1.0"]),
+        ("data.train_split=1", ["--set data.train_split", "< 1.0"]),
+        ("model.seed=5000000000", ["--set model.seed", "<= 4294967295"]),
     ],
 )
 def test_bad_overrides_name_the_override(override, fragments):
