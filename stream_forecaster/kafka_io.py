@@ -384,7 +384,8 @@ def read_history(config: KafkaConfig, group_id: str, since_ms: int, stop: thread
 
     Partitions are assigned, not subscribed, under ``group_id``: the retrainer
     never joins or moves the daemon's group, and commits nothing. The start is
-    looked up by time (``offsets_for_times``), else the beginning; the end is
+    looked up by time (``offsets_for_times``); a partition with nothing that
+    recent gives nothing; the end is
     fixed when reading starts, so a topic under steady load still ends.
     """
     consumer = KafkaConsumer(group_id=group_id, enable_auto_commit=False, **client_settings(config, "stream-forecaster-retrain"))
@@ -399,8 +400,8 @@ def read_history(config: KafkaConfig, group_id: str, since_ms: int, stop: thread
             found = starts.get(tp)
             if found is not None:
                 consumer.seek(tp, found.offset)
-            else:
-                consumer.seek_to_beginning(tp)
+            else:  # no message at or after since_ms (Kafka answers -1): nothing of this partition is recent
+                consumer.seek_to_end(tp)
         ends = consumer.end_offsets(assigned)
         remaining = {tp for tp in assigned if consumer.position(tp) < ends[tp]}
         while remaining and not stop.is_set():
