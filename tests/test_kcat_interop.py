@@ -41,7 +41,9 @@ def kcat(*args, input=None, timeout=60):
     return result.stdout
 
 
-def test_kcat_produces_readings_and_reads_predictions(shimmed_broker, tmp_path):
+# Java and librdkafka producers often compress; without the codecs kafka-python's fetcher spins on such a batch
+@pytest.mark.parametrize("codec", ["none", "snappy", "lz4", "zstd"])
+def test_kcat_produces_readings_and_reads_predictions(shimmed_broker, tmp_path, codec):
     store = ModelStore(tmp_path / "models")
     store.publish(make_forecaster(sequence_length=L).save)
     overrides = [f"kafka.bootstrap_servers={shimmed_broker}", "kafka.input_topic=readings",
@@ -51,7 +53,7 @@ def test_kcat_produces_readings_and_reads_predictions(shimmed_broker, tmp_path):
     ensure_topics(config.kafka, ["readings", "predictions"], partitions=2)
     lines = {"meter-1": sample_lines(12), "meter-2": sample_lines(9, start=3000)}
     payload = "".join(f"{sensor}#{line}\n" for sensor, ls in lines.items() for line in ls)
-    kcat("-P", "-b", shimmed_broker, "-t", "readings", "-K", "#", input=payload)
+    kcat("-P", "-b", shimmed_broker, "-t", "readings", "-K", "#", "-z", codec, input=payload)
 
     daemon = DaemonProcess(overrides, tmp_path / "daemon.log")
     try:
