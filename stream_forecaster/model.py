@@ -179,7 +179,8 @@ class Scaler:
         return cls(mean.astype(np.float32), scale.astype(np.float32))
 
     def transform(self, values: np.ndarray) -> np.ndarray:
-        return ((values - self.mean) / self.scale).astype(np.float32, copy=False)
+        with np.errstate(over="ignore"):  # readings near float32's limit: their forecast is not finite, published null
+            return ((values - self.mean) / self.scale).astype(np.float32, copy=False)
 
     def inverse(self, values: np.ndarray) -> np.ndarray:
         return values * self.scale + self.mean

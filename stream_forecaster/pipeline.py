@@ -297,12 +297,13 @@ class Pipeline:
         scored = np.isfinite(forecast).all(axis=1)
         if not scored.any():
             return
-        error = (forecast[scored] - truth[scored]).astype(np.float64)
+        # in float64: readings near float32's limit (3e38, then -3e38) differ by more than float32 holds
+        error = forecast[scored].astype(np.float64) - truth[scored]
         self.model_errors.add(error)
         bounds = self.forecaster.bounds(forecast[scored])
         if bounds is not None:
             self.inside.add((bounds[0] <= truth[scored]) & (truth[scored] <= bounds[1]))
-        self.baseline_errors.add(baseline[scored] - truth[scored])
+        self.baseline_errors.add(baseline[scored].astype(np.float64) - truth[scored])
         m = self.metrics
         m.scored.inc(len(error))
         for t, histogram in enumerate(m.abs_error):

@@ -198,6 +198,18 @@ def test_a_refill_evicts_sensors_silent_for_the_idle_ttl_before_the_newest_readi
     assert value(metrics, "stream_forecaster_scored_predictions_total") == (0 if evicted else 1)
 
 
+def test_scores_of_readings_at_float32s_edge_stay_finite():
+    forecaster = make_forecaster(sequence_length=2)
+    pipeline = Pipeline(load_config(None, ["model.sequence_length=2", "data.features=[Global_active_power]",
+                                           "model.layers=[1, 8, 1]"], environ={}), forecaster, ListSink(),
+                        Metrics(forecaster.targets))
+    values = [b"3e38", b"-3e38", b"1.0", b"1.0"]  # persistence's error 6e38 exceeds float32, not float64
+    pipeline.process([FakeRecord("in", 0, i, b"s", v) for i, v in enumerate(values)])
+    rmse = pipeline.metrics.registry.get_sample_value(
+        "stream_forecaster_rolling_rmse", {"target": "Global_active_power", "forecaster": "persistence"})
+    assert rmse is not None and np.isfinite(rmse) and rmse > 1e38
+
+
 def test_idle_sensors_lose_their_window_and_come_back_empty():
     pipeline, sink, metrics = build("window.idle_ttl=60s")
     lines = sample_lines(12)
