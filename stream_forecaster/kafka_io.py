@@ -16,7 +16,8 @@ from typing import Iterable
 
 from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import (InvalidRecordError, KafkaError, MessageSizeTooLargeError, RecordListTooLargeError,
+                          TopicAlreadyExistsError)
 from kafka.future import Future
 from kafka.partitioner import DefaultPartitioner
 from kafka.structs import OffsetAndMetadata
@@ -246,11 +247,14 @@ class KafkaSink:
     """
 
     RECREATE_AFTER = 2  # consecutive failed rounds before the producer is replaced
+    # refused for what the record is, not for the broker's state: sending it again can never succeed
+    REFUSED = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidRecordError)
 
-    def __init__(self, config: KafkaConfig, client_id: str = "stream-forecaster", on_retry=None, on_recreate=None):
+    def __init__(self, config: KafkaConfig, client_id: str = "stream-forecaster", on_retry=None, on_recreate=None,
+                 on_refused=None):
         self._config, self._client_id = config, client_id
         self._producer = self._new_producer()
-        self._on_retry, self._on_recreate = on_retry, on_recreate
+        self._on_retry, self._on_recreate, self._on_refused = on_retry, on_recreate, on_refused
 
     def _new_producer(self):
         # max_block_ms: a send waiting for metadata (a topic gone with a restarted broker) gives up soon
@@ -270,7 +274,9 @@ class KafkaSink:
 
         Returns False only when ``stop`` was set before every record was
         acknowledged: the caller must then not commit their offsets. Records
-        still in flight are waited for, not sent again.
+        still in flight are waited for, not sent again. A record the broker
+        refuses for itself (too large for it, say) is logged, counted through
+        ``on_refused`` and left out: retried, it would stall the daemon for ever.
         """
         stop = stop or threading.Event()
         in_flight = [(r, self.send(r)) for r in records]
@@ -284,6 +290,11 @@ class KafkaSink:
             for record, future in in_flight:
                 if not future.is_done:
                     waiting.append((record, future))
+                elif future.failed() and isinstance(future.exception, self.REFUSED):
+                    log.error("the broker refuses a record for %s [%d bytes of key and value]: %s; left out",
+                              record.topic, len(record.key or b"") + len(record.value or b""), future.exception)
+                    if self._on_refused:
+                        self._on_refused()
                 elif future.failed():
                     failed.append((record, future.exception))
             if failed:

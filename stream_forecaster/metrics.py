@@ -44,6 +44,8 @@ class Metrics:
                                             "Kafka producers replaced after repeated failures", registry=r)
         self.publish_retries = Counter("stream_forecaster_publish_retries",
                                        "Publish attempts that failed and were retried", registry=r)
+        self.refused_records = Counter("stream_forecaster_refused_records",
+                                       "Records the broker refused for themselves (too large), left out", registry=r)
         abs_error = Histogram("stream_forecaster_prediction_abs_error",
                               "Absolute error of scored predictions, in the target's units", ["target"],
                               buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100), registry=r)

@@ -19,7 +19,7 @@ import numpy as np
 
 from .config import Config
 from .metrics import Metrics
-from .records import HEADER, MISSING, Invalid, MessageParser, OutRecord, Reading, encode_prediction, format_time
+from .records import HEADER, MAX_KEY_BYTES, MISSING, Invalid, MessageParser, OutRecord, Reading, encode_prediction, format_time
 from .scoring import PendingForecasts, RollingErrors
 from .window import SensorWindows
 
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 
 CHUNK = 1024  # records parsed, and windows forecast, per step of a batch
+HEADER_BUDGET = 16 * 1024  # bytes of an invalid message's own headers carried to its dead letter
 
 
 @dataclass
@@ -256,17 +257,27 @@ class Pipeline:
         self._invalid_log.warning("invalid message at %s[%d]@%d from sensor %r: %s",
                                   record.topic, record.partition, record.offset, invalid.sensor, invalid.reason)
         if self.dead_letter_topic:
-            # a header without a value (null in Kafka) cannot be sent by kafka-python: it goes on empty
-            headers = [(k, v or b"") for k, v in record.headers or []] + [
-                ("error", invalid.reason.encode()),
-                ("source", f"{record.topic}/{record.partition}/{record.offset}".encode()),
-            ]
-            value = record.value or b""
+            # Sent as it came, it could exceed what the broker takes and stall the loop for ever: the value is
+            # cut to max_message_bytes, the key to MAX_KEY_BYTES, the input's headers to HEADER_BUDGET (the
+            # whole message stays at `source`). A header without a value (null in Kafka) goes on empty:
+            # kafka-python cannot send it.
+            headers, size = [], 0
+            for k, v in record.headers or []:
+                size += len(k.encode("utf-8", "surrogateescape")) + len(v or b"")
+                if size > HEADER_BUDGET:
+                    headers.append(("headers_dropped", str(len(record.headers) - len(headers)).encode()))
+                    break
+                headers.append((k, v or b""))
+            headers += [("error", invalid.reason.encode()),
+                        ("source", f"{record.topic}/{record.partition}/{record.offset}".encode())]
+            key, value = record.key, record.value or b""
             if len(value) > self.max_message_bytes:
-                # as sent it could exceed what the broker takes and stall the loop; the whole stays at `source`
                 headers.append(("truncated", str(len(value)).encode()))
                 value = value[:self.max_message_bytes]
-            dead_letters.append(OutRecord(self.dead_letter_topic, record.key, value, headers))
+            if key is not None and len(key) > MAX_KEY_BYTES:
+                headers.append(("key_truncated", str(len(key)).encode()))
+                key = key[:MAX_KEY_BYTES]
+            dead_letters.append(OutRecord(self.dead_letter_topic, key, value, headers))
 
     def _score(self, accepted, window_of, predictions) -> None:
         """Score every accepted reading against the forecast pending for its sensor; leave the new ones pending.

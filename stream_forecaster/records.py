@@ -35,6 +35,7 @@ from .errors import UserError
 __all__ = [
     "DEFAULT_SENSOR",
     "HEADER",
+    "MAX_KEY_BYTES",
     "MISSING",
     "Invalid",
     "MessageParser",
@@ -322,6 +323,7 @@ def _chain(first: str, rest: Iterator[str]) -> Iterator[str]:
 
 
 DEFAULT_SENSOR = "default"  # the sensor of a message without a key
+MAX_KEY_BYTES = 1024  # a longer key is refused: a forecast carries its sensor's id four times
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,6 +370,8 @@ class MessageParser:
 
     def parse(self, key: bytes | None, value: bytes | None):
         sensor = key.decode("utf-8", "backslashreplace") if key else DEFAULT_SENSOR
+        if len(key or b"") > MAX_KEY_BYTES:
+            return Invalid(sensor[:64] + "...", f"key of {len(key)} bytes: sensor ids take at most {MAX_KEY_BYTES}")
         if not value:
             return Invalid(sensor, "empty message")
         if len(value) > self.max_bytes:

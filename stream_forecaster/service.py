@@ -169,7 +169,8 @@ class Daemon:
             try:
                 if self.sink is None:
                     self.sink = KafkaSink(self.config.kafka, on_retry=self.metrics.publish_retries.inc,
-                                          on_recreate=self.metrics.producer_recreations.inc)
+                                          on_recreate=self.metrics.producer_recreations.inc,
+                                          on_refused=self.metrics.refused_records.inc)
                 if self.source is None:
                     self.source = KafkaSource(self.config.kafka)
                 return True

@@ -103,3 +103,19 @@ def test_history_reads_from_the_first_recent_reading_and_nothing_of_a_partition_
     assert read in ([b"0", b"1", b"2"], [b"0", b"1", b"2", b"3"])
     monkeypatch.setattr(kafka_io.KafkaConsumer, "offsets_for_times", lambda self, query: {tp: None for tp in query})
     assert list(read_history(config.kafka, kafka_names["group"], 0, stop)) == []
+
+
+def test_a_record_refused_for_its_size_is_left_out_and_counted_not_retried_for_ever(broker, kafka_names):
+    config = load_config(None, [f"kafka.bootstrap_servers={broker.address}"], environ={})
+    ensure_topics(config.kafka, [kafka_names["output"]])
+    refused, retried = [], []
+    sink = KafkaSink(config.kafka, on_retry=retried.append, on_refused=lambda: refused.append(1))
+    try:
+        too_large = OutRecord(kafka_names["output"], b"k", b"x" * (3 << 20))  # over the producer's max_request_size
+        assert sink.publish([OutRecord(kafka_names["output"], b"k", b"a"), too_large,
+                             OutRecord(kafka_names["output"], b"k", b"b")])
+    finally:
+        sink.close()
+    assert (refused, retried) == ([1], [])
+    read = read_topic(config.kafka, kafka_names["output"], threading.Event(), idle_s=1)
+    assert [r.value for r in read] == [b"a", b"b"]

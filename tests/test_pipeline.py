@@ -9,8 +9,8 @@ import pytest
 from conftest import make_forecaster, offline_forecasts, sample_lines
 from stream_forecaster.config import load_config
 from stream_forecaster.metrics import Metrics
-from stream_forecaster.pipeline import Pipeline, Stopped
-from stream_forecaster.records import UciLineParser
+from stream_forecaster.pipeline import HEADER_BUDGET, Pipeline, Stopped
+from stream_forecaster.records import MAX_KEY_BYTES, UciLineParser
 from stream_forecaster.testing import FakeRecord, ListSink
 
 L = 6
@@ -91,6 +91,23 @@ def test_scores_each_prediction_when_its_truth_arrives():
     assert value(metrics, "stream_forecaster_rolling_rmse", target="Global_active_power", forecaster="persistence") == \
         pytest.approx(np.sqrt(np.square(base_err).mean()), rel=1e-5)
     assert value(metrics, "stream_forecaster_prediction_abs_error_count", target="Global_active_power") == len(truth)
+
+
+def test_a_huge_key_or_headers_make_a_message_invalid_and_its_dead_letter_stays_sendable():
+    pipeline, sink, metrics = build("kafka.dead_letter_topic=dead")
+    line = sample_lines(1)[0].encode()
+    huge_key = b"k" * 350_000
+    many_headers = [(f"h{i}", b"v" * 1000) for i in range(1000)]  # about 1 MB of headers
+    pipeline.process([FakeRecord("in", 0, 0, huge_key, line), FakeRecord("in", 0, 1, b"s", b"x", headers=many_headers)])
+    assert value(metrics, "stream_forecaster_readings_total", outcome="invalid") == 2 and len(pipeline.windows) == 0
+    by_key, by_headers = sink.records
+    assert "key of 350000 bytes" in dict(by_key.headers)["error"].decode()
+    assert by_key.key == huge_key[:MAX_KEY_BYTES] and dict(by_key.headers)["key_truncated"] == b"350000"
+    kept = [h for h in by_headers.headers if h[0][0] == "h" and h[0][1:].isdigit()]
+    assert kept == many_headers[:len(kept)] and 0 < sum(len(k) + len(v) for k, v in kept) <= HEADER_BUDGET
+    assert dict(by_headers.headers)["headers_dropped"] == str(1000 - len(kept)).encode()
+    for r in sink.records:  # what the producer's max_request_size (max_message_bytes + 64 KiB at least) takes
+        assert len(r.key) + len(r.value) + sum(len(k) + len(v) for k, v in r.headers) < 65536 + 65536
 
 
 def test_rolling_window_keeps_only_the_last_scores():
