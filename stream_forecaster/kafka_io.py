@@ -247,6 +247,7 @@ class KafkaSink:
     """
 
     RECREATE_AFTER = 2  # consecutive failed rounds before the producer is replaced
+    STOP_GRACE_S = 10.0  # after a stop, how long acknowledgements still on their way are waited for
     # refused for what the record is, not for the broker's state: sending it again can never succeed
     REFUSED = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidRecordError)
 
@@ -273,14 +274,15 @@ class KafkaSink:
         """Send ``records`` and wait for their acknowledgements, resending failures with backoff.
 
         Returns False only when ``stop`` was set before every record was
-        acknowledged: the caller must then not commit their offsets. Records
-        still in flight are waited for, not sent again. A record the broker
+        acknowledged: the caller must then not commit their offsets. After a
+        stop, records in flight are still waited for (``STOP_GRACE_S`` at most),
+        failed ones are not sent again. A record the broker
         refuses for itself (too large for it, say) is logged, counted through
         ``on_refused`` and left out: retried, it would stall the daemon for ever.
         """
         stop = stop or threading.Event()
         in_flight = [(r, self.send(r)) for r in records]
-        failed_rounds = 0
+        failed_rounds, stopped_at = 0, None
         while in_flight:
             try:
                 self._producer.flush(timeout=2)
@@ -303,7 +305,12 @@ class KafkaSink:
                             len(failed), len(in_flight), failed[0][1], backoff_s)
                 if self._on_retry:
                     self._on_retry(len(failed))
-            if (failed or waiting) and stop.wait(backoff_s if failed else 0):
+            if stop.is_set() and (failed or waiting):
+                # acks on their way are worth a short wait (a slow broker): a batch given up is repeated
+                stopped_at = stopped_at or time.monotonic()
+                if failed or time.monotonic() - stopped_at > self.STOP_GRACE_S:
+                    return False
+            elif failed and stop.wait(backoff_s):
                 return False
             if failed:
                 backoff_s = min(max_backoff_s, backoff_s * 2)

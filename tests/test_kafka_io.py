@@ -119,3 +119,19 @@ def test_a_record_refused_for_its_size_is_left_out_and_counted_not_retried_for_e
     assert (refused, retried) == ([1], [])
     read = read_topic(config.kafka, kafka_names["output"], threading.Event(), idle_s=1)
     assert [r.value for r in read] == [b"a", b"b"]
+
+
+def test_after_a_stop_acknowledgements_on_their_way_are_still_waited_for(broker, kafka_names):
+    """A clean stop with a slow broker: the batch is acknowledged (and committed), so nothing is repeated."""
+    config = load_config(None, [f"kafka.bootstrap_servers={broker.address}"], environ={})
+    ensure_topics(config.kafka, [kafka_names["output"]])
+    sink = KafkaSink(config.kafka)
+    flush = sink._producer.flush
+    sink._producer.flush = lambda timeout=None: flush(timeout=0)  # every wait ends before the acks come
+    stop = threading.Event()
+    stop.set()
+    try:
+        assert sink.publish([OutRecord(kafka_names["output"], b"k", str(i).encode()) for i in range(3)], stop)
+    finally:
+        sink._producer.flush = flush
+        sink.close()
