@@ -82,7 +82,10 @@ class Metrics:
         self.interval_coverage = Gauge("stream_forecaster_rolling_interval_coverage",
                                        "Share of the last metrics.rolling_window scored readings inside the "
                                        "published prediction interval", ["target"], registry=r)
-        self.ready = Gauge("stream_forecaster_ready", "1 when connected with a model loaded", registry=r)
+        self.ready = Gauge("stream_forecaster_ready", "1 when ready (as /readyz), read at each scrape", registry=r)
+        self.last_poll = Gauge("stream_forecaster_last_poll_timestamp_seconds",
+                               "When the poll loop last asked Kafka for readings (stale: the loop is stuck)",
+                               registry=r)
         swaps = Counter("stream_forecaster_model_swaps", "New current model versions: swapped in, or refused "
                         "(corrupted, incompatible or unloadable; the old one keeps serving)", ["outcome"], registry=r)
         self.swapped, self.swap_refused = swaps.labels("swapped"), swaps.labels("refused")

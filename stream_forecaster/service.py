@@ -142,6 +142,8 @@ class Daemon:
             return False
         self.metrics = self.metrics or Metrics(forecaster.targets, self.config.metrics.labelled_sensors,
                                                self._registry)
+        # read at each scrape, like /readyz: a loop stuck in a batch must not leave a stale 1 behind
+        self.metrics.ready.set_function(lambda: 1 if self.ready() else 0)
         self._show_model(forecaster)
         if self.server is None:
             m = self.config.metrics
@@ -202,6 +204,7 @@ class Daemon:
         next_gauges = next_eviction = 0.0
         while not self.stop.is_set():
             self._swap_if_ready()
+            self.metrics.last_poll.set_to_current_time()
             try:
                 records = self.source.poll(POLL_TIMEOUT_S, self.batch_limit)
             except Exception as exc:  # kafka-python raises on some broker faults; they pass, the loop must not
@@ -317,7 +320,6 @@ class Daemon:
             lag = None
         if lag is not None:
             self.metrics.consumer_lag.set(lag)
-        self.metrics.ready.set(1 if self.ready() else 0)
 
     def shutdown(self) -> None:
         if self.source is not None:

@@ -256,3 +256,43 @@ def test_a_stop_during_a_rebuild_publishes_and_commits_nothing(tmp_path):
     daemon, source, sink = run_regaining(tmp_path, stop_in_read=True)
     assert daemon.metrics.registry.get_sample_value("stream_forecaster_rebuilt_readings_total") == 2
     assert sink.records == [] and source.commits == []
+
+
+class StallingSink(ListSink):
+    """Takes nothing until released: a broker that stopped acknowledging mid-batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def publish(self, records, stop=None):
+        self.entered.set()
+        self.release.wait()
+        return super().publish(records, stop)
+
+
+def test_while_a_batch_is_stuck_readiness_is_read_live_and_the_last_poll_time_stands_still(tmp_path):
+    store = ModelStore(tmp_path / "models")
+    store.publish(make_forecaster(sequence_length=L).save)
+    config = load_config(None, daemon_overrides("127.0.0.1:9", {"input": "in", "output": "out", "group": "g"},
+                                                store.path, metrics__port="0"), environ={})
+    stop = threading.Event()
+    batch = [FakeRecord("in", 0, i, b"s", line.encode()) for i, line in enumerate(sample_lines(L))]
+    source, sink = ListSource([batch], stop_when_done=stop), StallingSink()
+    daemon = Daemon(config, source=source, sink=sink)
+    daemon.stop = stop
+    runner = threading.Thread(target=daemon.run)
+    runner.start()
+    try:
+        assert sink.entered.wait(60)
+        gauge = daemon.metrics.registry.get_sample_value
+        stuck_since = gauge("stream_forecaster_last_poll_timestamp_seconds")
+        assert gauge("stream_forecaster_ready") == 1
+        source.assigned = lambda: False  # the group dropped the member while its batch was stuck
+        assert gauge("stream_forecaster_ready") == 0  # at once, not after the batch
+        assert gauge("stream_forecaster_last_poll_timestamp_seconds") == stuck_since
+    finally:
+        sink.release.set()
+        runner.join(60)
+    assert len(sink.records) == 2  # L readings fill two windows of L - 1
+    assert daemon.metrics.registry.get_sample_value("stream_forecaster_last_poll_timestamp_seconds") > stuck_since
