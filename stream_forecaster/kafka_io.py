@@ -67,9 +67,11 @@ class _Revocations(ConsumerRebalanceListener):
 class KafkaSource:
     """The input topic, read in a consumer group with manual commits."""
 
-    def __init__(self, config: KafkaConfig, group_id: str | None = None, client_id: str = "stream-forecaster"):
+    def __init__(self, config: KafkaConfig, group_id: str | None = None, client_id: str = "stream-forecaster",
+                 on_unreadable=None):
         self.topic = config.input_topic
         self.config = config
+        self.on_unreadable = on_unreadable
         self._owned: set[int] = set()
         self._revoked: set[int] = set()
         self._consumer = _connect(lambda: KafkaConsumer(
@@ -88,8 +90,12 @@ class KafkaSource:
         self._consumer.subscribe([config.input_topic], listener=_Revocations(self._revoked))
 
     def poll(self, timeout_s: float, max_records: int | None = None) -> list:
-        """The next batch of at most ``max_records`` records, oldest first within each partition."""
-        batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        """The next batch of at most ``max_records`` records, oldest first within each partition.
+
+        A record kafka-python cannot decode is skipped (see :func:`_poll`) and
+        counted through ``on_unreadable``.
+        """
+        batches = _poll(self._consumer, int(timeout_s * 1000), max_records, self.on_unreadable)
         return [record for records in batches.values() for record in records]
 
     def rewind(self, records) -> None:
@@ -141,7 +147,7 @@ class KafkaSource:
             reader.seek(tp, start)
             position, moved = start, time.monotonic()
             while position < end and not stop.is_set():
-                for records in reader.poll(timeout_ms=500).values():
+                for records in _poll(reader, 500).values():
                     yield from (r for r in records if r.offset < end)
                 now = reader.position(tp, timeout_ms=1000)
                 if now is not None and now > position:
@@ -196,6 +202,30 @@ class KafkaSource:
 
     def close(self) -> None:
         self._consumer.close(autocommit=False, timeout_ms=5000)
+
+
+def _poll(consumer, timeout_ms: int, max_records: int | None = None, on_unreadable=None) -> dict:
+    """``consumer.poll``, stepping over a record kafka-python cannot decode (logged, counted, left in the topic).
+
+    A batch failing its CRC or a header key that is not UTF-8 makes the poll raise;
+    kafka-python 3.0 then keeps the partition's exhausted records in line and the
+    next poll spins on them for ever (100 % CPU, deaf to its timeout). Moving the
+    position past the record lets it drop them.
+    """
+    try:
+        return consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+    except KafkaError as exc:
+        stuck = getattr(getattr(consumer, "_fetcher", None), "_next_partition_records", None)
+        tp = getattr(stuck, "topic_partition", None)
+        offset = consumer.position(tp, timeout_ms=1000) if tp in consumer.assignment() else None
+        if offset is None:
+            raise  # a broker fault, not a record: the caller retries
+        log.error("%s[%d]: the record at offset %d cannot be read (%s: %s); skipped, it stays in the topic",
+                  tp.topic, tp.partition, offset, type(exc).__name__, exc)
+        consumer.seek(tp, offset + 1)
+        if on_unreadable:
+            on_unreadable()
+        return {}
 
 
 class BrokerUnavailable(UserError, RuntimeError):
@@ -423,7 +453,7 @@ def read_history(config: KafkaConfig, group_id: str, since_ms: int, stop: thread
         ends = consumer.end_offsets(assigned)
         remaining = {tp for tp in assigned if consumer.position(tp) < ends[tp]}
         while remaining and not stop.is_set():
-            for tp, records in consumer.poll(timeout_ms=1000).items():
+            for tp, records in _poll(consumer, 1000).items():
                 yield from (r for r in records if r.offset < ends[tp])
             remaining = {tp for tp in remaining if consumer.position(tp) < ends[tp]}
     finally:

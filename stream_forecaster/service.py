@@ -174,7 +174,7 @@ class Daemon:
                                           on_recreate=self.metrics.producer_recreations.inc,
                                           on_refused=self.metrics.refused_records.inc)
                 if self.source is None:
-                    self.source = KafkaSource(self.config.kafka)
+                    self.source = KafkaSource(self.config.kafka, on_unreadable=self.metrics.invalid.inc)
                 return True
             except BrokerUnavailable as exc:
                 log.warning("%s; retrying in %.0f s", exc, backoff)

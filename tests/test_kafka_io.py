@@ -3,6 +3,7 @@ import threading
 
 from hypothesis import given
 from hypothesis import strategies as st
+from kafka import KafkaProducer
 from kafka.partitioner import DefaultPartitioner
 
 from stream_forecaster.config import load_config
@@ -135,3 +136,34 @@ def test_after_a_stop_acknowledgements_on_their_way_are_still_waited_for(broker,
     finally:
         sink._producer.flush = flush
         sink.close()
+
+
+class _RawHeaderKey(str):
+    """A header key as librdkafka may send it: bytes that are not UTF-8 (kafka-python cannot decode them)."""
+
+    def encode(self, *args, **kwargs):
+        return b"\xffkey"
+
+
+def test_an_undecodable_record_is_skipped_counted_and_the_records_around_it_are_read(broker, kafka_names):
+    config = load_config(None, [f"kafka.bootstrap_servers={broker.address}", f"kafka.input_topic={kafka_names['input']}",
+                                f"kafka.group_id={kafka_names['group']}", "kafka.session_timeout_ms=6000"], environ={})
+    ensure_topics(config.kafka, [kafka_names["input"]])
+    producer = KafkaProducer(bootstrap_servers=broker.address)
+    for value, headers in ((b"1", None), (b"2", [(_RawHeaderKey("h"), b"v")]), (b"3", None)):
+        producer.send(kafka_names["input"], value, b"s", headers=headers)
+        producer.flush()  # a batch each
+    producer.close()
+    unreadable, got = [], []
+    source = KafkaSource(config.kafka, on_unreadable=lambda: unreadable.append(1))
+
+    def consume():  # on a thread: without the skip, kafka-python's poll spins for ever
+        while len(got) < 2:
+            got.extend(r.value for r in source.poll(0.5))
+
+    reader = threading.Thread(target=consume, daemon=True)
+    reader.start()
+    reader.join(60)
+    assert not reader.is_alive(), "the poll spun on the undecodable record"
+    source.close()
+    assert got == [b"1", b"3"] and unreadable == [1]
