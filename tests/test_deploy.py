@@ -32,7 +32,8 @@ def promtool(*args, input=None) -> str:
 @needs_promtool
 def test_prometheus_config_and_rules_pass_promtool():
     assert "SUCCESS" in promtool("check", "config", "prometheus.yml")
-    assert "SUCCESS: 6 rules found" in promtool("check", "rules", "rules.yml")
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "rules.yml").read_text())["groups"][0]["rules"]
+    assert f"SUCCESS: {len(rules)} rules found" in promtool("check", "rules", "rules.yml")  # none skipped
 
 
 @needs_promtool
