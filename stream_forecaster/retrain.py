@@ -98,8 +98,6 @@ class Retrainer:
     def run(self, once: bool = False) -> int:
         """Cycles until stopped (or one with ``once``); exit code 0, or 1 if the only cycle failed."""
         self.store.check_writable()
-        if self.data_path is not None and not Path(self.data_path).exists():
-            raise UserError(f"{self.data_path}: no such file (retrain --data)")
         server = None
         if not once:
             m = self.config.metrics

@@ -50,7 +50,7 @@ def test_rules_cover_the_alerts_operators_need():
     alerts = {r["alert"]: r["expr"] for r in rules if "alert" in r}
     assert set(alerts) == {"StreamForecasterWorseThanPersistence", "StreamForecasterNoPredictions",
                            "StreamForecasterConsumerLagGrowing", "StreamForecasterRetrainFailing",
-                           "StreamForecasterModelStale"}
+                           "StreamForecasterModelStale", "StreamForecasterStuck"}
     assert all(r.get("annotations", {}).get("description") for r in rules if "alert" in r)
 
 
