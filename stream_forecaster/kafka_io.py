@@ -16,8 +16,8 @@ from typing import Iterable
 
 from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
-from kafka.errors import (InvalidRecordError, KafkaError, MessageSizeTooLargeError, RecordListTooLargeError,
-                          TopicAlreadyExistsError)
+from kafka.errors import (CorruptRecordError, InvalidRecordError, KafkaError, MessageSizeTooLargeError,
+                          RecordListTooLargeError, TopicAlreadyExistsError, UnsupportedCodecError)
 from kafka.future import Future
 from kafka.partitioner import DefaultPartitioner
 from kafka.structs import OffsetAndMetadata
@@ -204,6 +204,10 @@ class KafkaSource:
         self._consumer.close(autocommit=False, timeout_ms=5000)
 
 
+# what unpacking a fetched batch raises for a record it cannot decode
+_UNDECODABLE = (CorruptRecordError, UnsupportedCodecError, UnicodeDecodeError)
+
+
 def _poll(consumer, timeout_ms: int, max_records: int | None = None, on_unreadable=None) -> dict:
     """``consumer.poll``, stepping over a record kafka-python cannot decode (logged, counted, left in the topic).
 
@@ -214,12 +218,13 @@ def _poll(consumer, timeout_ms: int, max_records: int | None = None, on_unreadab
     """
     try:
         return consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
-    except KafkaError as exc:
+    except _UNDECODABLE as exc:
+        # the partition whose records were being unpacked when it raised (still in line, as no other can be)
         stuck = getattr(getattr(consumer, "_fetcher", None), "_next_partition_records", None)
-        tp = getattr(stuck, "topic_partition", None)
+        tp = getattr(stuck, "topic_partition", None) if stuck else None
         offset = consumer.position(tp, timeout_ms=1000) if tp in consumer.assignment() else None
         if offset is None:
-            raise  # a broker fault, not a record: the caller retries
+            raise  # not a record of ours (a fetch's error code, say): the caller retries
         log.error("%s[%d]: the record at offset %d cannot be read (%s: %s); skipped, it stays in the topic",
                   tp.topic, tp.partition, offset, type(exc).__name__, exc)
         consumer.seek(tp, offset + 1)
