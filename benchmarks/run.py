@@ -4,7 +4,8 @@
 
 --quick shortens every measurement (a few minutes in all); --json also writes the
 figures under the keys model_ceiling_windows_per_s, naive_windows_per_s,
-e2e_predictions_per_s (sensor count -> figure), latency_p50_ms, latency_p99_ms
+e2e_predictions_per_s (sensor count -> figure; e2e_cpu_us_per_prediction: where the
+CPU went, daemon main thread, its other threads and the broker), latency_p50_ms, latency_p99_ms
 (and latency_floor_p50_ms, latency_floor_p99_ms: a bare relay, no model),
 ingest_msgs_per_s and bytes_per_sensor (the default model's 7 columns; also
 bytes_per_sensor_one_column). --large adds the end-to-end run with
@@ -54,7 +55,8 @@ def ingest(forecaster, messages: int, sensors: int = 1000) -> float:
         next(f)
         lines = [line.rstrip("\n").encode() for line in f if "?" not in line]
     keys = [f"sensor-{i}".encode() for i in range(sensors)]
-    batches = [[FakeRecord("in", 0, i, keys[i % sensors], lines[i % len(lines)]) for i in range(lo, lo + 5000)]
+    # sensor k's m-th reading is line k + m: each sensor moves forward in time (an older reading would be stale)
+    batches = [[FakeRecord("in", 0, i, keys[i % sensors], lines[i % sensors + i // sensors]) for i in range(lo, lo + 5000)]
                for lo in range(0, messages, 5000)]
     start = time.perf_counter()
     for batch in batches:
@@ -95,8 +97,10 @@ def main() -> None:
             per_sensor = 10 if sensors >= 100_000 else 50 if q else 100  # 100,000 sensors: 1,000,000 timed
             r = throughput.end_to_end(broker, store.path, 20_000 if q else 40_000, sensors, Path(tmp), per_sensor)
             figures["e2e_predictions_per_s"][str(sensors)] = r["predictions_per_s"]
+            figures.setdefault("e2e_cpu_us_per_prediction", {})[str(sensors)] = r["cpu_us_per_prediction"]
             rows.append((f"end to end, {sensors:,} sensors", f"{r['readings_per_s']:,.0f} readings/s in, "
                                                              f"{r['predictions_per_s']:,.0f} predictions/s out"))
+            rows.append(("", throughput.cpu_breakdown(r["cpu_us_per_prediction"], figures["model_ceiling_windows_per_s"])))
 
     got, _ = swap.steady_load(1000.0, 100, 10.0 if q else 30.0)
     latencies = np.array([latency for _, latency, _ in got])

@@ -83,6 +83,22 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def _cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds so far of a process's main thread and of its other threads (Linux /proc; {} elsewhere)."""
+    tick, spent = os.sysconf("SC_CLK_TCK"), {"main": 0.0, "other": 0.0}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return {}
+    for tid in tids:
+        try:
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # a thread that ended meanwhile
+        spent["main" if tid == str(pid) else "other"] += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return spent
+
+
 def end_to_end(broker, store_path: Path, readings: int, sensors: int, workdir: Path, per_sensor: int = 100) -> dict:
     """Steady state: a first daemon fills every window and stops; a second one, which refills the windows
     from the topic on start, is timed over a backlog in which every reading is forecast."""
@@ -99,11 +115,15 @@ def end_to_end(broker, store_path: Path, readings: int, sensors: int, workdir: P
         lines = [line.rstrip("\n").encode() for line in f if "?" not in line]
     keys = [f"sensor-{i}".encode() for i in range(sensors)]
 
+    # each sensor reads consecutive minutes of the sample from its own start (a reading older than the sensor's
+    # last is stale, skipped), so a run may span at most the sample's length less the starts' spread
+    starts = [s % max(1, len(lines) - 2_000) for s in range(sensors)]
+
     def produce(minutes: range) -> int:
         sink = KafkaSink(config.kafka, client_id="benchmark")
         for minute in minutes:  # as a fleet reports: every sensor, minute by minute
-            for s, key in enumerate(keys):
-                sink.send(OutRecord(config.kafka.input_topic, key, lines[(s + minute) % len(lines)]))
+            for key, start in zip(keys, starts):
+                sink.send(OutRecord(config.kafka.input_topic, key, lines[start + minute]))
         sink.flush()
         sink.close()
         return len(minutes) * sensors
@@ -128,7 +148,8 @@ def end_to_end(broker, store_path: Path, readings: int, sensors: int, workdir: P
                     time.sleep(0.05)
                     continue
                 sample = (time.monotonic(), m['stream_forecaster_readings_total{outcome="accepted"}'],
-                          m["stream_forecaster_predictions_total"])
+                          m["stream_forecaster_predictions_total"], _cpu_seconds(daemon.pid),
+                          _cpu_seconds(broker.process.pid))
                 if first is None and sample[1] > 0:
                     first = sample
                 if sample[1] >= until_readings and sample[2] >= until_predictions:
@@ -143,9 +164,28 @@ def end_to_end(broker, store_path: Path, readings: int, sensors: int, workdir: P
     serve(0, produce(range(filling)), "filling")
     expected = produce(range(filling, filling + -(-readings // sensors)))
     first, last = serve(expected, expected, "timed")
-    seconds = last[0] - first[0]
+    seconds, predictions = last[0] - first[0], last[2] - first[2]
+    cpu = {}  # where the CPU went per prediction (the broker's share included: it shares the cores here)
+    if first[3] and last[3] and first[4] and last[4]:
+        cpu = {"daemon main thread": last[3]["main"] - first[3]["main"],
+               "daemon other threads": last[3]["other"] - first[3]["other"],
+               "broker": sum(last[4].values()) - sum(first[4].values())}
+        cpu = {name: 1e6 * s / predictions for name, s in cpu.items()}
     return {"sensors": sensors, "readings": last[1], "predictions": last[2], "seconds": seconds,
-            "readings_per_s": (last[1] - first[1]) / seconds, "predictions_per_s": (last[2] - first[2]) / seconds}
+            "readings_per_s": (last[1] - first[1]) / seconds, "predictions_per_s": predictions / seconds,
+            "cpu_us_per_prediction": cpu}
+
+
+def cpu_breakdown(cpu: dict[str, float], ceiling_rate: float) -> str:
+    """CPU per prediction, by where it went, and the throughput those costs allow on this machine's cores."""
+    if not cpu:
+        return "CPU per prediction: not measured (needs Linux /proc)"
+    total, cores = sum(cpu.values()), _cpus()
+    model = 1e6 * cores / ceiling_rate  # the ceiling's CPU per window, all cores busy
+    return ("CPU per prediction: " + ", ".join(f"{name} {us:.0f} µs" for name, us in cpu.items())
+            + f"; {total:.0f} µs in all, of which the model alone needs {model:.0f} µs at the ceiling; "
+            f"{cores} cores busy all the time would serve {1e6 * cores / total:,.0f}/s, "
+            f"{100 * model / total:.0f} % of the ceiling")
 
 
 def main() -> None:
@@ -176,6 +216,7 @@ def main() -> None:
             r = end_to_end(broker, store.path, args.readings, sensors, Path(tmp), args.per_sensor)
             print(f"  {sensors:>7} {r['readings']:>9,.0f} {r['readings_per_s']:>11,.0f} {r['predictions_per_s']:>14,.0f} "
                   f"{100 * r['predictions_per_s'] / max(rates.values()):>17.0f}%")
+            print("          " + cpu_breakdown(r["cpu_us_per_prediction"], max(rates.values())))
 
 
 if __name__ == "__main__":

@@ -32,9 +32,11 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         readings = Counter("stream_forecaster_readings", "Input messages by outcome: accepted, missing "
-                           "('?' or a feature absent), invalid, ignored (UCI header lines)", ["outcome"], registry=r)
+                           "('?' or a feature absent), invalid, ignored (UCI header lines), stale (not newer than the sensor's "
+                           "last reading: a repeat, or late)", ["outcome"], registry=r)
         self.accepted, self.missing = readings.labels("accepted"), readings.labels("missing")
         self.invalid, self.ignored = readings.labels("invalid"), readings.labels("ignored")
+        self.stale = readings.labels("stale")
         self.predictions = Counter("stream_forecaster_predictions", "Predictions published", registry=r)
         self.scored = Counter("stream_forecaster_scored_predictions",
                               "Predictions scored against the reading they predicted", registry=r)

@@ -34,11 +34,13 @@ HEADER_BUDGET = 16 * 1024  # bytes of an invalid message's own headers carried t
 
 @dataclass
 class _Parsed:
-    """A batch's accepted readings as (record index, slot, reading); per window, its accepted index; dead letters."""
+    """A batch's accepted readings as (record index, slot, reading); per window, its accepted index; dead letters;
+    the accepted readings that came more than one interval after their sensor's last (no forecast was for them)."""
 
     accepted: list = field(default_factory=list)
     window_of: list = field(default_factory=list)
     dead_letters: list = field(default_factory=list)
+    gaps: list = field(default_factory=list)
 
 
 class Stopped(Exception):
@@ -48,15 +50,15 @@ class Stopped(Exception):
 class _RateLimitedLog:
     """At most ``limit`` warnings per ``period`` seconds, then one line saying how many were held back."""
 
-    def __init__(self, limit: int = 10, period: float = 10.0):
-        self.limit, self.period = limit, period
+    def __init__(self, what: str, limit: int = 10, period: float = 10.0):
+        self.what, self.limit, self.period = what, limit, period
         self._start, self._count, self._held = time.monotonic(), 0, 0
 
     def warning(self, message: str, *args) -> None:
         now = time.monotonic()
         if now - self._start >= self.period:
             if self._held:
-                log.warning("%d more invalid messages in the last %.0f s were not logged", self._held, self.period)
+                log.warning("%d more %s in the last %.0f s were not logged", self._held, self.what, self.period)
             self._start, self._count, self._held = now, 0, 0
         if self._count < self.limit:
             self._count += 1
@@ -90,7 +92,8 @@ class Pipeline:
         # 1 where a truth fell inside its interval; its rolling "MAE" is the interval's coverage
         self.inside = RollingErrors(config.metrics.rolling_window, len(targets))
         metrics.bind_rolling(targets, self.model_errors, self.baseline_errors, self.inside)
-        self._invalid_log = _RateLimitedLog()
+        self._invalid_log = _RateLimitedLog("invalid messages")
+        self._stale_log = _RateLimitedLog("stale readings")
         self._batch = np.empty((0, forecaster.sequence_length - 1, len(features)), dtype=np.float32)
 
     def rebuild(self, records) -> int:
@@ -101,31 +104,44 @@ class Pipeline:
         had never stopped. A sensor whose last reading is ``window.idle_ttl``
         older than the newest one replayed is evicted, as it would have been had
         the daemon run on (ages follow the Kafka timestamps, not the clock now:
-        a daemon down for longer still refills the sensors that kept sending).
-        Returns the number of readings replayed.
+        a daemon down for longer still refills the sensors that kept sending),
+        and a window restarts after a silence longer than that, as it did then.
+        Stale readings are skipped as they were. Returns the number of readings
+        replayed.
         """
-        now, replayed, last_full, unfilled, heard_ms = time.monotonic(), 0, {}, set(), {}
+        now, replayed, last_full, unfilled, heard_ms, gone = time.monotonic(), 0, {}, set(), {}, 0
+        now_ms, ttl_ms = time.time() * 1000, self.idle_ttl * 1000
         for record in records:
             reading = self.parser.parse(record.key, record.value)
             if not isinstance(reading, Reading):
                 continue
-            replayed += 1
             slot = self.windows.slot(reading.sensor, record.partition)
-            if record.timestamp > 0:  # Kafka's -1: no timestamp
+            when = np.nan if reading.timestamp is None else reading.timestamp
+            if when <= self.windows.times[slot]:
+                continue  # stale, as the running daemon found it
+            replayed += 1
+            # Kafka's -1 is no timestamp; one from the future (a producer's clock) would age every other sensor
+            if 0 < record.timestamp <= now_ms:
+                if record.timestamp - heard_ms.get(slot, record.timestamp) > ttl_ms:
+                    gone += len(self.windows.drop([slot]))  # silent for longer than the ttl: it was evicted then
+                    self.pending.clear([slot])
+                    last_full.pop(slot, None)
+                    slot = self.windows.slot(reading.sensor, record.partition)
                 heard_ms[slot] = record.timestamp
-            if self.windows.append(slot, reading.values, now):
+            if self.windows.append(slot, reading.values, now, when):
                 last_full[slot] = np.asarray(reading.values, dtype=np.float32)[self.target_index]
             else:
                 last_full.pop(slot, None)
                 unfilled.add(slot)
         if heard_ms:
             newest = max(heard_ms.values())
-            stale = self.windows.drop([s for s, ms in heard_ms.items() if newest - ms > self.idle_ttl * 1000])
+            stale = self.windows.drop([s for s, ms in heard_ms.items() if newest - ms > ttl_ms])
             self.pending.clear(stale)
-            self.metrics.evicted.inc(len(stale))
+            gone += len(stale)
             for slot in stale:
                 last_full.pop(slot, None)
                 unfilled.discard(slot)
+        self.metrics.evicted.inc(gone)
         self.pending.clear(list(unfilled - last_full.keys()))  # once: per reading it took a tenth of a rebuild
         if last_full:
             slots = list(last_full)
@@ -174,7 +190,7 @@ class Pipeline:
                 forecasts.append((first, self.forecaster.forecast_async(self._batch[first:len(parsed.window_of)])))
         predictions = np.empty((len(parsed.window_of), len(self.forecaster.targets)), dtype=np.float32)
         self._publish(records, parsed, forecasts, predictions)
-        self._score(parsed.accepted, parsed.window_of, predictions)
+        self._score(parsed.accepted, parsed.window_of, predictions, parsed.gaps)
         self.metrics.batch_size.observe(len(records))
         self.metrics.active_sensors.set(len(self.windows))
         offsets: dict[tuple[str, int], int] = {}
@@ -190,7 +206,8 @@ class Pipeline:
             self._batch = np.empty((max(len(records), len(window_of) + hi - lo),) + self._batch.shape[1:],
                                    dtype=np.float32)
         now = time.monotonic()
-        missing = ignored = 0
+        windows, gap = self.windows, 1.5 * self.interval  # a reading further on skipped one (a '?', or lost)
+        missing = ignored = stale = 0
         count = len(accepted)
         for i in range(lo, hi):
             record = records[i]
@@ -205,7 +222,19 @@ class Pipeline:
                 self._invalid(record, reading, parsed.dead_letters)
                 continue
             slot = self.windows.slot(reading.sensor, record.partition)
-            full = self.windows.append(slot, reading.values, now)
+            if reading.timestamp is None:
+                when = np.nan
+            else:
+                when, last = reading.timestamp, windows.times[slot]  # not hoisted: a new slot may grow the array
+                if when <= last:
+                    stale += 1
+                    self._stale_log.warning("reading at %s[%d]@%d from sensor %r is not newer than its last one "
+                                            "(%s): skipped as a repeat or late", record.topic, record.partition,
+                                            record.offset, reading.sensor, format_time(last, reading.aware))
+                    continue
+                if when - last >= gap:
+                    parsed.gaps.append(len(accepted))
+            full = self.windows.append(slot, reading.values, now, when)
             if full:
                 if self._all_features:
                     self.windows.window_into(slot, self._batch[len(window_of)])
@@ -216,6 +245,7 @@ class Pipeline:
         m = self.metrics  # counted once per chunk: a counter update takes a lock
         m.missing.inc(missing)
         m.ignored.inc(ignored)
+        m.stale.inc(stale)
         m.accepted.inc(len(accepted) - count)
 
     def _publish(self, records, parsed: "_Parsed", forecasts, predictions: np.ndarray) -> None:
@@ -248,7 +278,9 @@ class Pipeline:
             raise Stopped()
         now_ms = time.time() * 1000
         for a in window_of:
-            self.metrics.latency_seconds.observe(max(0.0, now_ms - records[accepted[a][0]].timestamp) / 1000)
+            sent_ms = records[accepted[a][0]].timestamp
+            if sent_ms > 0:  # Kafka's -1: no timestamp
+                self.metrics.latency_seconds.observe(max(0.0, now_ms - sent_ms) / 1000)
         self.metrics.predictions.inc(len(window_of))
         self.metrics.dead_letters.inc(len(parsed.dead_letters))
 
@@ -263,7 +295,8 @@ class Pipeline:
             # kafka-python cannot send it.
             headers, size = [], 0
             for k, v in record.headers or []:
-                size += len(k.encode("utf-8", "surrogateescape")) + len(v or b"")
+                # each header also costs its lengths on the wire: a million empty ones are megabytes
+                size += len(k.encode("utf-8", "surrogateescape")) + len(v or b"") + 10
                 if size > HEADER_BUDGET:
                     headers.append(("headers_dropped", str(len(record.headers) - len(headers)).encode()))
                     break
@@ -279,12 +312,14 @@ class Pipeline:
                 key = key[:MAX_KEY_BYTES]
             dead_letters.append(OutRecord(self.dead_letter_topic, key, value, headers))
 
-    def _score(self, accepted, window_of, predictions) -> None:
+    def _score(self, accepted, window_of, predictions, gaps=()) -> None:
         """Score every accepted reading against the forecast pending for its sensor; leave the new ones pending.
 
         A sensor can send several readings in one batch: each is scored against
         the forecast made from the one before it, the first against what was
-        pending from earlier batches. One pass of array operations per batch.
+        pending from earlier batches. A reading in ``gaps`` came more than one
+        interval after that one: the forecast was for a minute without a
+        reading, so it is not scored. One pass of array operations per batch.
         """
         n = len(accepted)
         if n == 0:
@@ -301,6 +336,7 @@ class Pipeline:
         inside, first = before >= 0, before < 0
         forecast[inside], baseline[inside] = made[before[inside]], truth[before[inside]]
         forecast[first], baseline[first] = self.pending.take(slots[first])
+        forecast[list(gaps)] = np.nan
         last = np.ones(n, dtype=bool)
         last[order[:-1][repeat]] = False
         self.pending.put(slots[last], made[last], truth[last])

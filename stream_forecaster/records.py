@@ -150,9 +150,10 @@ class UciLineParser:
 
     @staticmethod
     def _remember(cache: dict, key: str, value: int) -> int:
-        if len(cache) >= _CACHE_LIMIT:
-            cache.clear()
-        cache[key] = value
+        if len(key) <= 10:  # dd/mm/yyyy, hh:mm:ss; int() takes padded fields too, and they must not pin memory
+            if len(cache) >= _CACHE_LIMIT:
+                cache.clear()
+            cache[key] = value
         return value
 
 
@@ -208,6 +209,21 @@ class Series:
             "first": iso_time(self.timestamps[0]) if len(self) else None,
             "last": iso_time(self.timestamps[-1]) if len(self) else None,
         }
+
+
+def strict_json(value, **dumps_options) -> str:
+    """JSON that every reader takes: a figure that is not finite (no seasonal pair, a diverged model) is null."""
+    return json.dumps(_nulls(value), allow_nan=False, **dumps_options)
+
+
+def _nulls(value):
+    if isinstance(value, dict):
+        return {k: _nulls(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nulls(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def iso_time(seconds) -> str:

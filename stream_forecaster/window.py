@@ -74,6 +74,7 @@ class SensorWindows:
         self._head = np.zeros(capacity, dtype=np.int16)  # next row to write (size <= 10,000)
         self._count = np.zeros(capacity, dtype=np.int16)  # rows held, at most size
         self._seen = np.zeros(capacity, dtype=np.float64)  # monotonic time of the last reading
+        self.times = np.full(capacity, np.nan)  # the time the last reading carried (s since 1970); NaN: none
         self._partition = np.full(capacity, -1, dtype=np.int32)  # input partition the sensor's readings come from
 
     def __len__(self) -> int:
@@ -84,9 +85,12 @@ class SensorWindows:
         return len(self._blocks) * self._block
 
     def slot(self, sensor: str, partition: int = -1) -> int:
-        """The sensor's slot, allocated on its first reading."""
+        """The sensor's slot, allocated on its first reading; it belongs to the partition it was last read from."""
         slot = self.slots.get(sensor)
-        if slot is None:
+        if slot is not None:
+            if self._partition[slot] != partition:  # its key moved (partitions added, another producer's hash)
+                self._partition[slot] = partition
+        else:
             if self._free:
                 slot = self._free.pop()
                 self._sensors[slot] = sensor
@@ -120,14 +124,17 @@ class SensorWindows:
                 self._sensors[slot] = None
                 self._count[slot] = self._head[slot] = 0
                 self._seen[slot] = np.inf  # free: never idle
+                self.times[slot] = np.nan
                 self._partition[slot] = -1
                 self._free.append(slot)
                 evicted.append(slot)
         return evicted
 
-    def append(self, slot: int, values, now: float = 0.0) -> bool:
-        """Add a reading seen at monotonic time ``now``; True when the sensor's window is full."""
+    def append(self, slot: int, values, now: float = 0.0, timestamp: float = np.nan) -> bool:
+        """Add a reading seen at monotonic time ``now`` that carried ``timestamp`` (NaN: none); True when the
+        sensor's window is full."""
         self._seen[slot] = now
+        self.times[slot] = timestamp
         head = self._head[slot]
         self._blocks[slot // self._block][slot % self._block, head] = values
         self._head[slot] = (head + 1) % self.size
@@ -159,3 +166,5 @@ class SensorWindows:
         self._seen[new // 2:] = np.inf
         self._partition = np.resize(self._partition, new)
         self._partition[new // 2:] = -1
+        self.times = np.resize(self.times, new)
+        self.times[new // 2:] = np.nan

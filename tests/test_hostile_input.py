@@ -61,15 +61,23 @@ keys = st.one_of(st.sampled_from([b"a", b"b", b"c"]), st.binary(min_size=1, max_
 
 @st.composite
 def streams(draw):
-    """(key, value, outcome) triples: valid readings per sensor with hostile messages between them."""
-    out = []
-    for _ in range(draw(st.integers(min_value=0, max_value=60))):
-        kind = draw(st.sampled_from(["valid", "valid", "valid", "invalid", "missing"]))
+    """(key, value, outcome) triples: valid readings per sensor with hostile messages between them, and repeats
+    of a sensor's last UCI line (stale: not newer than the sensor's last reading)."""
+    out, last_minute = [], {}
+
+    def uci(minute, value):
+        return f"16/12/2006;{17 + (24 + minute) // 60}:{(24 + minute) % 60:02d}:00;{value!r};0.4;234.8;18.4;0;1;17"
+
+    for minute in range(draw(st.integers(min_value=0, max_value=60))):
+        kind = draw(st.sampled_from(["valid", "valid", "valid", "invalid", "missing", "stale"]))
         key = draw(keys)
-        if kind == "valid":
-            value = draw(values)
+        if kind == "stale" and last_minute.get(key) is not None:
+            message = uci(last_minute[key], draw(values)).encode()
+        elif kind in ("valid", "stale"):
+            kind, value = "valid", draw(values)
             fmt = draw(st.sampled_from(["uci", "number", "json"]))
-            message = {"uci": f"16/12/2006;17:24:00;{value!r};0.4;234.8;18.4;0;1;17", "number": repr(value),
+            last_minute[key] = minute if fmt == "uci" else None  # only UCI lines carry a time here
+            message = {"uci": uci(minute, value), "number": repr(value),
                        "json": json.dumps({"values": {COLUMNS[0]: value}})}[fmt].encode()
         else:
             message = draw(invalid_messages if kind == "invalid" else missing_messages)
@@ -97,6 +105,7 @@ def test_running_loop_counts_every_message_and_forecasts_the_valid_ones(stream, 
     assert counted("accepted") == kinds.count("valid")
     assert counted("invalid") == kinds.count("invalid")
     assert counted("missing") == kinds.count("missing")
+    assert (counted("stale") or 0) == kinds.count("stale")
     per_sensor = {}
     for key, _, kind in stream:
         if kind == "valid":

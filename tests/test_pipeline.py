@@ -2,6 +2,7 @@
 
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -82,9 +83,13 @@ def test_scores_each_prediction_when_its_truth_arrives():
     pipeline.process(records[:25])
     pipeline.process(records[25:])
     values, predicted = offline_forecasts(pipeline.forecaster, accepted["a"])
-    # prediction k (after reading k + L - 2) is scored by reading k + L - 1; the last one is still pending
-    truth, last = values[L - 1:, 0], values[L - 2:-1, 0]
-    model_err, base_err = predicted[:-1, 0] - truth, last - truth
+    # prediction k (after reading k + L - 2) is scored by reading k + L - 1, if that came a minute later (not after
+    # a '?' or an invalid message: the prediction was for the minute in between); the last one is still pending
+    stamps = np.array([UciLineParser(["Global_active_power"]).parse(line)[0] for line in accepted["a"]])
+    next_minute = stamps[L - 1:] - stamps[L - 2:-1] == 60
+    assert 0 < next_minute.sum() < len(next_minute)  # both kinds occur
+    truth, last = values[L - 1:, 0][next_minute], values[L - 2:-1, 0][next_minute]
+    model_err, base_err = predicted[:-1, 0][next_minute] - truth, last - truth
     assert value(metrics, "stream_forecaster_scored_predictions_total") == len(truth)
     assert value(metrics, "stream_forecaster_rolling_mae", target="Global_active_power", forecaster="model") == \
         pytest.approx(np.abs(model_err).mean(), rel=1e-5)
@@ -108,6 +113,15 @@ def test_a_huge_key_or_headers_make_a_message_invalid_and_its_dead_letter_stays_
     assert dict(by_headers.headers)["headers_dropped"] == str(1000 - len(kept)).encode()
     for r in sink.records:  # what the producer's max_request_size (max_message_bytes + 64 KiB at least) takes
         assert len(r.key) + len(r.value) + sum(len(k) + len(v) for k, v in r.headers) < 65536 + 65536
+
+
+def test_a_dead_letter_carries_a_bounded_number_of_headers_even_when_they_are_empty():
+    pipeline, sink, _ = build("kafka.dead_letter_topic=dead")
+    empty = [(f"h{i}", b"") for i in range(200_000)]  # no bytes of their own, but a few each on the wire
+    pipeline.process([FakeRecord("in", 0, 0, b"s", b"x", headers=empty)])
+    (dead,) = sink.records
+    assert len(dead.headers) < HEADER_BUDGET // 10 + 10
+    assert dict(dead.headers)["headers_dropped"] == str(200_000 - (len(dead.headers) - 3)).encode()
 
 
 def test_rolling_window_keeps_only_the_last_scores():
@@ -215,6 +229,74 @@ def test_a_refill_evicts_sensors_silent_for_the_idle_ttl_before_the_newest_readi
     assert value(metrics, "stream_forecaster_scored_predictions_total") == (0 if evicted else 1)
 
 
+def test_a_refill_restarts_a_window_across_a_silence_over_the_idle_ttl_and_ignores_times_from_the_future():
+    pipeline, sink, metrics = build("window.idle_ttl=1h")
+    lines = sample_lines(2 * L)
+    now_ms, minute_ms = int(time.time() * 1000), 60_000
+
+    def sent(key, first, count, at_ms):
+        return [FakeRecord("in", 0, first + i, key, lines[first + i].encode(), timestamp=at_ms(i)) for i in range(count)]
+
+    # "gap" spoke two hours ago, then again in the last minutes: the running daemon evicted it in between
+    history = (sent(b"gap", 0, L - 2, lambda i: now_ms - 2 * 3_600_000 + i * minute_ms)
+               + sent(b"gap", L - 2, 3, lambda i: now_ms - (3 - i) * minute_ms)
+               + sent(b"busy", 0, L, lambda i: now_ms - (L - i) * minute_ms)
+               # a producer whose clock is two days ahead must not make every other sensor look idle
+               + sent(b"skewed", 0, 1, lambda i: now_ms + 2 * 86_400_000))
+    pipeline.rebuild(history)
+    assert set(pipeline.windows.slots) == {"gap", "busy", "skewed"}
+    assert value(metrics, "stream_forecaster_evicted_sensors_total") == 1
+    # gap's window holds only the 3 readings after its silence, so one more reading still fills no window
+    pipeline.process([FakeRecord("in", 0, 99, b"gap", lines[L + 1].encode())])
+    assert sink.records == []
+
+
+def test_a_repeated_or_late_reading_is_skipped_counted_and_forecasts_stay_as_without_it():
+    lines = [line.encode() for line in sample_lines(L + 2)]
+    clean, clean_sink, clean_metrics = build()
+    clean.process([FakeRecord("in", 0, i, b"s", line) for i, line in enumerate(lines)])
+    pipeline, sink, metrics = build()
+    # at-least-once upstream: reading L - 1 delivered twice, reading 2 again late
+    order = [*range(L), L - 1, 2, L, L + 1]
+    pipeline.process([FakeRecord("in", 0, k, b"s", lines[i]) for k, i in enumerate(order)])
+    assert value(metrics, "stream_forecaster_readings_total", outcome="stale") == 2
+    assert value(metrics, "stream_forecaster_readings_total", outcome="accepted") == len(lines)
+    assert [json.loads(r.value)["prediction"] for r in sink.records] == \
+        [json.loads(r.value)["prediction"] for r in clean_sink.records]
+    assert len({json.loads(r.value)["id"] for r in sink.records}) == len(sink.records) == 4
+    for name in ("stream_forecaster_scored_predictions_total", "stream_forecaster_prediction_abs_error_sum"):
+        labels = {"target": "Global_active_power"} if "abs_error" in name else {}
+        assert value(metrics, name, **labels) == value(clean_metrics, name, **labels)
+
+
+def test_sensors_arriving_by_the_thousand_grow_the_windows_mid_batch():
+    pipeline, sink, metrics = build()
+    keys = [f"s{i}".encode() for i in range(3000)]  # past the first 1,024 slots within one chunk
+    for minute, line in enumerate(sample_lines(2)):
+        pipeline.process([FakeRecord("in", 0, minute * 3000 + i, k, line.encode()) for i, k in enumerate(keys)])
+    assert value(metrics, "stream_forecaster_readings_total", outcome="accepted") == 6000
+    assert value(metrics, "stream_forecaster_readings_total", outcome="stale") == 0
+
+
+def test_a_forecast_for_a_minute_without_a_reading_is_not_scored():
+    pipeline, sink, metrics = build()
+    lines = sample_lines(L + 2)
+    skipped = ";".join(lines[L - 1].split(";")[:2] + ["?"] * 7)  # the minute the first forecast is for
+    values = [*lines[:L - 1], skipped, *lines[L:]]
+    pipeline.process([FakeRecord("in", 0, i, b"s", line.encode()) for i, line in enumerate(values)])
+    assert len(sink.records) == 3
+    # the forecast for the '?' minute is not scored against the reading after it; the next one is
+    assert value(metrics, "stream_forecaster_scored_predictions_total") == 1
+
+
+def test_a_reading_without_a_kafka_timestamp_is_forecast_but_not_timed():
+    pipeline, sink, metrics = build()
+    pipeline.process([FakeRecord("in", 0, i, b"s", line.encode(), timestamp=-1)
+                      for i, line in enumerate(sample_lines(L))])
+    assert len(sink.records) == 2
+    assert value(metrics, "stream_forecaster_reading_to_published_seconds_count") == 0
+
+
 def test_scores_of_readings_at_float32s_edge_stay_finite():
     forecaster = make_forecaster(sequence_length=2)
     pipeline = Pipeline(load_config(None, ["model.sequence_length=2", "data.features=[Global_active_power]",
@@ -263,11 +345,12 @@ def test_intervals_are_published_and_their_live_coverage_counts_the_truths_insid
         assert p["upper"] == pytest.approx(p["prediction"] + 0.2, abs=1e-6)
         published.setdefault(p["sensor"], []).append(p)
     # recount from the truth: the k-th forecast of a sensor is scored by its (k + L - 1)-th accepted reading
+    # (if it came a minute later)
     parser, inside = UciLineParser(["Global_active_power"]), []
     for sensor, lines in accepted.items():
-        truths = [parser.parse(line)[1][0] for line in lines]
+        truths = [parser.parse(line) for line in lines]
         for k, p in enumerate(published[sensor]):
-            if k + L - 1 < len(truths):
-                inside.append(p["lower"] <= truths[k + L - 1] <= p["upper"])
+            if k + L - 1 < len(truths) and truths[k + L - 1][0] - truths[k + L - 2][0] == 60:
+                inside.append(p["lower"] <= truths[k + L - 1][1][0] <= p["upper"])
     assert inside and value(metrics, "stream_forecaster_rolling_interval_coverage",
                             target="Global_active_power") == pytest.approx(np.mean(inside))

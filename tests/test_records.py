@@ -202,3 +202,10 @@ def test_a_file_that_cannot_be_read_is_a_record_error_naming_it(tmp_path, name, 
     path.mkdir() if content is None else path.write_bytes(content)
     with pytest.raises(RecordError, match=f"{name}: cannot read it"):
         read_uci(path, ["Global_active_power"])
+
+
+def test_padded_dates_and_times_parse_but_are_not_remembered():
+    parser, pad = UciLineParser(["Global_active_power"]), " " * 30_000  # int() takes padding
+    padded = parser.parse(f"1/3/{pad}2007;{pad}10:00:00;1;2;3;4;5;6;7")
+    assert padded == parser.parse("1/3/2007;10:00:00;1;2;3;4;5;6;7")
+    assert max(map(len, [*parser._dates, *parser._times])) <= 10  # hostile input must not pin memory

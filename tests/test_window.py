@@ -79,3 +79,12 @@ def test_sensor_windows_hold_each_sensors_last_readings_oldest_first(size, width
             windows.window_into(slot, into)
             np.testing.assert_array_equal(windows.window(slot), expected)
             np.testing.assert_array_equal(into, expected)
+
+
+def test_a_sensor_belongs_to_the_partition_it_was_last_read_from():
+    windows = SensorWindows(3, 1)
+    slot = windows.slot("s", 1)
+    windows.append(slot, [1.0])
+    assert windows.slot("s", 2) == slot  # its key now hashes elsewhere (partitions added)
+    assert windows.drop_partitions({1}) == []
+    assert windows.drop_partitions({2}) == [slot]
