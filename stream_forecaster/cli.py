@@ -115,6 +115,8 @@ def _date(text: str) -> int:
         stamp = dt.datetime.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an ISO date such as 2007-04-01") from None
+    if stamp.tzinfo is not None:  # the data's times carry no zone, so one here could only be ignored
+        raise argparse.ArgumentTypeError(f"{text!r}: give the time as the data writes it, without a zone")
     return int(stamp.replace(tzinfo=dt.timezone.utc).timestamp())
 
 
@@ -174,6 +176,9 @@ def cmd_train(args) -> int:
     trained = train(config, series, verbose=0 if args.quiet else "auto", stop=stop)
     if stop.is_set():  # after the last epoch, during calibration and the test
         raise Interrupted("stopped after training; nothing was written")
+    if trained.diverged():
+        raise UserError(f"{trained.diverged()}: nothing was written; lower model.learning_rate, or try "
+                        "model.loss=huber or model.optimizer=adam")
     version = store.publish(trained.forecaster.save)
     summary = trained.test.summary()
     first, last = trained.forecaster.metadata["data"]["test_range"]

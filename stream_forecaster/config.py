@@ -47,9 +47,11 @@ class ConfigError(UserError, ValueError):
     """A user error in the configuration; the CLI prints it and exits 2."""
 
 
-def _spec(default, *, low=None, high=None, low_open=False, high_open=False, choices=None):
-    """A field with a default (copied for lists) and its allowed range (``*_open``: the bound itself is out)."""
-    meta = {"low": low, "high": high, "low_open": low_open, "high_open": high_open, "choices": choices}
+def _spec(default, *, low=None, high=None, low_open=False, high_open=False, choices=None, comma_list=False):
+    """A field with a default (copied for lists) and its allowed range (``*_open``: the bound itself is out);
+    ``comma_list``: a single string is a comma-separated list, as Kafka tools write broker lists."""
+    meta = {"low": low, "high": high, "low_open": low_open, "high_open": high_open, "choices": choices,
+            "comma_list": comma_list}
     if isinstance(default, list):
         return field(default_factory=lambda: tuple(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -58,6 +60,7 @@ def _spec(default, *, low=None, high=None, low_open=False, high_open=False, choi
 Duration = typing.NewType("Duration", float)  # seconds; YAML may say 90, "30s", "5m", "6h", "14d"
 
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_LONGEST = 100 * 365 * 86400  # seconds; longer waits overflow the clock functions
 
 
 def parse_duration(value) -> float:
@@ -65,11 +68,15 @@ def parse_duration(value) -> float:
     if isinstance(value, bool):
         raise ValueError("a duration is a number of seconds or a string like '30s', '5m', '6h', '14d'")
     if isinstance(value, (int, float)):
-        return float(value)
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h|d|w)?\s*", str(value))
-    if not match:
-        raise ValueError("a duration is a number of seconds or a string like '30s', '5m', '6h', '14d'")
-    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+        seconds = float(value)
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h|d|w)?\s*", str(value))
+        if not match:
+            raise ValueError("a duration is a number of seconds or a string like '30s', '5m', '6h', '14d'")
+        seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    if not abs(seconds) <= _LONGEST:  # NaN too
+        raise ValueError("a duration must be finite and at most 100 years")
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -115,7 +122,7 @@ class ModelStoreConfig:
 
 @dataclass(frozen=True)
 class KafkaConfig:
-    bootstrap_servers: tuple[str, ...] = _spec(["127.0.0.1:9092"])
+    bootstrap_servers: tuple[str, ...] = _spec(["127.0.0.1:9092"], comma_list=True)
     input_topic: str = _spec("sensor-readings")
     output_topic: str = _spec("sensor-predictions")
     dead_letter_topic: str | None = _spec(None)
@@ -143,9 +150,11 @@ class KafkaConfig:
         path = getattr(self, f"{name}_file")
         if value is None and path is not None:
             try:
-                value = Path(path).read_text().splitlines()[0] if Path(path).stat().st_size else ""
+                value = Path(path).read_text(encoding="utf-8").splitlines()[0] if Path(path).stat().st_size else ""
             except OSError as exc:
                 raise ConfigError(f"kafka.{name}_file: cannot read {path}: {exc.strerror}") from None
+            except UnicodeDecodeError:
+                raise ConfigError(f"kafka.{name}_file: {path} is not UTF-8 text") from None
         return value
 
     def unused_security(self) -> list[str]:
@@ -231,8 +240,11 @@ def load_config(
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read the configuration file: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 (byte {exc.start}): save the configuration file as UTF-8") from None
         try:
-            raw = yaml.safe_load(text) or {}
+            raw = yaml.safe_load(text)
+            raw = {} if raw is None else raw
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(raw, dict):
@@ -364,8 +376,8 @@ def _coerce(value, hint, meta):
         args = typing.get_args(hint)
     if typing.get_origin(hint) is tuple:
         item = args[0]
-        if isinstance(value, str) and item is str:
-            value = [value]  # a single string where a list of strings is expected
+        if isinstance(value, str) and item is str:  # a single string where a list of strings is expected
+            value = [v.strip() for v in value.split(",")] if meta.get("comma_list") else [value]
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"must be a list of {item.__name__}")
         return tuple(_coerce(v, item, meta) for v in value)
@@ -414,7 +426,7 @@ def _check_consistency(config: Config, origins: Mapping, source: str) -> None:
     servers = config.kafka.bootstrap_servers
     for server in servers or ("",):
         host, _, port = server.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if not host or "," in host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
             raise ConfigError(f"{where('kafka.bootstrap_servers')}: kafka.bootstrap_servers: each must be host:port, e.g. broker:9092 "
                               f"(got {list(servers)})")
     k = config.kafka

@@ -28,6 +28,7 @@ import tensorflow as tf  # noqa: E402
 
 from .config import ModelConfig  # noqa: E402
 from .errors import Interrupted, UserError  # noqa: E402
+from .records import strict_json  # noqa: E402
 
 __all__ = [
     "MODEL_FILE",
@@ -412,7 +413,7 @@ class Forecaster:
         """Write the Keras file and the metadata into an existing directory."""
         directory = Path(directory)
         self.model.save(directory / MODEL_FILE)
-        (directory / METADATA_FILE).write_text(json.dumps(self.metadata, indent=2, sort_keys=True) + "\n")
+        (directory / METADATA_FILE).write_text(strict_json(self.metadata, indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, directory: str | os.PathLike, version: str | None = None, jit_compile: bool = True) -> "Forecaster":

@@ -9,14 +9,19 @@ Layout (as TensorFlow Serving expects numbered version directories)::
 
 A version is written into a hidden temporary directory, synced, and renamed into
 place; ``CURRENT`` is replaced with ``os.replace``. Readers therefore see a
-complete version or none, even after a crash. This module knows files, not
+complete version or none, even after a crash. Writers (two retrainers, an
+operator's ``train`` or ``rollback`` beside them) take turns on an advisory lock
+file, so ``CURRENT`` never names a version being pruned nor goes back to an older
+one by a race. This module knows files, not
 models: callers pass a function that writes the model into a directory, which
 keeps TensorFlow out of the ``models`` commands.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -32,6 +37,7 @@ __all__ = ["ModelStore", "ModelStoreError", "CHECKSUM_FILE", "POINTER_FILE"]
 
 CHECKSUM_FILE = "checksums.sha256"
 POINTER_FILE = "CURRENT"
+_LOCK_FILE = ".lock"
 _TMP_PREFIX = ".tmp-"
 _STALE_TMP_SECONDS = 3600
 
@@ -46,11 +52,11 @@ class ModelStore:
         self.keep = keep
 
     def versions(self) -> list[str]:
-        """Complete versions, oldest first."""
+        """Complete versions, oldest first (a numbered directory of someone else's is not one)."""
         if not self.path.is_dir():
             return []
-        found = [p.name for p in self.path.iterdir() if p.name.isdigit() and p.is_dir()]
-        return sorted(found, key=int)
+        return sorted((p.name for p in self.path.iterdir() if _is_number(p.name) and (p / CHECKSUM_FILE).is_file()),
+                      key=int)
 
     def current(self) -> str | None:
         """The version ``CURRENT`` points at, or None for an empty store."""
@@ -58,21 +64,24 @@ class ModelStore:
             version = (self.path / POINTER_FILE).read_text().strip()
         except FileNotFoundError:
             return None
-        if version and not version.isdigit():
+        if version and not _is_number(version):
             raise ModelStoreError(f"{self.path / POINTER_FILE} is damaged: {version[:40]!r} is not a version number")
         return version or None
 
     def directory(self, version: str) -> Path:
         """The directory of a version number; anything else is refused, so no name leaves the store."""
-        if not str(version).isdigit():
+        if not _is_number(str(version)):
             raise ModelStoreError(f"{str(version)[:40]!r} is not a model version (versions are numbers)")
         return self.path / str(version)
 
     def metadata(self, version: str) -> dict:
         try:
-            return json.loads((self.directory(version) / "metadata.json").read_text())
+            metadata = json.loads((self.directory(version) / "metadata.json").read_text())
         except (OSError, ValueError) as exc:
             raise ModelStoreError(f"model version {version} in {self.path}: unreadable metadata ({exc})") from None
+        if not isinstance(metadata, dict):
+            raise ModelStoreError(f"model version {version} in {self.path}: metadata.json is not an object")
+        return metadata
 
     def resolve(self, version_or_path: str | None = None) -> tuple[Path, str]:
         """Directory and version name for a version number, a directory, or None (current)."""
@@ -85,7 +94,7 @@ class ModelStore:
                 )
             return self.directory(version), version
         candidate = Path(version_or_path)
-        if str(version_or_path).isdigit() and self.directory(version_or_path).is_dir():
+        if _is_number(str(version_or_path)) and self.directory(version_or_path).is_dir():
             return self.directory(version_or_path), str(version_or_path)
         if candidate.is_dir():
             return candidate, candidate.name
@@ -140,16 +149,17 @@ class ModelStore:
             (tmp / CHECKSUM_FILE).write_text("\n".join(lines) + "\n")
             for name in files + [CHECKSUM_FILE]:
                 _fsync(tmp / name)
-            version = self._rename_into_place(tmp)
+            with self._lock():
+                version = self._rename_into_place(tmp)
+                _fsync(self.path)
+                if make_current:
+                    self._point_at(version)
+                self._prune()
         except OSError as exc:  # a full disk, say: nothing was published
             raise ModelStoreError(f"cannot write a model version into {self.path}: {exc.strerror or exc}") from None
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-        _fsync(self.path)
-        if make_current:
-            self.set_current(version)
-        self._prune()
         return version
 
     def previous(self) -> str | None:
@@ -160,6 +170,20 @@ class ModelStore:
 
     def set_current(self, version: str) -> None:
         """Point ``CURRENT`` at ``version`` atomically."""
+        with self._lock():
+            self._point_at(version)
+
+    @contextlib.contextmanager
+    def _lock(self):
+        """One writer at a time (advisory: readers need none, every change is a rename)."""
+        with open(self.path / _LOCK_FILE, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _point_at(self, version: str) -> None:
         self.verify(self.directory(version))
         pointer = self.path / f"{_TMP_PREFIX}{POINTER_FILE}-{uuid.uuid4().hex}"
         pointer.write_text(f"{version}\n")
@@ -168,14 +192,17 @@ class ModelStore:
         _fsync(self.path)
 
     def _rename_into_place(self, tmp: Path) -> str:
-        number = int(self.versions()[-1]) + 1 if self.versions() else 1
+        # after CURRENT too: a number is never used twice, even when the newest versions were deleted by hand
+        # (a daemon that serves "3" would not notice a new "3")
+        current = self.current()
+        number = max([0, *map(int, self.versions()), int(current or 0)]) + 1
         while True:
             try:
                 os.rename(tmp, self.directory(str(number)))
                 return str(number)
             except OSError as exc:
-                # another writer took this number first: try the next one
-                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                # the name is taken (a directory or file that is not a version): try the next one
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
                     raise
                 number += 1
 
@@ -194,6 +221,10 @@ class ModelStore:
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
             except OSError:
                 pass
+
+
+def _is_number(name: str) -> bool:
+    return name.isascii() and name.isdigit()  # isdigit() alone takes "²"
 
 
 def _sha256(path: Path) -> str:

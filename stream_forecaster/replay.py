@@ -50,7 +50,7 @@ def replay_lines(config: KafkaConfig, lines, sensor: str, *, rate: float | None 
                 ahead = started + sent / rate - now
                 if ahead > 0 and stop.wait(ahead):  # pacing to the requested rate
                     break
-            elif stop.is_set():
+            if stop.is_set():  # also when behind the rate, with no wait to notice it in
                 break
             if progress and now - last_shown >= 0.2:
                 _show(sent, total, now - started)

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import csv
-import json
-import math
 import os
 from pathlib import Path
 
 from .errors import UserError
-from .records import iso_time
+from .records import iso_time, strict_json
 
 __all__ = ["format_table", "format_versions", "to_json", "write_csvs", "write_plot"]
 
@@ -68,17 +66,7 @@ def _num(value) -> str:
 
 def to_json(summary: dict, **extra) -> str:
     """Strict JSON: an undefined figure (no seasonal pair, a perfect baseline) is null, not NaN."""
-    return json.dumps(_nulls({**summary, **extra}), sort_keys=True, allow_nan=False)
-
-
-def _nulls(value):
-    if isinstance(value, dict):
-        return {k: _nulls(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_nulls(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+    return strict_json({**summary, **extra}, sort_keys=True)
 
 
 def write_csvs(backtest, directory: str | os.PathLike) -> tuple[Path, Path]:

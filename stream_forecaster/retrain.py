@@ -156,7 +156,7 @@ class Retrainer:
         from .kafka_io import read_history  # noqa: PLC0415 (only topic-fed cycles need Kafka)
 
         k, r = self.config.kafka, self.config.retrain
-        since_ms = int((time.time() - r.history) * 1000)
+        since_ms = max(0, int((time.time() - r.history) * 1000))  # Kafka takes no time before 1970
         records = read_history(k, r.group_id, since_ms, self.stop)
         series = series_from_records(records, self.columns, k.max_message_bytes, r.history, f"topic {k.input_topic}")
         if self.stop.is_set():
@@ -200,9 +200,8 @@ class Retrainer:
         current = self._current()
         initial = current if self.config.retrain.warm_start and self._fits(current) else None
         trained = train(self.config, series, initial=initial, verbose=0, stop=self.stop)
-        losses = trained.forecaster.metadata["training"]["history"].get("loss", [])
-        if not losses or not all(math.isfinite(v) for v in losses):
-            return Outcome("failed", f"training loss is not finite ({losses[-1:] or 'none'})")
+        if trained.diverged():
+            return Outcome("failed", trained.diverged())
         metric = self.config.retrain.metric
         candidate = getattr(trained.test.model, metric)
         persistence = getattr(trained.test.baseline, metric)
@@ -228,7 +227,7 @@ class Retrainer:
         """Why the candidate must not be published, or None if it may."""
         if not math.isfinite(candidate):
             return f"candidate error is not finite ({candidate})"
-        if current is None:
+        if current is None or not math.isfinite(current):  # nothing, or a broken model: anything finite is better
             return None
         needed = current * (1.0 - self.config.retrain.min_improvement)
         if not (candidate < current and candidate <= needed):

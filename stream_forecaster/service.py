@@ -332,4 +332,4 @@ class Daemon:
 
 
 def _version_number(version: str | None) -> float:
-    return float(version) if version and version.isdigit() else 0.0
+    return float(version) if version and version.isascii() and version.isdigit() else 0.0

@@ -142,6 +142,13 @@ class Trained:
     test_starts: np.ndarray  # first rows of the test windows: the slice the forecaster never trained on
     seconds: float
 
+    def diverged(self) -> str | None:
+        """Why this model must not be published (its training loss is not finite), or None."""
+        losses = self.forecaster.metadata["training"]["history"].get("loss", [])
+        if not losses or not all(np.isfinite(losses)):
+            return f"the training loss is not finite ({losses[-1:] or 'none'})"
+        return None
+
 
 def train(config: Config, series: Series, initial: Forecaster | None = None,
           verbose: int | str = "auto", stop=None) -> Trained:

@@ -162,6 +162,20 @@ def test_ctrl_c_after_the_last_epoch_still_writes_nothing(tmp_path, data_file, m
     assert ModelStore(tmp_path / "models").versions() == []
 
 
+def test_a_diverged_training_writes_nothing_and_says_what_to_change(tmp_path, data_file, capsys):
+    code = main(["train", "--data", str(data_file), "--quiet", *TINY, "--set", "model.optimizer=sgd",
+                 "--set", "model.learning_rate=10", "--set", "model.loss=mse", "--set", "model.predict=level",
+                 "--set", "data.normalization=center", *store_args(tmp_path)])
+    assert code == 2 and "the training loss is not finite" in capsys.readouterr().err
+    assert ModelStore(tmp_path / "models").versions() == []
+
+
+def test_a_date_with_a_zone_is_refused_rather_than_ignored(tmp_path, data_file, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--data", str(data_file), "--until", "2006-12-17T20:00+02:00", *store_args(tmp_path)])
+    assert exit_.value.code == 2 and "without a zone" in capsys.readouterr().err
+
+
 def test_without_a_validation_slice_a_given_min_step_still_holds_and_the_lack_of_intervals_is_said(
         tmp_path, data_file, capsys):
     assert main(["train", "--data", str(data_file), "--quiet", *TINY, "--set", "model.validation_split=0",

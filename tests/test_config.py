@@ -225,3 +225,26 @@ def test_change_needs_the_targets_among_the_features():
     with pytest.raises(ConfigError, match="model.predict: change needs every target among data.features"):
         load_config(None, ["model.predict=change", "data.features=[Global_active_power]", "data.targets=[Voltage]",
                            "model.layers=[1, 8, 1]"], environ={})
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "36501d", "1.0e+300"])
+def test_a_duration_must_be_finite_and_at_most_a_century(value):
+    with pytest.raises(ConfigError, match="retrain.interval: a duration must be finite and at most 100 years"):
+        load_config(None, [f"retrain.interval={value}"], environ={})
+
+
+def test_brokers_may_be_given_comma_separated_as_kafka_tools_write_them():
+    config = load_config(None, environ={"STREAM_FORECASTER__KAFKA__BOOTSTRAP_SERVERS": "a:9092, b:9093"})
+    assert config.kafka.bootstrap_servers == ("a:9092", "b:9093")
+    with pytest.raises(ConfigError, match="each must be host:port"):
+        load_config(None, ['kafka.bootstrap_servers=["a:9092,b:9092"]'], environ={})
+
+
+@pytest.mark.parametrize("content, says", [(b"# r\xe9glage\nmodel:\n  epochs: 3\n", "not UTF-8"),
+                                           (b"[]\n", "top level must be a mapping"),
+                                           (b"false\n", "top level must be a mapping")])
+def test_a_config_file_that_is_not_a_utf8_mapping_is_one_clear_error(tmp_path, content, says):
+    path = tmp_path / "config.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=says):
+        load_config(path, environ={})

@@ -1,4 +1,6 @@
 import json
+import multiprocessing
+import shutil
 
 import pytest
 
@@ -93,3 +95,53 @@ def test_resolve(tmp_path):
     assert store.resolve(str(store.directory("1"))) == (store.directory("1"), "1")
     with pytest.raises(ModelStoreError, match="versions in .*: 1"):
         store.resolve("7")
+
+
+def _publish_many(path, count):
+    """Exits 1 if CURRENT is ever found older than a version just published (it went back), or a publish fails."""
+    store = ModelStore(path, keep=1)
+    for i in range(count):
+        version = store.publish(writer(f"{path}-{i}"))
+        if int(store.current()) < int(version):
+            raise SystemExit(1)
+
+
+def test_two_publishers_at_once_leave_current_on_the_newest_complete_version(tmp_path):
+    path = tmp_path / "store"
+    ModelStore(path).publish(writer("first"))
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_publish_many, args=(path, 150)) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    assert [w.exitcode for w in workers] == [0, 0]  # no publish failed, CURRENT never went back
+    store = ModelStore(path, keep=1)
+    assert store.current() == store.versions()[-1] == "301"
+    store.verify(store.directory(store.current()))
+
+
+def test_a_version_number_is_never_used_twice_even_after_the_newest_were_deleted(tmp_path):
+    store = ModelStore(tmp_path / "store")
+    for payload in "abc":
+        store.publish(writer(payload))
+    shutil.rmtree(store.directory("3"))  # a bad model removed by hand; CURRENT still says 3
+    assert store.publish(writer("d")) == "4"  # a daemon serving "3" must see a new number
+
+
+def test_foreign_entries_in_the_store_are_neither_versions_nor_obstacles(tmp_path):
+    store = ModelStore(tmp_path / "store")
+    store.path.mkdir()
+    (store.path / "2").write_text("a file, not a version")
+    (store.path / "²").mkdir()  # a digit to str.isdigit, not a number
+    (store.path / "20240101").mkdir()
+    (store.path / "20240101" / "notes.txt").write_text("someone else's")
+    assert store.versions() == []
+    assert [store.publish(writer(p)) for p in "ab"] == ["1", "3"]
+    assert store.versions() == ["1", "3"] and store.current() == "3"
+    store.keep = 1
+    store.publish(writer("c"))
+    assert (store.path / "20240101" / "notes.txt").exists()  # never pruned
+    (store.directory("4") / "metadata.json").write_text("[]")
+    with pytest.raises(ModelStoreError, match="not an object"):
+        store.metadata("4")

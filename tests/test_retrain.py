@@ -115,6 +115,12 @@ def test_min_improvement_is_required(tmp_path):
     assert outcome.outcome == "rejected" and "by 99.0%" in outcome.reason
 
 
+def test_a_current_model_whose_error_is_not_finite_is_replaced_by_any_finite_candidate(tmp_path):
+    gate = retrainer(tmp_path, "retrain.min_improvement=0.5")._gate
+    assert gate(0.3, float("nan")) is None  # a broken model (null forecasts) must not hold its place for ever
+    assert "not finite" in gate(float("nan"), 0.3)
+
+
 def test_failures_are_counted_and_leave_the_store_alone(tmp_path, caplog):
     retrainer(tmp_path).run_once()
     missing = retrainer(tmp_path, data=tmp_path / "absent.txt").run_once()
