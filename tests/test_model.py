@@ -243,3 +243,16 @@ def test_forecasts_on_several_inference_threads_come_back_in_order():
             assert seconds > 0
     finally:
         use_inference_threads(1)
+
+
+def test_saved_metadata_is_strict_json_with_undefined_figures_as_null(tmp_path):
+    import json
+
+    from conftest import make_forecaster
+
+    forecaster = make_forecaster()
+    forecaster.metadata["test"] = {"seasonal_rmse": float("nan"), "rmse": 0.25}  # no seasonal pair in short data
+    forecaster.save(tmp_path)
+    text = (tmp_path / "metadata.json").read_text()
+    saved = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert saved["test"] == {"seasonal_rmse": None, "rmse": 0.25}
