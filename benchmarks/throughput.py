@@ -147,8 +147,9 @@ def end_to_end(broker, store_path: Path, readings: int, sensors: int, workdir: P
                 except OSError:
                     time.sleep(0.05)
                     continue
-                sample = (time.monotonic(), m['stream_forecaster_readings_total{outcome="accepted"}'],
-                          m["stream_forecaster_predictions_total"], _cpu_seconds(daemon.pid),
+                # .get: the endpoint answers before the model is loaded, without these metrics yet
+                sample = (time.monotonic(), m.get('stream_forecaster_readings_total{outcome="accepted"}', 0),
+                          m.get("stream_forecaster_predictions_total", 0), _cpu_seconds(daemon.pid),
                           _cpu_seconds(broker.process.pid))
                 if first is None and sample[1] > 0:
                     first = sample

@@ -16,7 +16,7 @@ from typing import Iterable
 
 from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
-from kafka.errors import (CorruptRecordError, InvalidRecordError, KafkaError, MessageSizeTooLargeError,
+from kafka.errors import (CorruptRecordError, InvalidRecordError, KafkaError, KafkaTimeoutError, MessageSizeTooLargeError,
                           RecordListTooLargeError, TopicAlreadyExistsError, UnsupportedCodecError)
 from kafka.future import Future
 from kafka.partitioner import DefaultPartitioner
@@ -316,7 +316,7 @@ class KafkaSink:
         ``on_refused`` and left out: retried, it would stall the daemon for ever.
         """
         stop = stop or threading.Event()
-        in_flight = [(r, self.send(r)) for r in records]
+        in_flight = self._send_all(records)
         failed_rounds, stopped_at = 0, None
         while in_flight:
             try:
@@ -350,29 +350,50 @@ class KafkaSink:
             if failed:
                 backoff_s = min(max_backoff_s, backoff_s * 2)
                 if failed_rounds >= self.RECREATE_AFTER:
-                    self._recreate()
                     failed_rounds = 0
-                    # what was in flight on the old producer is sent again on the new one
-                    failed += [(r, None) for r, _ in waiting]
-                    waiting = []
-                waiting += [(r, self.send(r)) for r, _ in failed]
+                    if self._recreate():
+                        # what was in flight on the old producer is sent again on the new one
+                        failed += [(r, None) for r, _ in waiting]
+                        waiting = []
+                waiting += self._send_all(r for r, _ in failed)
             in_flight = waiting
         return True
 
-    def _recreate(self) -> None:
+    def _send_all(self, records: Iterable[OutRecord]) -> list:
+        """``(record, future)`` for each record. Once a send timed out (no metadata for its topic, a full
+        buffer), the rest of that topic fails at once instead of each blocking ``max_block_ms``: a round
+        then takes seconds, not hours, and a stop is heard between rounds."""
+        sent, timed_out = [], {}
+        for record in records:
+            if record.topic in timed_out:
+                future = Future().failure(timed_out[record.topic])
+            else:
+                future = self.send(record)
+                if future.is_done and isinstance(future.exception, KafkaTimeoutError):
+                    timed_out[record.topic] = future.exception
+            sent.append((record, future))
+        return sent
+
+    def _recreate(self) -> bool:
+        """Replace the producer; False if no new one could be set up (the old one is kept)."""
         log.warning("replacing the Kafka producer after repeated failures")
         try:
             new = self._new_producer()
         except BrokerUnavailable as exc:  # still no broker: the old one goes on failing until the next round
             log.warning("%s; trying again after the next failed round", exc)
-            return
+            return False
+        old, self._producer = self._producer, new
         try:
-            self._producer.close(timeout=0)
+            old.close(timeout=0)
         except Exception:  # noqa: BLE001 (the old producer is broken anyway)
-            pass
-        self._producer = new
+            # kafka-python 3.0 flushes first and raises while batches are incomplete, before it stops its
+            # sender thread: stop it here, or its thread, sockets and batches live on (and may still deliver)
+            sender = getattr(old, "_sender", None)
+            if sender is not None:
+                sender.force_close()
         if self._on_recreate:
             self._on_recreate()
+        return True
 
     def send(self, record: OutRecord):
         """Queue one record without waiting; returns its future (failed at once if it could not be queued)."""

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from .errors import UserError
 
-__all__ = ["Metrics", "MetricsServer", "RetrainMetrics", "scrape"]
+__all__ = ["Metrics", "MetricsServer", "RetrainMetrics", "new_registry", "scrape"]
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -117,6 +117,11 @@ class RetrainMetrics:
                            "held-out slice", ["model"], registry=r)
         self.last_run = Gauge("stream_forecaster_retrain_last_run_timestamp_seconds",
                               "When the latest cycle ended, by outcome", ["outcome"], registry=r)
+
+
+def new_registry() -> CollectorRegistry:
+    """An empty registry: the daemon serves it before the metrics that need its model exist."""
+    return CollectorRegistry()
 
 
 class MetricsServer:

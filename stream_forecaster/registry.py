@@ -64,6 +64,8 @@ class ModelStore:
             version = (self.path / POINTER_FILE).read_text().strip()
         except FileNotFoundError:
             return None
+        except UnicodeDecodeError:
+            raise ModelStoreError(f"{self.path / POINTER_FILE} is damaged: not text") from None
         if version and not _is_number(version):
             raise ModelStoreError(f"{self.path / POINTER_FILE} is damaged: {version[:40]!r} is not a version number")
         return version or None

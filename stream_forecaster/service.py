@@ -17,7 +17,7 @@ import time
 
 from . import __version__
 from .config import Config
-from .metrics import Metrics, MetricsServer
+from .metrics import Metrics, MetricsServer, new_registry
 from .pipeline import CHUNK, Pipeline, Stopped
 from .registry import ModelStore, ModelStoreError
 
@@ -53,7 +53,10 @@ class ModelWatcher:
 
     def _run(self) -> None:
         while not self.stop.wait(self.interval):
-            self.check()
+            try:
+                self.check()
+            except Exception:  # noqa: BLE001 (the thread must outlive any surprise, or hot swaps end for good)
+                log.exception("checking the model store failed; trying again in %.0f s", self.interval)
 
     def check(self) -> None:
         """Load the current version if it is new; refuse it (logged, counted) if it does not fit."""
@@ -105,12 +108,13 @@ class Daemon:
         self.store = ModelStore(config.model_store.path, config.model_store.keep)
         self.source, self.sink = source, sink
         self.metrics = None
-        self._registry = registry
+        self._registry = registry if registry is not None else new_registry()
         self.pipeline: Pipeline | None = None
         self.to_check: set[int] = set()  # regained partitions: are their windows still right?
         self.to_rebuild: set[int] = set()  # partitions whose windows must be refilled before their readings count
         self.batch_limit = min(500, config.kafka.max_poll_records)  # grows once batches are timed
         self.processed: dict[int, int] = {}  # partition -> next offset after the last batch handled
+        self.uncommitted: dict[tuple[str, int], int] = {}  # offsets whose commit failed: tried again
         self.watcher: ModelWatcher | None = None
         self.server: MetricsServer | None = None
 
@@ -137,6 +141,10 @@ class Daemon:
         from .model import use_inference_threads  # noqa: PLC0415 (TensorFlow loads only once it is needed)
 
         use_inference_threads(self.config.model.inference_threads)
+        if self.server is None:
+            # at once: while it waits for a first model, /healthz says the process lives and /readyz says 503
+            m = self.config.metrics
+            self.server = MetricsServer(self._registry, m.host, m.port, self.ready).start()
         forecaster = self._wait_for_model()
         if forecaster is None:
             return False
@@ -145,9 +153,6 @@ class Daemon:
         # read at each scrape, like /readyz: a loop stuck in a batch must not leave a stale 1 behind
         self.metrics.ready.set_function(lambda: 1 if self.ready() else 0)
         self._show_model(forecaster)
-        if self.server is None:
-            m = self.config.metrics
-            self.server = MetricsServer(self.metrics.registry, m.host, m.port, self.ready).start()
         if not self._connect():
             return False
         self.pipeline = Pipeline(self.config, forecaster, self.sink, self.metrics, self.stop)
@@ -231,8 +236,10 @@ class Daemon:
                                 "and will be read again")
                     return
                 self.processed.update({p: o for (_, p), o in offsets.items()})
-                self.source.commit(offsets)
+                self._commit(offsets)
                 self._size_batches(len(records), time.monotonic() - started)
+            elif self.uncommitted:
+                self._commit({})
             now = time.monotonic()
             if now >= next_gauges:
                 self._update_gauges()
@@ -240,6 +247,12 @@ class Daemon:
             if now >= next_eviction:
                 self.pipeline.evict_idle(now)
                 next_eviction = now + max(1.0, self.config.window.idle_ttl / 10)
+
+    def _commit(self, offsets: dict) -> None:
+        """Commit ``offsets`` with any whose commit failed before; keep them all for the next try if it fails
+        (an idle partition would never commit again, and a clean stop would repeat its batch)."""
+        offsets = {**self.uncommitted, **offsets}
+        self.uncommitted = {} if self.source.commit(offsets) else offsets
 
     def _size_batches(self, n: int, seconds: float) -> None:
         """Keep a batch's handling time within a quarter of ``max_poll_interval_ms``.
@@ -260,6 +273,8 @@ class Daemon:
         yet stays in ``to_check`` and ``to_rebuild`` for the next call.
         """
         lost, gained, regained = self.source.take_changes()
+        # a commit left over for a partition that changed hands could move its new owner's offset back
+        self.uncommitted = {tp: o for tp, o in self.uncommitted.items() if tp[1] not in lost | regained}
         self.to_check = (self.to_check | regained) - lost
         self.to_rebuild = (self.to_rebuild | gained) - lost
         if lost:
@@ -274,6 +289,8 @@ class Daemon:
             self.to_check.discard(partition)
         self.metrics.rebuilding.set(len(self.to_rebuild))
         for partition in sorted(self.to_rebuild):
+            if self.stop.is_set():
+                break  # the rest stay to be refilled; the loop stops without reading them
             self._rebuild(partition)
 
     def _rebuild(self, partition: int) -> None:
@@ -323,6 +340,8 @@ class Daemon:
 
     def shutdown(self) -> None:
         if self.source is not None:
+            if self.uncommitted:
+                self._commit({})  # what was published must not be repeated after a clean stop
             self.source.close()
         if self.sink is not None:
             self.sink.close()

@@ -29,11 +29,14 @@ class FakeRecord:
 
 
 class ListSource:
-    """Hands out ``batches`` one per poll, then sets ``stop_when_done`` if given; records commits."""
+    """Hands out ``batches`` one per poll, then sets ``stop_when_done`` if given; records commits, after
+    refusing the first ``refuse_commits`` (as when the group coordinator moves)."""
 
-    def __init__(self, batches: Sequence[Sequence[FakeRecord]], stop_when_done: threading.Event | None = None):
+    def __init__(self, batches: Sequence[Sequence[FakeRecord]], stop_when_done: threading.Event | None = None,
+                 refuse_commits: int = 0):
         self.batches = [list(b) for b in batches]
         self.commits: list[dict] = []
+        self.refuse_commits = refuse_commits
         self.closed = False
         self._stop = stop_when_done
 
@@ -44,8 +47,12 @@ class ListSource:
             self._stop.set()
         return []
 
-    def commit(self, offsets) -> None:
+    def commit(self, offsets) -> bool:
+        if self.refuse_commits:
+            self.refuse_commits -= 1
+            return False
         self.commits.append(dict(offsets))
+        return True
 
     def rewind(self, records) -> None:
         if records:

@@ -129,3 +129,65 @@ def test_daemon_swaps_between_batches_without_dropping_or_repeating(store, tmp_p
     assert daemon.metrics.registry.get_sample_value("stream_forecaster_model_swaps_total", {"outcome": "swapped"}) == 1
     assert daemon.metrics.registry.get_sample_value("stream_forecaster_model_version") == 2
     assert source.commits[-1] == {("in", 0): 40}
+
+
+def test_while_it_waits_for_a_first_model_the_daemon_is_alive_but_not_ready(tmp_path):
+    """A fresh install: the store fills only when a trainer or the retrainer publishes. Probes of the process
+    must not kill it meanwhile (/healthz 200), and traffic must not reach it (/readyz 503)."""
+    import urllib.error
+    import urllib.request
+
+    from daemon import wait_for
+
+    store = ModelStore(tmp_path / "models")
+    config = load_config(None, [f"model_store.path={store.path}", "model.sequence_length=6",
+                                "data.features=[Global_active_power]", "model.layers=[1, 8, 1]", "metrics.port=0",
+                                "model_store.poll_interval=0.1s"], environ={})
+    stop = threading.Event()
+    records = [FakeRecord("in", 0, i, b"s", line.encode()) for i, line in enumerate(sample_lines(L))]
+    source, sink = ListSource([records], stop_when_done=stop), ListSink()
+    daemon = Daemon(config, source=source, sink=sink)
+    daemon.stop = stop
+    runner = threading.Thread(target=daemon.run)
+    runner.start()
+
+    def status(path):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{daemon.server.port}{path}", timeout=5) as r:
+                return r.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    try:
+        wait_for(lambda: daemon.server is not None, 30, "the endpoint")
+        assert status("/healthz") == 200 and status("/readyz") == 503
+        assert daemon.pipeline is None  # still waiting: nothing was consumed
+        store.publish(make_forecaster(sequence_length=L).save)
+    finally:
+        runner.join(60)
+        stop.set()
+    assert not runner.is_alive() and len(sink.records) == 2  # the first model then served the batch
+
+
+def test_a_pointer_that_is_not_text_is_reported_and_the_watcher_goes_on(store, caplog):
+    watcher, metrics = watcher_for(store)
+    store.publish(make_forecaster(sequence_length=L, seed=2).save)
+    (store.path / POINTER_FILE).write_bytes(b"\xff\xfe")
+    watcher.check()  # used to raise UnicodeDecodeError, which ended the watcher thread for good
+    assert "is damaged: not text" in caplog.text and watcher.take() is None
+    store.set_current("2")
+    watcher.check()
+    assert watcher.take().version == "2"
+
+
+def test_a_refused_commit_is_tried_again_and_at_the_latest_at_a_clean_stop(store, tmp_path):
+    config = load_config(None, [f"model_store.path={store.path}", "model.sequence_length=6",
+                                "data.features=[Global_active_power]", "model.layers=[1, 8, 1]",
+                                "metrics.port=0"], environ={})
+    stop = threading.Event()
+    records = [FakeRecord("in", 0, i, b"s", line.encode()) for i, line in enumerate(sample_lines(L))]
+    source = ListSource([records], stop_when_done=stop, refuse_commits=1)  # the coordinator moved, once
+    daemon = Daemon(config, source=source, sink=ListSink())
+    daemon.stop = stop
+    assert daemon.run() == 0
+    assert source.commits == [{("in", 0): L}]  # the published batch is not read again after the stop

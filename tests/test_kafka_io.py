@@ -167,3 +167,81 @@ def test_an_undecodable_record_is_skipped_counted_and_the_records_around_it_are_
     assert not reader.is_alive(), "the poll spun on the undecodable record"
     source.close()
     assert got == [b"1", b"3"] and unreadable == [1]
+
+
+class ScriptedProducer:
+    """A producer whose sends fail or hang as scripted: ``outcome(record value)`` gives an exception to raise
+    from ``send`` (no metadata), a KafkaError to fail its future with, or None to leave it in flight."""
+
+    def __init__(self, outcome):
+        self.outcome, self.sent = outcome, []
+
+    def send(self, topic, key=None, value=None, headers=None):
+        from kafka.errors import KafkaTimeoutError
+        from kafka.future import Future
+
+        self.sent.append(value)
+        result = self.outcome(value)
+        if isinstance(result, KafkaTimeoutError):
+            raise result
+        return Future().failure(result) if result is not None else Future()
+
+    def flush(self, timeout=None):
+        pass
+
+
+def scripted_sink(outcome, stop_after_retries):
+    stop, retries = threading.Event(), []
+
+    def on_retry(n):
+        retries.append(n)
+        if len(retries) >= stop_after_retries:
+            stop.set()
+
+    sink = KafkaSink.__new__(KafkaSink)
+    sink._config, sink._client_id = load_config(None, environ={}).kafka, "test"
+    sink._producer = ScriptedProducer(outcome)
+    sink._on_retry, sink._on_recreate, sink._on_refused = on_retry, None, None
+    return sink, stop
+
+
+def test_a_topic_without_metadata_costs_one_blocked_send_per_round_not_one_per_record():
+    from kafka.errors import KafkaTimeoutError
+
+    # each real send would block max_block_ms (5 s): 20,000 forecasts were 28 hours deaf to SIGTERM
+    sink, stop = scripted_sink(lambda value: KafkaTimeoutError("no metadata for out"), stop_after_retries=2)
+    assert not sink.publish([OutRecord("out", b"k", b"%d" % i) for i in range(100)], stop, backoff_s=0.01)
+    assert len(sink._producer.sent) == 2  # one per round
+
+
+def test_records_in_flight_are_not_sent_twice_on_a_producer_that_could_not_be_replaced():
+    from kafka.errors import KafkaConnectionError
+
+    sink, stop = scripted_sink(lambda value: KafkaConnectionError("down") if value == b"fails" else None,
+                               stop_after_retries=3)
+    sink._new_producer = lambda: (_ for _ in ()).throw(kafka_io.BrokerUnavailable("no broker"))
+    assert not sink.publish([OutRecord("out", b"k", b"fails"), OutRecord("out", b"k", b"in flight")], stop,
+                            backoff_s=0.01)
+    assert sink._producer.sent.count(b"in flight") == 1 and sink._producer.sent.count(b"fails") == 3
+
+
+def test_a_replaced_producer_stops_its_sender_even_with_batches_it_could_not_deliver():
+    import time
+
+    from kafka import TopicPartition
+
+    def stranded():  # a producer with a batch no broker will take (as in flight during an outage)
+        producer = KafkaProducer(bootstrap_servers=f"127.0.0.1:{free_port()}", api_version=(2, 8), acks="all",
+                                 enable_idempotence=True)
+        producer._accumulator.append(TopicPartition("out", 0), int(time.time() * 1000), b"k", b"v", [])
+        return producer
+
+    sink, _ = scripted_sink(lambda value: None, stop_after_retries=1)
+    sink._producer, sink._new_producer = stranded(), stranded
+    old = sink._producer
+    try:
+        assert sink._recreate()
+        old._sender.join(10)
+        assert not old._sender.is_alive()  # before, its thread, sockets and batch lived on
+    finally:
+        sink._producer._sender.force_close()

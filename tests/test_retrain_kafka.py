@@ -42,7 +42,10 @@ class SteadyLoad:
         while not self.stop.wait(1 / self.rate):
             sensor = SENSORS[i % len(SENSORS)]
             lines = self.lines[sensor]
-            line = lines[(i // len(SENSORS)) % len(lines)]
+            wraps, j = divmod(i // len(SENSORS), len(lines))
+            date, rest = lines[j].split(";", 1)  # a year later on each wrap: a sensor's times only go forward
+            day, month, year = date.split("/")
+            line = f"{day}/{month}/{int(year) + wraps};{rest}"
             future = self.producer.send(self.topic, key=sensor.encode(), value=line.encode())
             self.sent[sensor].append(future)
             i += 1
