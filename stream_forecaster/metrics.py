@@ -86,7 +86,7 @@ class Metrics:
                                        "published prediction interval", ["target"], registry=r)
         self.ready = Gauge("stream_forecaster_ready", "1 when ready (as /readyz), read at each scrape", registry=r)
         self.last_poll = Gauge("stream_forecaster_last_poll_timestamp_seconds",
-                               "When the poll loop last asked Kafka for readings (stale: the loop is stuck)",
+                               "When the poll loop last got an answer from Kafka (stale: the loop is stuck)",
                                registry=r)
         swaps = Counter("stream_forecaster_model_swaps", "New current model versions: swapped in, or refused "
                         "(corrupted, incompatible or unloadable; the old one keeps serving)", ["outcome"], registry=r)

@@ -209,13 +209,13 @@ class Daemon:
         next_gauges = next_eviction = 0.0
         while not self.stop.is_set():
             self._swap_if_ready()
-            self.metrics.last_poll.set_to_current_time()
             try:
                 records = self.source.poll(POLL_TIMEOUT_S, self.batch_limit)
             except Exception as exc:  # kafka-python raises on some broker faults; they pass, the loop must not
                 log.warning("poll failed (%s: %s); retrying", type(exc).__name__, exc)
                 self.stop.wait(1.0)
                 continue
+            self.metrics.last_poll.set_to_current_time()  # after it answered: a poll failing for ever is stuck too
             try:
                 self._handle_rebalance()
             except Exception as exc:  # noqa: BLE001 (a broker call failed midway; what is left is tried again)

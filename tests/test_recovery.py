@@ -296,3 +296,30 @@ def test_while_a_batch_is_stuck_readiness_is_read_live_and_the_last_poll_time_st
         runner.join(60)
     assert len(sink.records) == 2  # L readings fill two windows of L - 1
     assert daemon.metrics.registry.get_sample_value("stream_forecaster_last_poll_timestamp_seconds") > stuck_since
+
+
+class FailingSource(ListSource):
+    """Every poll raises, as kafka-python does for a fault that does not pass (an authorisation error, say)."""
+
+    def __init__(self, stop):
+        super().__init__([], stop_when_done=None)
+        self.polls, self.stop = 0, stop
+
+    def poll(self, timeout_s, max_records=None):
+        self.polls += 1
+        if self.polls >= 3:
+            self.stop.set()
+        raise KafkaTimeoutError("poll failed")
+
+
+def test_a_poll_that_always_fails_leaves_the_last_poll_time_unset_for_the_stuck_alert(tmp_path):
+    store = ModelStore(tmp_path / "models")
+    store.publish(make_forecaster(sequence_length=L).save)
+    config = load_config(None, daemon_overrides("127.0.0.1:9", {"input": "in", "output": "out", "group": "g"},
+                                                store.path, metrics__port="0"), environ={})
+    stop = threading.Event()
+    source = FailingSource(stop)
+    daemon = Daemon(config, source=source, sink=ListSink())
+    daemon.stop = stop
+    assert daemon.run() == 0 and source.polls == 3
+    assert daemon.metrics.registry.get_sample_value("stream_forecaster_last_poll_timestamp_seconds") == 0
