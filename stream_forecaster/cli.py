@@ -176,8 +176,9 @@ def cmd_train(args) -> int:
     trained = train(config, series, verbose=0 if args.quiet else "auto", stop=stop)
     if stop.is_set():  # after the last epoch, during calibration and the test
         raise Interrupted("stopped after training; nothing was written")
-    if trained.diverged():
-        raise UserError(f"{trained.diverged()}: nothing was written; lower model.learning_rate, or try "
+    diverged = trained.diverged()
+    if diverged:
+        raise UserError(f"{diverged}: nothing was written; lower model.learning_rate, or try "
                         "model.loss=huber or model.optimizer=adam")
     version = store.publish(trained.forecaster.save)
     summary = trained.test.summary()

@@ -200,8 +200,9 @@ class Retrainer:
         current = self._current()
         initial = current if self.config.retrain.warm_start and self._fits(current) else None
         trained = train(self.config, series, initial=initial, verbose=0, stop=self.stop)
-        if trained.diverged():
-            return Outcome("failed", trained.diverged())
+        diverged = trained.diverged()
+        if diverged:
+            return Outcome("failed", diverged)
         metric = self.config.retrain.metric
         candidate = getattr(trained.test.model, metric)
         persistence = getattr(trained.test.baseline, metric)
