@@ -33,18 +33,19 @@ from stream_forecaster.config import load_config  # noqa: E402
 from stream_forecaster.devbroker import DevBroker, free_port  # noqa: E402
 from stream_forecaster.kafka_io import KafkaSink, ensure_topics  # noqa: E402
 from stream_forecaster.metrics import scrape  # noqa: E402
-from stream_forecaster.model import Forecaster, Scaler, build_model, use_inference_threads  # noqa: E402
+from stream_forecaster.model import Forecaster, build_model, use_inference_threads  # noqa: E402
 from stream_forecaster.records import SAMPLE_PATH, OutRecord, open_text  # noqa: E402
 from stream_forecaster.registry import ModelStore  # noqa: E402
 
 
 def default_forecaster(config) -> Forecaster:
-    identity = Scaler(np.zeros(1, np.float32), np.ones(1, np.float32)).to_dict()
     meta = {"features": list(config.data.features), "targets": list(config.data.targets),
             "sequence_length": config.model.sequence_length, "predict": config.model.predict,
             "min_step": [0.2] * len(config.data.targets),  # as trained (chosen on validation): the same work
-            "normalization": {"features": identity, "targets": identity}}
-    return Forecaster(build_model(config.model), meta)
+            "normalization": {"method": "window"}, "scaled_units": True,
+            "intervals": {"quantiles": [0.1, 0.9], "lower": [-1.0] * len(config.data.targets),
+                          "upper": [1.0] * len(config.data.targets), "adaptation": 0.005}}
+    return Forecaster(build_model(config.model, config.layers()), meta)
 
 
 def ceiling(forecaster: Forecaster, seconds: float = 3.0, callers: int = 1) -> dict[int, float]:

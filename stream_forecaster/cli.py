@@ -22,7 +22,7 @@ import numpy as np
 from . import __version__, logs
 from .config import Config, load_config
 from .errors import Interrupted, UserError
-from .records import SAMPLE_PATH, read_uci
+from .records import SAMPLE_PATH
 from .registry import ModelStore
 
 __all__ = ["main"]
@@ -53,13 +53,21 @@ def _parser() -> argparse.ArgumentParser:
         _common(sub)
         return sub
 
-    train = command("train", "train a model version on a UCI file and test it")
-    train.add_argument("--data", metavar="PATH", help="UCI .txt/.zip/.gz (default: data.path, else the bundled sample)")
+    data_help = "CSV, JSON lines or UCI file, plain, .gz or .zip (default: data.path, else the bundled sample)"
+    train = command("train", "train a model version on a data file (or the input topic) and test it")
+    source = train.add_mutually_exclusive_group()
+    source.add_argument("--data", metavar="PATH", help=data_help)
+    source.add_argument("--from-topic", action="store_true",
+                        help="train on the last retrain.history of kafka.input_topic, read as the retrainer reads it")
+    train.add_argument("--from", dest="initial", metavar="VERSION",
+                       help="continue training this stored version (same features, targets and window) on the data")
     train.add_argument("--quiet", action="store_true", help="no Keras progress display")
     train.add_argument("--until", metavar="DATE", type=_date, help="use only readings before DATE (e.g. 2007-04-01)")
 
     evaluate = command("evaluate", "one-step-ahead backtest of a model over every window of a file")
-    evaluate.add_argument("--data", metavar="PATH", help="UCI .txt/.zip/.gz (default: data.path, else the bundled sample)")
+    evaluate.add_argument("--data", metavar="PATH", help=data_help)
+    evaluate.add_argument("--worst", type=_positive(int), default=5, metavar="N",
+                          help="list the N sensors with the lowest skill (multi-sensor data; default 5)")
     evaluate.add_argument("--model", metavar="VERSION_OR_PATH", help="model version in the store or a version directory (default: current)")
     evaluate.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     evaluate.add_argument("--since", metavar="DATE", type=_date,
@@ -83,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
 
     retrain = command("retrain", "retrain every retrain.interval; publish past the validation gate")
     retrain.add_argument("--once", action="store_true", help="run one cycle and exit (for cron); exit 1 if it failed")
-    retrain.add_argument("--data", metavar="FILE", help="train on this UCI file instead of the input topic")
+    retrain.add_argument("--data", metavar="FILE", help="train on this CSV, JSON lines or UCI file instead of the input topic")
 
     models = command("models", "list, show, promote and roll back model versions")
     models.add_argument("action", choices=("list", "show", "promote", "rollback"))
@@ -137,7 +145,9 @@ def _data_path(args, config: Config) -> Path:
 
 
 def _read(path: Path, columns, config: Config):
-    return read_uci(path, columns, ratio=config.data.ratio, on_error=config.data.on_error)
+    from .retrain import read_file
+
+    return read_file(path, columns, config.data)
 
 
 def _check_output(path: Path, parent: Path, directory: bool = False) -> None:
@@ -167,13 +177,20 @@ def cmd_train(args) -> int:
 
     store = ModelStore(config.model_store.path, config.model_store.keep)
     store.check_writable()
-    series = _read(_data_path(args, config), _union(config.data.features, config.data.targets), config)
+    initial = _initial(store, args.initial, config) if args.initial else None
+    stop = _stop_on_signals()
+    columns = _union(config.data.features, config.data.targets)
+    if args.from_topic:
+        from .retrain import read_topic
+
+        series = read_topic(config, columns, stop)
+    else:
+        series = _read(_data_path(args, config), columns, config)
     if args.until is not None:
         series = series.select(series.timestamps < args.until)
-    log.info("read %s: %d readings, %d missing skipped, %d malformed skipped",
-             series.source, len(series), series.missing, series.malformed)
-    stop = _stop_on_signals()
-    trained = train(config, series, verbose=0 if args.quiet else "auto", stop=stop)
+    log.info("read %s: %d readings of %d sensor(s), %d missing skipped, %d malformed skipped",
+             series.source, len(series), len(series.sensors) or 1, series.missing, series.malformed)
+    trained = train(config, series, initial=initial, verbose=0 if args.quiet else "auto", stop=stop)
     if stop.is_set():  # after the last epoch, during calibration and the test
         raise Interrupted("stopped after training; nothing was written")
     diverged = trained.diverged()
@@ -189,6 +206,24 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _initial(store: ModelStore, version: str, config: Config):
+    """The stored ``version`` to continue training, checked against what the configuration trains."""
+    from .model import Forecaster
+
+    directory, version = store.resolve(version)
+    initial = Forecaster.load(store.verify(directory), version, config.model.jit_compile)
+    wanted = (tuple(config.data.features), tuple(config.data.targets), config.model.sequence_length)
+    have = (initial.features, initial.targets, initial.sequence_length)
+    if have != wanted:
+        raise UserError(f"model {version} reads {', '.join(have[0])} -> {', '.join(have[1])} with windows of {have[2]}; "
+                        f"the configuration asks for {', '.join(wanted[0])} -> {', '.join(wanted[1])} with {wanted[2]}: "
+                        "set data.features, data.targets and model.sequence_length as the model has them")
+    if initial.metadata.get("layers") not in (None, config.layers()):
+        raise UserError(f"model {version} has layers {initial.metadata['layers']}, the configuration asks for "
+                        f"{config.layers()}: set model.units to {initial.metadata['layers'][1:-1]}")
+    return initial
+
+
 def cmd_evaluate(args) -> int:
     config = _config(args)
     if args.plot:
@@ -200,7 +235,7 @@ def cmd_evaluate(args) -> int:
     directory, version = store.resolve(args.model)
     store.verify(directory)
     from .model import Forecaster
-    from .report import format_table, to_json, write_csvs, write_plot
+    from .report import format_sensors, format_table, to_json, worst_sensors, write_csvs, write_plot
     from .training import backtest
     from .window import window_starts
 
@@ -221,11 +256,14 @@ def cmd_evaluate(args) -> int:
     if args.csv_dir:
         write_csvs(result, args.csv_dir)
     if args.json:
-        print(to_json(summary, data=series.summary()))
+        worst = {"worst_sensors": worst_sensors(summary["per_sensor"], args.worst)} if "per_sensor" in summary else {}
+        print(to_json(summary, data=series.summary(), **worst))
     else:
         print(f"model version {version} on {series.source}: {summary['n']} windows "
               f"({series.missing} missing and {series.malformed} malformed lines skipped)")
         print(format_table(summary))
+        if "per_sensor" in summary:
+            print(format_sensors(summary["per_sensor"], args.worst))
     return 0
 
 

@@ -88,14 +88,17 @@ class DataConfig:
     ratio: float = _spec(1.0, low=0.0, high=1.0, low_open=True)
     train_split: float = _spec(0.9, low=0.0, high=1.0, low_open=True, high_open=True)
     on_error: str = _spec("raise", choices=("raise", "skip"))
-    normalization: str = _spec("standardize", choices=("center", "standardize"))
+    normalization: str = _spec("window", choices=("window", "center", "standardize"))
     interval: Duration = _spec(60.0, low=0.0, high=366 * 86400.0, low_open=True)
+    time_column: str | None = _spec(None)
+    sensor_column: str | None = _spec(None)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     sequence_length: int = _spec(50, low=2, high=10_000)
-    layers: tuple[int, ...] = _spec([7, 50, 100, 1], low=1)
+    units: tuple[int, ...] = _spec([50, 100], low=1, high=100_000)
+    layers: tuple[int, ...] | None = _spec(None, low=1)
     dropout: float = _spec(0.2, low=0.0, high=1.0, high_open=True)
     loss: str = _spec("huber", choices=("mse", "mae", "huber"))
     optimizer: str = _spec("adam", choices=("rmsprop", "adam", "sgd"))
@@ -108,6 +111,7 @@ class ModelConfig:
     min_step: float | None = _spec(None, low=0.0)
     patience: int = _spec(2, low=0, high=1_000)
     intervals: tuple[float, ...] = _spec([0.1, 0.9], low=0.0, high=1.0, low_open=True)
+    interval_adaptation: float = _spec(0.005, low=0.0, high=1.0)
     preset: str | None = _spec(None, choices=(None, "seed"))
     jit_compile: bool = _spec(True)
     inference_threads: int | None = _spec(None, low=1, high=256)
@@ -201,6 +205,8 @@ class LoggingConfig:
 
 @dataclass(frozen=True)
 class Config:
+    """The whole configuration; :meth:`layers` gives the network's widths, which follow the data."""
+
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     model_store: ModelStoreConfig = field(default_factory=ModelStoreConfig)
@@ -209,6 +215,10 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def layers(self) -> list[int]:
+        """``[inputs, LSTM sizes..., outputs]``: the input and output widths follow data.features and data.targets."""
+        return [len(self.data.features), *self.model.units, len(self.data.targets)]
 
     def redacted(self) -> dict:
         """The effective configuration as plain data, every password replaced by ``***``."""
@@ -338,6 +348,8 @@ def _build(raw: Mapping, origins: Mapping, source: str) -> Config:
         sections[name] = _build_section(name, cls, values, origins, source)
     config = Config(**sections)
     _check_consistency(config, origins, source)
+    if config.model.layers is not None:  # the seeds' full form: its middle entries are the LSTM sizes
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, units=config.model.layers[1:-1]))
     return config
 
 
@@ -439,24 +451,26 @@ def _check_consistency(config: Config, origins: Mapping, source: str) -> None:
             raise ConfigError(f"{where('data.' + name)}: data.{name}: must name at least one column")
         if len(set(columns)) != len(columns):
             raise ConfigError(f"{where('data.' + name)}: data.{name}: a column is named twice ({', '.join(columns)})")
-    if len(model.layers) < 3:
-        raise ConfigError(
-            f"{where('model.layers')}: model.layers: needs input width, at least one LSTM size and output width, "
-            f"e.g. [1, 50, 100, 1] (got {list(model.layers)})"
-        )
-    if model.layers[0] != len(data.features):
-        raise ConfigError(
-            f"{where('model.layers')}: model.layers: the first entry is the input width and must equal the number "
-            f"of data.features ({len(data.features)}), got {model.layers[0]}"
-        )
-    if model.layers[-1] != len(data.targets):
-        raise ConfigError(
-            f"{where('model.layers')}: model.layers: the last entry is the output width and must equal the number "
-            f"of data.targets ({len(data.targets)}), got {model.layers[-1]}"
-        )
+    if not model.units:
+        raise ConfigError(f"{where('model.units')}: model.units: needs at least one LSTM size, e.g. [50, 100]")
+    if model.layers is not None:
+        widths = f"[{len(data.features)}, {', '.join(map(str, model.layers[1:-1] or model.units))}, {len(data.targets)}]"
+        if len(model.layers) < 3 or (model.layers[0], model.layers[-1]) != (len(data.features), len(data.targets)):
+            raise ConfigError(
+                f"{where('model.layers')}: model.layers: {list(model.layers)} must read [inputs, LSTM sizes..., "
+                f"outputs] with {len(data.features)} input(s) for data.features and {len(data.targets)} output(s) "
+                f"for data.targets, e.g. {widths}; or leave model.layers out: the widths follow data.features and "
+                f"data.targets, and model.units gives the LSTM sizes"
+            )
+    if data.normalization == "window" and not set(data.targets) <= set(data.features):
+        raise ConfigError(f"{where('data.targets')}: data.targets: window normalisation needs every target among "
+                          f"data.features (each window is scaled by its own readings); targets {', '.join(data.targets)}")
     if model.predict == "change" and not set(data.targets) <= set(data.features):
         raise ConfigError(f"{where('model.predict')}: model.predict: change needs every target among data.features "
                           f"(the change is added to the last reading); targets {', '.join(data.targets)}")
+    if data.normalization == "window" and model.predict != "change":
+        raise ConfigError(f"{where('model.predict')}: model.predict: {model.predict} with data.normalization window; "
+                          "a window-normalised model predicts the change (or set data.normalization: standardize)")
     if model.intervals and (len(model.intervals) != 2 or not model.intervals[0] < model.intervals[1] < 1.0):
         raise ConfigError(f"{where('model.intervals')}: model.intervals: two quantiles, lower then upper, each between 0 and 1, "
                           f"e.g. [0.1, 0.9], or [] for none (got {list(model.intervals)})")

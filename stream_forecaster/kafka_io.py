@@ -462,11 +462,13 @@ def read_history(config: KafkaConfig, group_id: str, since_ms: int, stop: thread
     recent gives nothing; the end is
     fixed when reading starts, so a topic under steady load still ends.
     """
-    consumer = KafkaConsumer(group_id=group_id, enable_auto_commit=False, **client_settings(config, "stream-forecaster-retrain"))
+    consumer = _connect(lambda: KafkaConsumer(group_id=group_id, enable_auto_commit=False,
+                                              **client_settings(config, "stream-forecaster-retrain")),
+                        "history reader", config)
     try:
         partitions = consumer.partitions_for_topic(config.input_topic)
         if not partitions:
-            raise RuntimeError(f"topic {config.input_topic!r} does not exist or has no partitions")
+            raise UserError(f"topic {config.input_topic!r} does not exist or has no partitions (kafka.input_topic)")
         assigned = [TopicPartition(config.input_topic, p) for p in sorted(partitions)]
         consumer.assign(assigned)
         starts = consumer.offsets_for_times({tp: since_ms for tp in assigned})

@@ -28,6 +28,7 @@ import tensorflow as tf  # noqa: E402
 
 from .config import ModelConfig  # noqa: E402
 from .errors import Interrupted, UserError  # noqa: E402
+from .intervals import AdaptiveInterval  # noqa: E402
 from .records import strict_json  # noqa: E402
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "Scaler",
     "build_model",
     "clone_model",
+    "scale_windows",
     "compile_model",
     "fit",
     "library_versions",
@@ -132,7 +134,7 @@ def _parts(pieces: list[int], threads: int) -> list[int]:
 
 
 def _gather(futures: list[Future]) -> Future:
-    """One future of ``(concatenated predictions, longest seconds)`` over futures of ``(predictions, seconds)``."""
+    """One future of ``(predictions, scales, longest seconds)`` over futures of ``(predictions, scales, seconds)``."""
     if len(futures) == 1:
         return futures[0]
     gathered: Future = Future()
@@ -149,7 +151,8 @@ def _gather(futures: list[Future]) -> Future:
         except BaseException as exc:  # noqa: BLE001 (handed on to whoever waits on the gathered future)
             gathered.set_exception(exc)
             return
-        gathered.set_result((np.concatenate([r[0] for r in results]), max(r[1] for r in results)))
+        gathered.set_result((np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results]),
+                             max(r[2] for r in results)))
 
     for f in futures:
         f.add_done_callback(one_done)
@@ -197,14 +200,14 @@ class Scaler:
         return cls(np.asarray(data["mean"], np.float32), np.asarray(data["scale"], np.float32))
 
 
-def build_model(config: ModelConfig) -> keras.Model:
-    """Stacked LSTM from ``config.layers = [inputs, lstm..., outputs]``.
+def build_model(config: ModelConfig, layers: Sequence[int] | None = None) -> keras.Model:
+    """Stacked LSTM from ``layers = [inputs, lstm..., outputs]`` (``Config.layers()``; default ``config.layers``).
 
     Every LSTM but the last returns sequences so the next one can read them;
     dropout follows each LSTM; a linear Dense layer gives the outputs.
     """
     keras.utils.set_random_seed(config.seed)
-    width_in, *lstm_sizes, width_out = config.layers
+    width_in, *lstm_sizes, width_out = layers or config.layers
     layers: list = [keras.Input(shape=(config.sequence_length - 1, width_in), name="window")]
     for i, units in enumerate(lstm_sizes):
         layers.append(keras.layers.LSTM(units, return_sequences=i < len(lstm_sizes) - 1))
@@ -230,15 +233,37 @@ def compile_model(model: keras.Model, config: ModelConfig) -> None:
     model.compile(optimizer=optimizers[config.optimizer](learning_rate=config.learning_rate), loss=losses[config.loss])
 
 
+def scale_windows(windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Windows ``[n, length, columns]`` in units of their own readings: ``(x - last) / s`` and ``s`` ``[n, columns]``.
+
+    ``s`` is each column's standard deviation over the window, and 0 for a
+    column constant in it (its inputs are then 0). ``a·x + b`` (``a > 0``)
+    gives the same inputs and ``a·s``: whatever a sensor's size and units, the
+    network sees the shape of its recent readings, and a forecast made in
+    units of ``s`` scales back with the sensor (as in RevIN and DeepAR).
+    """
+    x = np.asarray(windows, dtype=np.float64)  # float32 loses the small steps of a large offset
+    spread = x.std(axis=1)
+    spread[x.max(axis=1) == x.min(axis=1)] = 0.0  # exactly: an affine map keeps a constant column constant
+    inputs = (x - x[:, -1:, :]) / np.where(spread > 0, spread, 1.0)[:, None, :]
+    return inputs.astype(np.float32), spread
+
+
 class _Windows(keras.utils.PyDataset):
-    """Batches gathered from a window view by index, so only a batch is ever copied."""
+    """Batches gathered from a window view by index, so only a batch is ever copied.
+
+    ``scaled``: the view holds raw readings and each window is scaled by its own
+    (:func:`scale_windows`), the target being the step in units of the window's
+    spread; otherwise the view is globally normalised already.
+    """
 
     def __init__(self, windows, indices, feature_index, target_index, batch_size, shuffle_seed=None,
-                 change=False):
+                 change=False, scaled=False):
         super().__init__()
-        self.change = change
+        self.change, self.scaled = change, scaled
         self.windows, self.indices = windows, np.asarray(indices)
         self.feature_index, self.target_index = list(feature_index), list(target_index)
+        self.last_index = [self.feature_index.index(t) for t in self.target_index] if scaled else None
         self.batch_size = batch_size
         self.rng = None if shuffle_seed is None else np.random.default_rng(shuffle_seed)
         self.order = self.indices.copy()
@@ -249,10 +274,16 @@ class _Windows(keras.utils.PyDataset):
 
     def __getitem__(self, i):
         chosen = self.windows[self.order[i * self.batch_size:(i + 1) * self.batch_size]]
+        inputs = chosen[:, :-1][:, :, self.feature_index]
         target = chosen[:, -1][:, self.target_index]
+        if self.scaled:
+            inputs, spread = scale_windows(inputs)
+            scale = spread[:, self.last_index]
+            step = target - chosen[:, -2][:, self.target_index]
+            return inputs, (step / np.where(scale > 0, scale, 1.0)).astype(np.float32)
         if self.change:
             target = target - chosen[:, -2][:, self.target_index]
-        return chosen[:, :-1][:, :, self.feature_index], target
+        return inputs, target
 
     def on_epoch_end(self):
         if self.rng is not None:
@@ -281,6 +312,7 @@ def fit(
     config: ModelConfig,
     verbose: int | str = "auto",
     stop=None,
+    scaled: bool = False,
 ) -> dict:
     """Train on normalised ``windows[train_indices]`` (shuffled each epoch).
 
@@ -288,15 +320,17 @@ def fit(
     after each epoch when not empty; with ``config.patience`` training stops
     once that many epochs pass without a better validation loss, and the best
     weights are kept. With ``config.predict == "change"`` the model learns the
-    step from the last reading rather than the next level. Setting the ``stop`` event ends training
+    step from the last reading rather than the next level; with ``scaled`` the
+    windows are raw readings, each scaled by its own (:func:`scale_windows`). Setting the ``stop`` event ends training
     after the current batch and raises :class:`~stream_forecaster.errors.Interrupted`.
     """
     change = config.predict == "change"
-    train = _Windows(windows, train_indices, feature_index, target_index, config.batch_size, config.seed, change)
+    train = _Windows(windows, train_indices, feature_index, target_index, config.batch_size, config.seed, change,
+                     scaled)
     validation = None
     if len(validation_indices):
         validation = _Windows(windows, validation_indices, feature_index, target_index, config.batch_size,
-                              change=change)
+                              change=change, scaled=scaled)
     callbacks = [_StopWhenSet(stop)] if stop is not None else []
     if config.patience and validation is not None:
         callbacks.append(keras.callbacks.EarlyStopping(patience=config.patience, restore_best_weights=True))
@@ -307,7 +341,16 @@ def fit(
 
 
 class Forecaster:
-    """A trained model with what it takes to feed it and read its output."""
+    """A trained model with what it takes to feed it and read its output.
+
+    Two normalisations: ``window`` (each window in units of its own readings,
+    :func:`scale_windows`; the model predicts the step in those units, so one
+    model serves sensors of any size) and the global ones of the tutorials
+    (``center``, ``standardize``: the training data's mean and spread). Either
+    way every forecast has a *scale* per target, the unit in which
+    ``min_step`` and the interval's offsets are given: the window's spread, or
+    the global one.
+    """
 
     def __init__(self, model: keras.Model, metadata: dict, version: str | None = None, jit_compile: bool = True):
         self.model = model
@@ -317,17 +360,24 @@ class Forecaster:
         self.targets: tuple[str, ...] = tuple(metadata["targets"])
         self.sequence_length: int = int(metadata["sequence_length"])
         norm = metadata["normalization"]
-        self.feature_scaler = Scaler.from_dict(norm["features"])
-        self.target_scaler = Scaler.from_dict(norm["targets"])
+        self.windowed = norm.get("method") == "window"
         # where each target's last reading sits among the features (None when a target is not a feature)
         self._last = ([self.features.index(t) for t in self.targets]
                       if set(self.targets) <= set(self.features) else None)
-        self._change = metadata.get("predict") == "change"  # the output is the step from the last reading
-        self._min_step = np.asarray(metadata["min_step"], np.float32) if metadata.get("min_step") else None
+        if self.windowed:
+            self.feature_scaler = self.target_scaler = None
+        else:
+            self.feature_scaler = Scaler.from_dict(norm["features"])
+            self.target_scaler = Scaler.from_dict(norm["targets"])
+        self._change = self.windowed or metadata.get("predict") == "change"  # the output is the step from the last reading
+        # Versions written before scales were recorded give min_step and offsets in data units
+        to_scale = 1.0 if self.windowed or metadata.get("scaled_units") else 1.0 / self.target_scaler.scale
+        self._min_step = np.asarray(metadata["min_step"], np.float64) * to_scale if metadata.get("min_step") else None
         intervals = metadata.get("intervals") or {}
-        self.interval_quantiles: tuple[float, ...] = tuple(intervals.get("quantiles", ()))
-        self._offsets = (np.asarray(intervals["lower"], np.float32), np.asarray(intervals["upper"], np.float32)) \
-            if intervals else None
+        self.interval = AdaptiveInterval(
+            intervals["quantiles"], np.asarray(intervals["lower"]) * to_scale, np.asarray(intervals["upper"]) * to_scale,
+            intervals.get("adaptation", 0.0)) if intervals else None
+        self.interval_quantiles: tuple[float, ...] = self.interval.quantiles if self.interval else ()
         spec = tf.TensorSpec([None, self.sequence_length - 1, len(self.features)], tf.float32)
         # One traced graph for any batch size: no per-call retracing, no model.predict overhead.
         self._graph = tf.function(lambda x: self.model(x, training=False), input_signature=[spec])
@@ -343,24 +393,34 @@ class Forecaster:
 
     def forecast(self, windows: np.ndarray) -> np.ndarray:
         """Predictions ``[n, targets]`` in data units for input windows ``[n, sequence_length - 1, features]``."""
+        return self.forecast_scaled(windows)[0]
+
+    def forecast_scaled(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(predictions, scale)``, both ``[n, targets]``: :meth:`forecast` and the unit of each forecast."""
         windows = np.asarray(windows)
         expected = (self.sequence_length - 1, len(self.features))
         if windows.ndim != 3 or windows.shape[1:] != expected:
             raise ValueError(f"expected windows of shape [n, {expected[0]}, {expected[1]}], got {windows.shape}")
+        if self.windowed:
+            inputs, spread = scale_windows(windows)
+            scale = spread[:, self._last]
+        else:
+            inputs = self.feature_scaler.transform(windows)
+            scale = np.broadcast_to(self.target_scaler.scale.astype(np.float64), (len(windows), len(self.targets)))
         out = np.empty((len(windows), len(self.targets)), dtype=np.float32)
         start = 0
         for size in self._calls(len(windows)):
-            out[start:start + size] = self._call(self.feature_scaler.transform(windows[start:start + size]))
+            out[start:start + size] = self._call(inputs[start:start + size])
             start += size
-        if self._change:
-            out = windows[:, -1, self._last] + out * self.target_scaler.scale
-        else:
-            out = self.target_scaler.inverse(out)
+        if self._last is None:  # a level model of targets it does not read
+            return self.target_scaler.inverse(out), scale
+        last = windows[:, -1, self._last].astype(np.float64)
+        step = out.astype(np.float64) if self._change else (self.target_scaler.inverse(out) - last) / scale
         if self._min_step is not None:
             # a forecast step smaller than min_step is noise more often than not: keep the last reading
-            last = windows[:, -1, self._last]
-            out = np.where(np.abs(out - last) < self._min_step, last, out)
-        return out
+            step[np.abs(step) < self._min_step] = 0.0
+        with np.errstate(over="ignore", invalid="ignore"):  # readings near float32's limit: not finite, published null
+            return (last + step * scale).astype(np.float32), scale
 
     def _calls(self, n: int) -> list[int]:
         """The window counts of the compiled calls that forecast ``n`` windows."""
@@ -376,19 +436,17 @@ class Forecaster:
                 self._xla = None
         return self._graph(chunk).numpy()
 
-    def bounds(self, predictions: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    def bounds(self, predictions: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """Lower and upper bounds around ``predictions`` at :attr:`interval_quantiles`, or None.
 
-        The bounds add the quantiles of the errors measured on the validation
-        slice after training (split-conformal style): cheap, and their coverage
-        is checked on data the model never saw (``evaluate``, live metric).
+        Offsets in units of each forecast's ``scale`` (from :meth:`forecast_scaled`),
+        calibrated on the validation slice after training and tracked online
+        (:class:`~stream_forecaster.intervals.AdaptiveInterval`).
         """
-        if self._offsets is None:
-            return None
-        return predictions + self._offsets[0], predictions + self._offsets[1]
+        return None if self.interval is None else self.interval.bounds(predictions, scale)
 
     def forecast_async(self, windows: np.ndarray) -> Future:
-        """:meth:`forecast` on an inference thread: a future of ``(predictions, seconds it took)``.
+        """:meth:`forecast_scaled` on an inference thread: a future of ``(predictions, scale, seconds it took)``.
 
         Leave ``windows`` untouched until the result is in. TensorFlow releases
         the GIL while it computes, so the caller's Python work (parsing the next
@@ -399,8 +457,8 @@ class Forecaster:
         """
         def timed(part):
             started = time.perf_counter()
-            predictions = self.forecast(part)
-            return predictions, time.perf_counter() - started
+            predictions, scale = self.forecast_scaled(part)
+            return predictions, scale, time.perf_counter() - started
 
         executor, threads = _inference_threads()
         futures, start = [], 0

@@ -148,7 +148,9 @@ class Pipeline:
             windows = np.stack([self.windows.window(s) for s in slots])
             if not self._all_features:
                 windows = windows[:, :, self.feature_index]
-            self.pending.put(slots, self.forecaster.forecast(windows), np.stack(list(last_full.values())))
+            predictions, scale = self.forecaster.forecast_scaled(windows)
+            bounds = self.forecaster.bounds(predictions, scale) or (None, None)
+            self.pending.put(slots, predictions, np.stack(list(last_full.values())), *bounds)
         self.metrics.rebuilt.inc(replayed)
         self.metrics.active_sensors.set(len(self.windows))
         return replayed
@@ -188,7 +190,8 @@ class Pipeline:
             self._parse_and_window(records, lo, min(len(records), lo + CHUNK), parsed)
             if len(parsed.window_of) > first:
                 forecasts.append((first, self.forecaster.forecast_async(self._batch[first:len(parsed.window_of)])))
-        predictions = np.empty((len(parsed.window_of), len(self.forecaster.targets)), dtype=np.float32)
+        # the forecasts and their intervals ([3, windows, targets]), filled as each chunk is published
+        predictions = np.full((3, len(parsed.window_of), len(self.forecaster.targets)), np.nan, dtype=np.float32)
         self._publish(records, parsed, forecasts, predictions)
         self._score(parsed.accepted, parsed.window_of, predictions, parsed.gaps)
         self.metrics.batch_size.observe(len(records))
@@ -256,10 +259,12 @@ class Pipeline:
 
         def prediction_records():
             for start, future in forecasts:
-                chunk, seconds = future.result()
+                chunk, scale, seconds = future.result()
                 self.metrics.inference_seconds.observe(seconds)
-                predictions[start:start + len(chunk)] = chunk
-                bounds = self.forecaster.bounds(chunk)
+                predictions[0, start:start + len(chunk)] = chunk
+                bounds = self.forecaster.bounds(chunk, scale)
+                if bounds is not None:
+                    predictions[1:, start:start + len(chunk)] = bounds
                 for k in range(start, start + len(chunk)):
                     i, _, reading = accepted[window_of[k]]
                     record = records[i]
@@ -268,7 +273,7 @@ class Pipeline:
                         when = format_time(reading.timestamp + self.interval, reading.aware)
                     # the same reading always gets the same id, so at-least-once repeats are recognisable downstream
                     ident = f"{reading.sensor}@{when}" if when else f"{reading.sensor}@{record.partition}/{record.offset}"
-                    value = encode_prediction(ident, reading.sensor, when, predictions[k], targets, version,
+                    value = encode_prediction(ident, reading.sensor, when, predictions[0, k], targets, version,
                                               record.partition, record.offset,
                                               None if bounds is None else (bounds[0][k - start], bounds[1][k - start]))
                     yield OutRecord(self.output_topic, record.key, value,
@@ -326,30 +331,34 @@ class Pipeline:
             return
         slots = np.fromiter((slot for _, slot, _ in accepted), dtype=np.int64, count=n)
         truth = np.array([reading.values for _, _, reading in accepted], dtype=np.float32)[:, self.target_index]
-        made = np.full_like(truth, np.nan)  # the forecast each reading's window yielded, if any
-        made[window_of] = predictions
+        made = np.full((3,) + truth.shape, np.nan, dtype=np.float32)  # what each reading's window yielded, if any
+        made[:, window_of] = predictions
         order = np.argsort(slots, kind="stable")
         repeat = slots[order[1:]] == slots[order[:-1]]
         before = np.full(n, -1)
         before[order[1:][repeat]] = order[:-1][repeat]  # the same sensor's previous reading in this batch
-        forecast, baseline = np.empty_like(truth), np.empty_like(truth)
+        forecast, baseline = np.empty((3,) + truth.shape, dtype=np.float32), np.empty_like(truth)
         inside, first = before >= 0, before < 0
-        forecast[inside], baseline[inside] = made[before[inside]], truth[before[inside]]
-        forecast[first], baseline[first] = self.pending.take(slots[first])
-        forecast[list(gaps)] = np.nan
+        forecast[:, inside], baseline[inside] = made[:, before[inside]], truth[before[inside]]
+        forecast[0, first], baseline[first], forecast[1, first], forecast[2, first] = self.pending.take(slots[first])
+        forecast[:, list(gaps)] = np.nan
         last = np.ones(n, dtype=bool)
         last[order[:-1][repeat]] = False
-        self.pending.put(slots[last], made[last], truth[last])
+        self.pending.put(slots[last], made[0, last], truth[last], made[1, last], made[2, last])
 
-        scored = np.isfinite(forecast).all(axis=1)
+        scored = np.isfinite(forecast[0]).all(axis=1)
         if not scored.any():
             return
         # in float64: readings near float32's limit (3e38, then -3e38) differ by more than float32 holds
-        error = forecast[scored].astype(np.float64) - truth[scored]
+        error = forecast[0, scored].astype(np.float64) - truth[scored]
         self.model_errors.add(error)
-        bounds = self.forecaster.bounds(forecast[scored])
-        if bounds is not None:
-            self.inside.add((bounds[0] <= truth[scored]) & (truth[scored] <= bounds[1]))
+        lower, upper, seen = forecast[1, scored], forecast[2, scored], truth[scored]
+        banded = np.isfinite(lower).all(axis=1)  # published with an interval
+        if banded.any():
+            lower, upper, seen = lower[banded], upper[banded], seen[banded]
+            self.inside.add((lower <= seen) & (seen <= upper))
+            if self.forecaster.interval is not None:  # the live coverage steers the next intervals
+                self.forecaster.interval.update(seen < lower, seen > upper, upper - lower)
         self.baseline_errors.add(baseline[scored].astype(np.float64) - truth[scored])
         m = self.metrics
         m.scored.inc(len(error))

@@ -9,7 +9,8 @@ from pathlib import Path
 from .errors import UserError
 from .records import iso_time, strict_json
 
-__all__ = ["format_table", "format_versions", "to_json", "write_csvs", "write_plot"]
+__all__ = ["format_sensors", "format_table", "format_versions", "to_json", "worst_sensors", "write_csvs",
+           "write_plot"]
 
 PLOT_POINTS = 100  # the seeds plot the first 100 predictions
 
@@ -32,8 +33,34 @@ def format_table(summary: dict) -> str:
     lines += [f"{name:<{width}}  {rmse:>10.5f}  {mae:>10.5f}" for name, rmse, mae in rows[1:]]
     if "coverage" in summary:
         low, high = summary["interval"]
+        per_target = "".join(f"; {name} {s['coverage']:.1%}" for name, s in summary["per_target"].items()
+                             if len(summary["per_target"]) > 1)
         lines.append(f"interval {low:.0%}-{high:.0%}: {summary['coverage']:.1%} of the truths inside "
-                     f"(nominal {high - low:.0%})")
+                     f"(nominal {high - low:.0%}){per_target}")
+    return "\n".join(lines)
+
+
+def worst_sensors(per_sensor: dict, count: int) -> list[str]:
+    """The ``count`` sensors with the lowest RMSE skill against persistence (undefined skill last)."""
+    def skill(name):
+        value = per_sensor[name]["skill_rmse"]
+        return (value != value, value)  # NaN (a perfect persistence) sorts after every number
+
+    return sorted(per_sensor, key=skill)[:count]
+
+
+def format_sensors(per_sensor: dict, count: int) -> str:
+    """The worst ``count`` sensors: n, RMSE, MAE and skills; and how many of all lose to persistence."""
+    losing = sum(1 for s in per_sensor.values() if s["skill_rmse"] < 0)
+    rows = [("sensor", "n", "RMSE", "MAE", "skill RMSE", "skill MAE")]
+    for name in worst_sensors(per_sensor, count):
+        s = per_sensor[name]
+        rows.append((name, str(s["n"]), f"{s['rmse']:.5g}", f"{s['mae']:.5g}", f"{s['skill_rmse']:+.1%}",
+                     f"{s['skill_mae']:+.1%}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"{len(per_sensor)} sensors, {losing} worse than persistence (RMSE); the {len(rows) - 1} lowest skills:"]
+    lines += ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+              for row in rows]
     return "\n".join(lines)
 
 

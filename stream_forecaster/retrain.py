@@ -23,13 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config
+from .config import Config, DataConfig
 from .errors import Interrupted, UserError
 from .metrics import MetricsServer, RetrainMetrics
-from .records import MISSING, MessageParser, Reading, Series, read_uci
+from .records import MISSING, MessageParser, Reading, Series, read_series
 from .registry import ModelStore
 
-__all__ = ["Outcome", "Retrainer", "series_from_records"]
+__all__ = ["Outcome", "Retrainer", "read_file", "read_topic", "series_from_records"]
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +65,13 @@ def series_from_records(records, columns, max_bytes: int, history_s: float, sour
         else:
             invalid += 1  # Invalid or a header line
     newest = max((max(s) for s, _ in by_sensor.values()), default=0.0)
-    segments, stamps_out, values_out, start = [], [], [], 0
+    segments, names, stamps_out, values_out, start = [], [], [], [], 0
     for sensor in sorted(by_sensor):
         stamps = np.asarray(by_sensor[sensor][0], dtype=np.float64)
         keep = stamps >= newest - history_s
         if keep.any():
             segments.append(start)
+            names.append(sensor)
             stamps_out.append(stamps[keep].astype(np.int64))
             values_out.append(np.asarray(by_sensor[sensor][1], dtype=np.float32)[keep])
             start += int(keep.sum())
@@ -79,8 +80,27 @@ def series_from_records(records, columns, max_bytes: int, history_s: float, sour
         timestamps=np.concatenate(stamps_out) if stamps_out else np.empty(0, np.int64),
         values=np.concatenate(values_out) if values_out else np.empty((0, len(columns)), np.float32),
         source=source, lines=lines, missing=missing, malformed=invalid,
-        segments=tuple(segments) or (0,),
+        segments=tuple(segments) or (0,), sensors=tuple(names),
     )
+
+
+def read_file(path, columns, data: DataConfig) -> Series:
+    """The readings of ``columns`` in a training file (UCI, CSV or JSON lines), as ``data`` says to read it."""
+    return read_series(path, columns, ratio=data.ratio, on_error=data.on_error, time_column=data.time_column,
+                       sensor_column=data.sensor_column)
+
+
+def read_topic(config: Config, columns, stop: threading.Event) -> Series:
+    """The last ``retrain.history`` of readings of the input topic, per sensor, by the daemon's rules."""
+    from .kafka_io import read_history  # noqa: PLC0415 (only topic-fed training needs Kafka)
+
+    k, r = config.kafka, config.retrain
+    since_ms = max(0, int((time.time() - r.history) * 1000))  # Kafka takes no time before 1970
+    records = read_history(k, r.group_id, since_ms, stop)
+    series = series_from_records(records, columns, k.max_message_bytes, r.history, f"topic {k.input_topic}")
+    if stop.is_set():
+        raise Interrupted("stopped while reading history")
+    return series
 
 
 class Retrainer:
@@ -151,17 +171,8 @@ class Retrainer:
 
     def load_series(self) -> Series:
         if self.data_path is not None:
-            d = self.config.data
-            return read_uci(self.data_path, self.columns, ratio=d.ratio, on_error=d.on_error)
-        from .kafka_io import read_history  # noqa: PLC0415 (only topic-fed cycles need Kafka)
-
-        k, r = self.config.kafka, self.config.retrain
-        since_ms = max(0, int((time.time() - r.history) * 1000))  # Kafka takes no time before 1970
-        records = read_history(k, r.group_id, since_ms, self.stop)
-        series = series_from_records(records, self.columns, k.max_message_bytes, r.history, f"topic {k.input_topic}")
-        if self.stop.is_set():
-            raise Interrupted("stopped while reading history")
-        return series
+            return read_file(self.data_path, self.columns, self.config.data)
+        return read_topic(self.config, self.columns, self.stop)
 
     def _current(self):
         from .model import Forecaster  # noqa: PLC0415
@@ -185,11 +196,13 @@ class Retrainer:
         if current is None:
             return False
         m = self.config.model
-        built = (current.metadata.get("layers"), current.metadata.get("predict"))
-        if built != (list(m.layers), m.predict):
-            log.info("current model %s has layers %s predicting the %s, the configuration asks for %s and the %s: "
-                     "training from scratch (and still comparing)", current.version, built[0], built[1],
-                     list(m.layers), m.predict)
+        built = (current.metadata.get("layers"), current.metadata.get("predict"),
+                 current.metadata["normalization"].get("method") or "standardize")
+        wanted = (self.config.layers(), m.predict, self.config.data.normalization)
+        if built != wanted:
+            log.info("current model %s has layers %s predicting the %s with %s normalisation, the configuration asks "
+                     "for %s, the %s and %s: training from scratch (and still comparing)", current.version, *built,
+                     *wanted)
             return False
         return True
 
@@ -209,10 +222,11 @@ class Retrainer:
         current_error = None
         if current is not None:
             current_error = getattr(backtest(current, series, trained.test_starts).model, metric)
-        verdict = self._gate(candidate, current_error)
+        verdict = self._gate(candidate, current_error, persistence)
         if verdict is not None:
             return Outcome("rejected", verdict, None, candidate, current_error, persistence)
-        reason = "no current model" if current is None else "candidate beats the current model"
+        reason = ("candidate beats persistence (no current model)" if current is None
+                  else "candidate beats persistence and the current model")
         trained.forecaster.metadata["gate"] = {
             "decision": "published", "reason": reason, "metric": metric,
             "candidate": candidate, "current": current_error, "current_version": current.version if current else None,
@@ -224,10 +238,13 @@ class Retrainer:
         version = self.store.publish(trained.forecaster.save)
         return Outcome("published", reason, version, candidate, current_error, persistence)
 
-    def _gate(self, candidate: float, current: float | None) -> str | None:
-        """Why the candidate must not be published, or None if it may."""
+    def _gate(self, candidate: float, current: float | None, persistence: float) -> str | None:
+        """Why the candidate must not be published, or None: it must beat persistence, and the current model
+        by ``retrain.min_improvement``, on the held-out slice."""
         if not math.isfinite(candidate):
             return f"candidate error is not finite ({candidate})"
+        if math.isfinite(persistence) and not candidate < persistence:
+            return f"candidate {candidate:.6g} does not beat persistence {persistence:.6g}"
         if current is None or not math.isfinite(current):  # nothing, or a broken model: anything finite is better
             return None
         needed = current * (1.0 - self.config.retrain.min_improvement)

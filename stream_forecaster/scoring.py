@@ -70,39 +70,41 @@ class RollingErrors:
 
 
 class PendingForecasts:
-    """Each sensor's forecast of its next reading, and persistence's, until that reading arrives.
+    """Each sensor's forecast of its next reading, its interval and persistence's, until that reading arrives.
 
     Progressive validation: forecast now, score when the truth arrives. Slots
     are the sensor slots of :class:`~stream_forecaster.window.SensorWindows`;
     every method takes an array of them, so a whole batch is one call. A
-    forecast of NaN means none is pending.
+    forecast of NaN means none is pending; an interval of NaN, that none was published.
     """
 
-    def __init__(self, n_targets: int, capacity: int = 1024):
-        self._model = np.full((capacity, n_targets), np.nan, dtype=np.float32)
-        self._baseline = np.full((capacity, n_targets), np.nan, dtype=np.float32)
+    _FIELDS = 4  # forecast, baseline, lower, upper
 
-    def put(self, slots: np.ndarray, forecasts: np.ndarray, baselines: np.ndarray) -> None:
+    def __init__(self, n_targets: int, capacity: int = 1024):
+        self._rows = np.full((capacity, self._FIELDS, n_targets), np.nan, dtype=np.float32)
+
+    def put(self, slots: np.ndarray, forecasts: np.ndarray, baselines: np.ndarray,
+            lower: np.ndarray | None = None, upper: np.ndarray | None = None) -> None:
         slots = np.asarray(slots, dtype=np.int64)
-        if len(slots) and slots.max() >= len(self._model):
-            old, width = self._model.shape
-            grown = max(2 * old, int(slots.max()) + 1)
-            self._model = np.resize(self._model, (grown, width))
-            self._baseline = np.resize(self._baseline, (grown, width))
-            self._model[old:] = np.nan  # np.resize repeats the old rows; empty the new slots
-        self._model[slots] = forecasts
-        self._baseline[slots] = baselines
+        if len(slots) and slots.max() >= len(self._rows):
+            old = len(self._rows)
+            grown = np.full((max(2 * old, int(slots.max()) + 1),) + self._rows.shape[1:], np.nan, dtype=np.float32)
+            grown[:old] = self._rows
+            self._rows = grown
+        self._rows[slots, 0] = forecasts
+        self._rows[slots, 1] = baselines
+        self._rows[slots, 2] = np.nan if lower is None else lower
+        self._rows[slots, 3] = np.nan if upper is None else upper
 
     def clear(self, slots) -> None:
         slots = np.asarray(slots, dtype=np.int64)
-        self._model[slots[slots < len(self._model)]] = np.nan
+        self._rows[slots[slots < len(self._rows)], 0] = np.nan
 
-    def take(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(forecasts, baselines)`` pending for the slots (NaN rows where none); the slots are emptied."""
+    def take(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(forecasts, baselines, lower, upper)`` pending for the slots (NaN rows where none); the slots are emptied."""
         slots = np.asarray(slots, dtype=np.int64)
-        forecasts = np.full((len(slots), self._model.shape[1]), np.nan, dtype=np.float32)
-        baselines = forecasts.copy()
-        known = slots < len(self._model)
-        forecasts[known], baselines[known] = self._model[slots[known]], self._baseline[slots[known]]
-        self._model[slots[known]] = np.nan
-        return forecasts, baselines
+        rows = np.full((len(slots),) + self._rows.shape[1:], np.nan, dtype=np.float32)
+        known = slots < len(self._rows)
+        rows[known] = self._rows[slots[known]]
+        self._rows[slots[known], 0] = np.nan
+        return rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3]

@@ -15,6 +15,7 @@ import numpy as np
 
 from .config import Config
 from .errors import UserError
+from .intervals import AdaptiveInterval
 from .model import Forecaster, Scaler, build_model, clone_model, fit, library_versions
 from .records import Series, iso_time
 from .scoring import Scores, score
@@ -45,6 +46,9 @@ class Backtest:
     lower: np.ndarray | None = None  # [n, targets]: prediction interval, when the model has one
     upper: np.ndarray | None = None
     quantiles: tuple[float, ...] = ()
+    scale: np.ndarray | None = None  # [n, targets]: each forecast's unit (see Forecaster.forecast_scaled)
+    sensor: np.ndarray | None = None  # [n]: index of each forecast's sensor in sensor_names
+    sensor_names: tuple[str, ...] = ()
 
     @property
     def model(self) -> Scores:
@@ -82,6 +86,25 @@ class Backtest:
         if self.lower is not None:
             inside = (self.lower <= self.truth) & (self.truth <= self.upper)
             result.update(interval=list(self.quantiles), coverage=float(inside.mean()) if inside.size else float("nan"))
+            for t, name in enumerate(self.targets):
+                result["per_target"][name]["coverage"] = float(inside[:, t].mean()) if len(inside) else float("nan")
+        if len(self.sensor_names) > 1 and self.sensor is not None:
+            result["per_sensor"] = self.per_sensor()
+        return result
+
+    def per_sensor(self) -> dict[str, dict]:
+        """Each sensor's n, RMSE, MAE and skills against persistence (over all targets)."""
+        out = {}
+        for index in np.unique(self.sensor):
+            rows = self.sensor == index
+            model = score(self.truth[rows], self.predicted[rows], self.targets)
+            base = score(self.truth[rows], self.persistence[rows], self.targets)
+            out[self.sensor_names[index]] = {
+                "n": model.n, "rmse": model.rmse, "mae": model.mae,
+                "skill_rmse": 1 - model.rmse / base.rmse if base.rmse else float("nan"),
+                "skill_mae": 1 - model.mae / base.mae if base.mae else float("nan"),
+            }
+        return out
         return result
 
 
@@ -93,7 +116,11 @@ def _column_index(series: Series, names) -> list[int]:
 
 
 def backtest(forecaster: Forecaster, series: Series, starts: np.ndarray | None = None) -> Backtest:
-    """Forecast the windows beginning at rows ``starts`` (default: every window of every segment)."""
+    """Forecast the windows beginning at rows ``starts`` (default: every window of every segment).
+
+    The interval, when the model has one, learns as it would in the daemon:
+    forecasts are scored in time order and each moves the offsets of the next.
+    """
     length = forecaster.sequence_length
     feature_index = _column_index(series, forecaster.features)
     target_index = _column_index(series, forecaster.targets)
@@ -101,15 +128,19 @@ def backtest(forecaster: Forecaster, series: Series, starts: np.ndarray | None =
         starts = np.concatenate(window_starts(series.segments, len(series), length))
     windows = sliding_windows(series.values, length)
     predicted = np.empty((len(starts), len(forecaster.targets)), dtype=np.float32)
+    scale = np.empty((len(starts), len(forecaster.targets)), dtype=np.float64)
     for lo in range(0, len(starts), _BACKTEST_CHUNK):
         chunk = windows[starts[lo:lo + _BACKTEST_CHUNK], :-1][:, :, feature_index]
-        predicted[lo:lo + len(chunk)] = forecaster.forecast(chunk)
+        predicted[lo:lo + len(chunk)], scale[lo:lo + len(chunk)] = forecaster.forecast_scaled(chunk)
     last = starts + length - 1  # row of each predicted reading
-    bounds = forecaster.bounds(predicted)
+    truth = series.values[last][:, target_index]
+    bounds = None
+    if forecaster.interval is not None:
+        bounds = forecaster.interval.replay(predicted, scale, truth, np.argsort(series.timestamps[last], kind="stable"))
     return Backtest(
         targets=forecaster.targets,
         timestamps=series.timestamps[last],
-        truth=series.values[last][:, target_index],
+        truth=truth,
         predicted=predicted,
         persistence=series.values[last - 1][:, target_index],
         model_version=forecaster.version,
@@ -117,6 +148,9 @@ def backtest(forecaster: Forecaster, series: Series, starts: np.ndarray | None =
         lower=None if bounds is None else bounds[0],
         upper=None if bounds is None else bounds[1],
         quantiles=forecaster.interval_quantiles,
+        scale=scale,
+        sensor=np.searchsorted(series.segments, last, side="right") - 1,
+        sensor_names=tuple(series.sensors) or tuple(str(i) for i in range(len(series.segments))),
     )
 
 
@@ -169,26 +203,38 @@ def train(config: Config, series: Series, initial: Forecaster | None = None,
         )
     started = time.monotonic()
     train_rows = _rows_of(np.concatenate([train_starts, validation_starts]), spec.sequence_length, len(series))
-    if initial is None:
-        scaler = Scaler.fit(series.values[train_rows], data.normalization)
-        model = build_model(spec)
+    method = data.normalization
+    if initial is not None and (initial.metadata["normalization"].get("method") or "standardize") != method:
+        raise TrainingError(f"model {initial.version} was trained with {initial.metadata['normalization'].get('method')} "
+                            f"normalisation, the configuration asks for {method}: continue it with the same "
+                            "data.normalization, or train from scratch")
+    windowed = method == "window"
+    if windowed:
+        scaler, values = None, series.values
+        # a window whose target is constant has no unit to learn a step in; the daemon holds its last reading
+        train_starts = _varying(values, train_starts, spec.sequence_length, target_index)
+        validation_starts = _varying(values, validation_starts, spec.sequence_length, target_index)
+        if not len(train_starts):
+            raise TrainingError(f"{series.source}: every training window's targets are constant; nothing to learn")
+        normalization = {"method": "window"}
     else:
-        scaler = _scaler_of(initial, series.columns)
-        model = clone_model(initial.model, spec)
-    windows = sliding_windows(scaler.transform(series.values), spec.sequence_length)
-    history = fit(model, windows, train_starts, validation_starts, feature_index, target_index, spec, verbose, stop)
+        scaler = Scaler.fit(series.values[train_rows], method) if initial is None else _scaler_of(initial, series.columns)
+        values = scaler.transform(series.values)
+        normalization = {"method": method, "features": scaler.subset(feature_index).to_dict(),
+                         "targets": scaler.subset(target_index).to_dict()}
+    model = build_model(spec, config.layers()) if initial is None else clone_model(initial.model, spec)
+    windows = sliding_windows(values, spec.sequence_length)
+    history = fit(model, windows, train_starts, validation_starts, feature_index, target_index, spec, verbose, stop,
+                  scaled=windowed)
     ts, last = series.timestamps, spec.sequence_length - 1
     metadata = {
         "features": list(data.features),
         "targets": list(data.targets),
         "sequence_length": spec.sequence_length,
-        "layers": list(spec.layers),
+        "layers": config.layers(),
         "predict": spec.predict,
-        "normalization": {
-            "method": data.normalization if initial is None else initial.metadata["normalization"].get("method"),
-            "features": scaler.subset(feature_index).to_dict(),
-            "targets": scaler.subset(target_index).to_dict(),
-        },
+        "normalization": normalization,
+        "scaled_units": True,  # min_step and the interval's offsets are in units of each forecast's scale
         "data": {
             **series.summary(),
             "sensors": len(series.segments),
@@ -215,27 +261,29 @@ def train(config: Config, series: Series, initial: Forecaster | None = None,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "libraries": library_versions(),
     }
+    validation = None
+    if len(validation_starts):
+        validation = backtest(Forecaster(model, metadata, jit_compile=spec.jit_compile), series, validation_starts)
     if set(data.targets) <= set(data.features) and spec.min_step != 0:
         if spec.min_step is not None:
             metadata["min_step"] = [spec.min_step] * len(data.targets)
-        elif len(validation_starts):
-            metadata["min_step"] = _calibrate_min_step(
-                backtest(Forecaster(model, metadata, jit_compile=spec.jit_compile), series, validation_starts))
+        elif validation is not None:
+            metadata["min_step"] = _calibrate_min_step(validation)
+            validation = backtest(Forecaster(model, metadata, jit_compile=spec.jit_compile), series, validation_starts)
         else:
             log.warning("model.min_step is chosen on the validation slice, and there is none (model.validation_split "
                         "is 0 or the data too short): no forecast step is held (give model.min_step)")
-    if spec.intervals and not len(validation_starts):
+    if spec.intervals and validation is None:
         log.warning("model.intervals are measured on the validation slice, and there is none "
                     "(model.validation_split is 0 or the data too short): the model publishes no interval")
-    if spec.intervals and len(validation_starts):
-        errors = backtest(Forecaster(model, metadata, jit_compile=spec.jit_compile), series, validation_starts)
-        residuals = errors.truth - errors.predicted
-        metadata["intervals"] = {
-            "quantiles": list(spec.intervals),
-            "lower": np.quantile(residuals, spec.intervals[0], axis=0).tolist(),
-            "upper": np.quantile(residuals, spec.intervals[1], axis=0).tolist(),
-            "from_windows": len(validation_starts),
-        }
+    if spec.intervals and validation is not None:
+        varying = (validation.scale > 0).all(axis=1)
+        residuals = (validation.truth[varying] - validation.predicted[varying]) / validation.scale[varying]
+        if len(residuals):
+            metadata["intervals"] = {
+                **AdaptiveInterval.calibrate(spec.intervals, residuals, spec.interval_adaptation).to_dict(),
+                "from_windows": len(residuals),
+            }
     forecaster = Forecaster(model, metadata, jit_compile=spec.jit_compile)
     test = backtest(forecaster, series, test_starts)
     metadata["training"]["seconds"] = round(time.monotonic() - started, 3)
@@ -244,7 +292,8 @@ def train(config: Config, series: Series, initial: Forecaster | None = None,
 
 
 def _calibrate_min_step(validation: Backtest) -> list[float]:
-    """Per target, the smallest forecast step worth taking, chosen on the validation slice.
+    """Per target, the smallest forecast step worth taking, in units of the forecast's scale, chosen on the
+    validation slice.
 
     Steps below it become "no change" (the last reading): small forecast steps
     are mostly noise, which costs MAE where persistence is hard to beat. The
@@ -253,9 +302,10 @@ def _calibrate_min_step(validation: Backtest) -> list[float]:
     """
     chosen = []
     for t in range(len(validation.targets)):
-        truth, forecast, last = (a[:, t].astype(np.float64) for a in
-                                 (validation.truth, validation.predicted, validation.persistence))
-        step = np.abs(forecast - last)
+        truth, forecast, last, scale = (a[:, t].astype(np.float64) for a in
+                                        (validation.truth, validation.predicted, validation.persistence, validation.scale))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            step = np.where(scale > 0, np.abs(forecast - last) / scale, 0.0)
         base_mae, base_rmse = np.abs(truth - last).mean(), np.sqrt(np.square(truth - last).mean())
         best = None
         for threshold in np.unique(np.quantile(step, np.linspace(0, 0.99, 34))):
@@ -265,6 +315,16 @@ def _calibrate_min_step(validation: Backtest) -> list[float]:
                 best = (cost, float(threshold))
         chosen.append(best[1])
     return chosen
+
+
+def _varying(values: np.ndarray, starts: np.ndarray, length: int, target_index) -> np.ndarray:
+    """The ``starts`` of windows in which no target's input readings are all equal."""
+    view = sliding_windows(values[:, target_index], length - 1)
+    keep = np.empty(len(starts), dtype=bool)
+    for lo in range(0, len(starts), _BACKTEST_CHUNK):
+        chunk = view[starts[lo:lo + _BACKTEST_CHUNK]]
+        keep[lo:lo + len(chunk)] = (chunk.max(axis=1) > chunk.min(axis=1)).all(axis=1)
+    return starts[keep]
 
 
 def _rows_of(starts: np.ndarray, length: int, n_rows: int) -> np.ndarray:

@@ -57,7 +57,7 @@ def make_forecaster(features=("Global_active_power",), targets=("Global_active_p
     spec = load_config(None, [f"data.features={list(features)}", f"data.targets={list(targets)}",
                               f"model.layers={[len(features), *hidden, len(targets)]}",
                               f"model.sequence_length={sequence_length}", f"model.seed={seed}",
-                              "model.predict=level"], environ={}).model
+                              "model.predict=level", "data.normalization=standardize"], environ={}).model
     meta = {
         "features": list(features), "targets": list(targets), "sequence_length": sequence_length,
         "normalization": {

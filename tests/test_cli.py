@@ -71,7 +71,7 @@ def test_train_then_evaluate(tmp_path, data_file, capsys):
 def test_multi_feature_multi_target(tmp_path, data_file, capsys):
     args = ["--set", "data.features=[Global_active_power, Voltage, Global_intensity]",
             "--set", "data.targets=[Global_active_power, Sub_metering_3]", "--set", "model.layers=[3, 6, 6, 2]",
-            "--set", "model.predict=level"]
+            "--set", "model.predict=level", "--set", "data.normalization=standardize", "--set", "data.normalization=standardize"]
     assert main(["train", "--data", str(data_file), "--quiet", *TINY[:2], *TINY[4:], *args, *store_args(tmp_path)]) == 0
     capsys.readouterr()
     assert main(["evaluate", "--data", str(data_file), "--json", *store_args(tmp_path)]) == 0
@@ -164,7 +164,7 @@ def test_ctrl_c_after_the_last_epoch_still_writes_nothing(tmp_path, data_file, m
 
 def test_a_diverged_training_writes_nothing_and_says_what_to_change(tmp_path, data_file, capsys):
     code = main(["train", "--data", str(data_file), "--quiet", *TINY, "--set", "model.optimizer=sgd",
-                 "--set", "model.learning_rate=10", "--set", "model.loss=mse", "--set", "model.predict=level",
+                 "--set", "model.learning_rate=10", "--set", "model.loss=mse", "--set", "model.predict=level", "--set", "data.normalization=standardize",
                  "--set", "data.normalization=center", *store_args(tmp_path)])
     assert code == 2 and "the training loss is not finite" in capsys.readouterr().err
     assert ModelStore(tmp_path / "models").versions() == []

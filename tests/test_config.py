@@ -16,10 +16,25 @@ def test_repo_config_holds_exactly_the_defaults():
 def test_defaults_keep_the_seed_architecture_and_learn_the_step_from_every_column():
     config = load_config(None, environ={})
     assert config.model.sequence_length == 50
-    assert config.model.layers == (7, 50, 100, 1) and len(config.data.features) == 7
+    assert config.layers() == [7, 50, 100, 1] and len(config.data.features) == 7
+    assert config.data.normalization == "window"
     assert config.model.dropout == 0.2
     assert config.model.predict == "change" and config.model.loss == "huber"
     assert config.data.train_split == 0.9
+
+
+def test_widths_follow_the_features_and_targets_and_the_seeds_form_is_kept_where_it_agrees():
+    two = load_config(None, ["data.features=[Voltage, Global_intensity]", "data.targets=[Voltage]"], environ={})
+    assert two.layers() == [2, 50, 100, 1]
+    full = load_config(None, ["data.features=[Voltage]", "data.targets=[Voltage]", "model.layers=[1, 8, 4, 1]"],
+                       environ={})
+    assert (full.model.units, full.layers()) == ((8, 4), [1, 8, 4, 1])
+    assert load_config(None, ["model.units=[16]"], environ={}).layers() == [7, 16, 1]
+
+
+def test_window_normalisation_predicts_the_change():
+    with pytest.raises(ConfigError, match="model.predict: level with data.normalization window"):
+        load_config(None, ["model.predict=level"], environ={})
 
 
 def test_config_is_frozen():
@@ -48,9 +63,13 @@ def write(tmp_path, text):
         ("data:\n  ratio: 0\n", ["data.ratio", "> 0"]),
         ("data:\n  ratio: .nan\n", ["data.ratio", "finite"]),
         ("data:\n  features: [Voltage, Voltage]\n  \n", ["data.features", "named twice"]),
-        ("data:\n  features: [Voltage, Global_intensity]\n", ["model.layers", "input width", "2"]),
-        ("data:\n  targets: [Voltage, Global_intensity]\n", ["model.layers", "output width", "2"]),
-        ("model:\n  layers: [1, 1]\n", ["model.layers", "at least one LSTM"]),
+        ("data:\n  features: [Voltage, Global_intensity]\nmodel:\n  layers: [7, 50, 100, 1]\n",
+         ["model.layers", "2 input(s) for data.features", "leave model.layers out"]),
+        ("data:\n  targets: [Voltage, Global_intensity]\nmodel:\n  layers: [7, 50, 100, 1]\n",
+         ["model.layers", "2 output(s) for data.targets"]),
+        ("data:\n  targets: [Sub_metering_4]\n", ["data.targets", "window normalisation needs every target"]),
+        ("model:\n  layers: [7, 1]\n", ["model.layers", "[inputs, LSTM sizes..., outputs]"]),
+        ("model:\n  units: []\n", ["model.units", "at least one LSTM size"]),
         ("model:\n  layers: [1, 0, 1]\n", ["model.layers", ">= 1"]),
         ("model_store:\n  poll_interval: soon\n", ["model_store.poll_interval", "duration"]),
         ("kafka:\n  bootstrap_servers: 9092\n", ["kafka.bootstrap_servers", "list of str"]),
@@ -113,7 +132,7 @@ def test_environment_overrides_and_set_beats_environment():
         ("kafka.bootstrap_servers=[]", ["--set kafka.bootstrap_servers", "host:port"]),
         ("kafka.bootstrap_servers=[localhost]", ["--set kafka.bootstrap_servers", "host:port"]),
         ("kafka.bootstrap_servers=a:1,b:99999", ["--set kafka.bootstrap_servers", "host:port"]),
-        ("model.layers=[3, 50, 100, 1]", ["--set model.layers", "number of data.features"]),
+        ("model.layers=[3, 50, 100, 1]", ["--set model.layers", "7 input(s) for data.features"]),
         ("kafka.security_protocol=SASL_SSL", ["--set kafka.security_protocol", "needs kafka.sasl_username"]),
         ("model.validation_split=1", ["--set model.validation_split", "< 1.0"]),
         ("data.train_split=1", ["--set data.train_split", "< 1.0"]),
@@ -224,7 +243,7 @@ def test_seed_preset_replaces_the_keys_it_names_and_set_still_wins():
 def test_change_needs_the_targets_among_the_features():
     with pytest.raises(ConfigError, match="model.predict: change needs every target among data.features"):
         load_config(None, ["model.predict=change", "data.features=[Global_active_power]", "data.targets=[Voltage]",
-                           "model.layers=[1, 8, 1]"], environ={})
+                           "model.layers=[1, 8, 1]", "data.normalization=standardize"], environ={})
 
 
 @pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "36501d", "1.0e+300"])

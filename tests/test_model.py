@@ -2,7 +2,7 @@ import itertools
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stream_forecaster.config import load_config
@@ -16,7 +16,7 @@ tf = pytest.importorskip("tensorflow")
 def spec(layers, sequence_length=8, features=None, targets=None):
     features = features or [f"f{i}" for i in range(layers[0])]
     targets = targets or [f"t{i}" for i in range(layers[-1])]
-    return load_config(None, ["model.predict=level", f"model.layers={list(layers)}", f"model.sequence_length={sequence_length}",
+    return load_config(None, ["model.predict=level", "data.normalization=standardize", f"model.layers={list(layers)}", f"model.sequence_length={sequence_length}",
                               f"data.features={features}", f"data.targets={targets}"], environ={}).model
 
 
@@ -36,7 +36,8 @@ def test_stacked_lstm_wiring(layers):
 
 
 def test_default_is_the_seed_architecture_over_every_column_and_the_preset_is_the_seed():
-    model = build_model(load_config(None, environ={}).model)
+    default = load_config(None, environ={})
+    model = build_model(default.model, default.layers())
     assert [type(l).__name__ for l in model.layers] == ["LSTM", "Dropout", "LSTM", "Dropout", "Dense"]
     assert model.input_shape == (None, 49, 7)
     seed = build_model(load_config(None, ["model.preset=seed"], environ={}).model)
@@ -108,12 +109,13 @@ def test_bounds_add_the_stored_error_quantiles():
             "intervals": {"quantiles": [0.1, 0.9], "lower": [-1.0, -0.5], "upper": [2.0, 0.25]}}
     forecaster = Forecaster(build_model(spec([1, 4, 2], sequence_length=5)), meta)
     predictions = rng.normal(size=(3, 2)).astype(np.float32)
-    lower, upper = forecaster.bounds(predictions)
-    np.testing.assert_allclose(lower, predictions + [-1.0, -0.5])
-    np.testing.assert_allclose(upper, predictions + [2.0, 0.25])
+    scale = np.full_like(predictions, 2.0)  # the global normalisation's: a version of before gives data units
+    lower, upper = forecaster.bounds(predictions, scale)
+    np.testing.assert_allclose(lower, predictions + [-1.0, -0.5], rtol=1e-6)
+    np.testing.assert_allclose(upper, predictions + [2.0, 0.25], rtol=1e-6)
     assert forecaster.interval_quantiles == (0.1, 0.9)
     assert Forecaster(build_model(spec([1, 4, 2], sequence_length=5)), metadata(["a"], ["x", "y"], 5, rng)).bounds(
-        predictions) is None
+        predictions, scale) is None
 
 
 def test_min_step_keeps_the_last_reading_when_the_forecast_moves_less():
@@ -139,7 +141,7 @@ def test_min_step_calibration_holds_small_noisy_steps_and_keeps_real_ones():
     jump = rng.random((n, 1)) < 0.05  # rare real steps of size 3, which the forecast sees coming
     truth = last + np.where(jump, 3.0, rng.normal(scale=0.01, size=(n, 1))).astype(np.float32)
     forecast = last + np.where(jump, 3.0, rng.normal(scale=0.2, size=(n, 1))).astype(np.float32)  # noisy otherwise
-    validation = Backtest(("x",), np.arange(n), truth, forecast, last, None)
+    validation = Backtest(("x",), np.arange(n), truth, forecast, last, None, scale=np.ones((n, 1)))
     threshold = _calibrate_min_step(validation)[0]
     assert 0.2 < threshold <= 3.0
     held = np.where(np.abs(forecast - last) < threshold, last, forecast)
@@ -238,7 +240,7 @@ def test_forecasts_on_several_inference_threads_come_back_in_order():
         chunks = [rng.normal(size=(n, 4, 1)).astype(np.float32) for n in (64, 1, 17, 256, 5)]
         futures = [forecaster.forecast_async(c) for c in chunks]
         for chunk, future in zip(chunks, futures):
-            predictions, seconds = future.result()
+            predictions, _, seconds = future.result()
             np.testing.assert_allclose(predictions, forecaster.forecast(chunk), rtol=1e-6)
             assert seconds > 0
     finally:
@@ -256,3 +258,63 @@ def test_saved_metadata_is_strict_json_with_undefined_figures_as_null(tmp_path):
     text = (tmp_path / "metadata.json").read_text()
     saved = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
     assert saved["test"] == {"seasonal_rmse": None, "rmse": 0.25}
+
+
+def window_forecaster(features=("x", "a"), targets=("x",), length=8, min_step=0.05, seed=5):
+    """An untrained window-normalised forecaster with a min_step and an interval, as train writes them."""
+    config = load_config(None, [f"data.features={list(features)}", f"data.targets={list(targets)}", "model.units=[6]",
+                                f"model.sequence_length={length}", f"model.seed={seed}"], environ={})
+    meta = {"features": list(features), "targets": list(targets), "sequence_length": length, "predict": "change",
+            "normalization": {"method": "window"}, "scaled_units": True, "min_step": [min_step] * len(targets),
+            "intervals": {"quantiles": [0.1, 0.9], "lower": [-0.7] * len(targets), "upper": [0.9] * len(targets),
+                          "adaptation": 0.01}}
+    return Forecaster(build_model(config.model, config.layers()), meta)
+
+
+EQUIVARIANT = window_forecaster()
+
+
+@settings(deadline=None, max_examples=60)
+@given(st.integers(0, 2**32 - 1), st.floats(-3, 3), st.floats(-50, 50), st.floats(-3, 3), st.floats(-50, 50),
+       st.integers(1, 40))
+def test_a_sensor_a_times_larger_and_shifted_by_b_gets_forecast_and_interval_a_f_plus_b(seed, log_a1, b1, log_a2, b2, n):
+    rng = np.random.default_rng(seed)
+    windows = np.cumsum(rng.normal(size=(n, 7, 2)), axis=1) + rng.normal(size=(1, 1, 2)) * 10
+    a, b = np.array([10.0 ** log_a1, 10.0 ** log_a2]), np.array([b1, b2])
+    b = b * a  # an offset as large as 50 of the sensor's own spreads
+    moved = (windows * a + b).astype(np.float32)
+    windows = windows.astype(np.float32)
+    f, scale = EQUIVARIANT.forecast_scaled(windows)
+    g, moved_scale = EQUIVARIANT.forecast_scaled(moved)
+    np.testing.assert_allclose(moved_scale, scale * a[0], rtol=1e-4)
+    # to float32's precision of the readings (the offset included), in units of the window's spread
+    tolerance = 1e-4 * scale * a[0] + 1e-6 * np.abs(g)
+    assert np.all(np.abs(g - (a[0] * f + b[0])) <= tolerance)
+    (low, high), (moved_low, moved_high) = EQUIVARIANT.bounds(f, scale), EQUIVARIANT.bounds(g, moved_scale)
+    assert np.all(np.abs(moved_low - (a[0] * low + b[0])) <= tolerance)
+    assert np.all(np.abs(moved_high - (a[0] * high + b[0])) <= tolerance)
+    assert np.all(low < f) and np.all(f < high)
+
+
+def test_a_window_whose_target_is_constant_keeps_its_reading_with_no_width():
+    windows = np.random.default_rng(6).normal(size=(3, 7, 2)).astype(np.float32)
+    windows[:, :, 0] = 4.25
+    predictions, scale = EQUIVARIANT.forecast_scaled(windows)
+    assert np.all(scale == 0) and np.all(predictions == 4.25)
+    low, high = EQUIVARIANT.bounds(predictions, scale)
+    assert np.all(low == 4.25) and np.all(high == 4.25)
+
+
+def test_window_min_step_is_in_units_of_the_window_spread():
+    rng = np.random.default_rng(7)
+    windows = np.cumsum(rng.normal(size=(200, 7, 2)), axis=1).astype(np.float32)
+    free = window_forecaster(min_step=0.0)
+    raw, scale = free.forecast_scaled(windows)
+    last = windows[:, -1, [0]]
+    steps = np.abs(raw - last) / scale
+    threshold = float(np.median(steps))
+    held = window_forecaster(min_step=threshold).forecast(windows)
+    small = steps < threshold
+    assert small.any() and (~small).any()
+    np.testing.assert_array_equal(held[small], last[small])
+    np.testing.assert_allclose(held[~small], raw[~small], rtol=1e-6)

@@ -184,7 +184,7 @@ def test_multi_target_prediction_is_an_object_per_target():
     forecaster = make_forecaster(features=("Global_active_power", "Voltage"), targets=("Global_active_power", "Sub_metering_3"),
                                  sequence_length=L)
     pipeline, sink, _ = build("data.features=[Global_active_power, Voltage]",
-                              "data.targets=[Global_active_power, Sub_metering_3]", "model.layers=[2, 8, 2]", "model.predict=level",
+                              "data.targets=[Global_active_power, Sub_metering_3]", "model.layers=[2, 8, 2]", "model.predict=level", "data.normalization=standardize",
                               forecaster=forecaster)
     records = [FakeRecord("in", 0, i, b"h", line.encode()) for i, line in enumerate(sample_lines(10))]
     pipeline.process(records)

@@ -1,0 +1,49 @@
+"""The interval's offsets: calibrated on held-out errors, then steered by the live coverage."""
+
+import numpy as np
+import pytest
+
+from stream_forecaster.intervals import AdaptiveInterval
+
+
+def coverage(lower, upper, truth):
+    return float(((lower <= truth) & (truth <= upper)).mean())
+
+
+def test_calibration_takes_the_quantiles_of_the_errors_in_units_of_the_scale():
+    residuals = np.random.default_rng(0).normal(size=(20000, 2)) * [1.0, 3.0]
+    interval = AdaptiveInterval.calibrate((0.1, 0.9), residuals)
+    np.testing.assert_allclose(interval.lower, [-1.2816, -3.8448], rtol=0.05)
+    np.testing.assert_allclose(interval.upper, [1.2816, 3.8448], rtol=0.05)
+    low, high = interval.bounds(np.array([[10.0, 10.0]]), np.array([[2.0, 0.5]]))
+    np.testing.assert_allclose(low, 10.0 + np.array([[2.0, 0.5]]) * interval.lower, rtol=1e-6)
+    np.testing.assert_allclose(high, 10.0 + np.array([[2.0, 0.5]]) * interval.upper, rtol=1e-6)
+
+
+@pytest.mark.parametrize("step, expect_adapted", [(0.01, True), (0.0, False)])
+def test_coverage_comes_back_to_nominal_when_the_volatility_doubles_halfway(step, expect_adapted):
+    rng = np.random.default_rng(1)
+    n = 20000
+    noise = rng.normal(size=(n, 1)) * np.where(np.arange(n) < n // 2, 1.0, 2.0)[:, None]
+    predictions, scale = np.zeros((n, 1)), np.ones((n, 1))  # a scale that does not see the change
+    interval = AdaptiveInterval.calibrate((0.1, 0.9), noise[:2000], step)
+    lower, upper = interval.replay(predictions, scale, noise)
+    before = coverage(lower[2000:n // 2], upper[2000:n // 2], noise[2000:n // 2])
+    after = coverage(lower[-n // 4:], upper[-n // 4:], noise[-n // 4:])  # the last quarter, well after the change
+    assert before == pytest.approx(0.8, abs=0.03)
+    if expect_adapted:
+        assert after == pytest.approx(0.8, abs=0.03)
+    else:
+        assert after < 0.6  # a band fixed at calibration holds about half the truths of twice the spread
+    np.testing.assert_array_equal(interval.lower, AdaptiveInterval.calibrate((0.1, 0.9), noise[:2000]).lower)
+
+
+def test_each_miss_moves_its_own_side_and_a_band_of_no_width_moves_nothing():
+    interval = AdaptiveInterval((0.1, 0.9), [-1.0], [1.0], step=0.1)
+    interval.update(np.array([[True], [False]]), np.array([[False], [False]]), np.ones((2, 1)))
+    assert interval.lower[0] == pytest.approx(-1.0 - 0.1 * (1 - 2 * 0.1))
+    assert interval.upper[0] == pytest.approx(1.0 - 0.1 * 2 * 0.1)
+    before = interval.lower.copy(), interval.upper.copy()
+    interval.update(np.array([[True]]), np.array([[False]]), np.zeros((1, 1)))
+    np.testing.assert_array_equal(before[0], interval.lower)
+    np.testing.assert_array_equal(before[1], interval.upper)
