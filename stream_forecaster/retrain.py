@@ -239,19 +239,20 @@ class Retrainer:
         return Outcome("published", reason, version, candidate, current_error, persistence)
 
     def _gate(self, candidate: float, current: float | None, persistence: float) -> str | None:
-        """Why the candidate must not be published, or None: it must beat persistence, and the current model
-        by ``retrain.min_improvement``, on the held-out slice."""
+        """Why the candidate must not be published, or None: on the held-out slice it must beat persistence, and
+        the current model by ``retrain.min_improvement``. Every test it fails is named."""
         if not math.isfinite(candidate):
             return f"candidate error is not finite ({candidate})"
+        failed = []
         if math.isfinite(persistence) and not candidate < persistence:
-            return f"candidate {candidate:.6g} does not beat persistence {persistence:.6g}"
-        if current is None or not math.isfinite(current):  # nothing, or a broken model: anything finite is better
-            return None
-        needed = current * (1.0 - self.config.retrain.min_improvement)
-        if not (candidate < current and candidate <= needed):
-            return (f"candidate {candidate:.6g} does not beat the current {current:.6g} by "
-                    f"{self.config.retrain.min_improvement:.1%} (needs <= {needed:.6g})")
-        return None
+            failed.append(f"candidate {candidate:.6g} does not beat persistence {persistence:.6g}")
+        # no current model, or a broken one: anything finite is better
+        if current is not None and math.isfinite(current):
+            needed = current * (1.0 - self.config.retrain.min_improvement)
+            if not (candidate < current and candidate <= needed):
+                failed.append(f"candidate {candidate:.6g} does not beat the current {current:.6g} by "
+                              f"{self.config.retrain.min_improvement:.1%} (needs <= {needed:.6g})")
+        return "; ".join(failed) or None
 
 
 def _fmt(value: float | None) -> str:

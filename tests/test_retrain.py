@@ -59,7 +59,8 @@ def test_a_new_network_shape_trains_from_scratch_and_is_still_gated(tmp_path, ca
     with caplog.at_level(logging.INFO, logger="stream_forecaster.retrain"):
         outcome = retrainer(tmp_path, "model.layers=[1, 12, 1]").run_once()
     # warm-started, it would have kept version 1's network of 8 units under metadata that says 12
-    assert "layers [1, 8, 1] predicting the level, the configuration asks for [1, 12, 1]" in caplog.text
+    assert "layers [1, 8, 1] predicting the change with window normalisation, the configuration asks for [1, 12, 1]" \
+        in caplog.text
     assert outcome.current_error is not None  # still compared with version 1, which the daemon can go on serving
 
 
@@ -105,6 +106,7 @@ def test_a_worse_candidate_is_rejected_and_the_store_is_untouched(tmp_path):
     outcome = worse.run_once()
     assert outcome.outcome == "rejected" and outcome.candidate_error > outcome.current_error
     assert "does not beat the current" in outcome.reason
+    assert outcome.candidate_error >= outcome.persistence_error and "does not beat persistence" in outcome.reason
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == before
     assert worse.store.current() == "1" and count(worse, "rejected") == 1
 
@@ -117,8 +119,21 @@ def test_min_improvement_is_required(tmp_path):
 
 def test_a_current_model_whose_error_is_not_finite_is_replaced_by_any_finite_candidate(tmp_path):
     gate = retrainer(tmp_path, "retrain.min_improvement=0.5")._gate
-    assert gate(0.3, float("nan")) is None  # a broken model (null forecasts) must not hold its place for ever
-    assert "not finite" in gate(float("nan"), 0.3)
+    assert gate(0.3, float("nan"), 0.4) is None  # a broken model (null forecasts) must not hold its place for ever
+    assert "not finite" in gate(float("nan"), 0.3, 0.4)
+
+
+def test_the_gate_refuses_a_candidate_worse_than_persistence_and_says_which_test_it_failed(tmp_path):
+    gate = retrainer(tmp_path, "retrain.min_improvement=0.1")._gate
+    assert gate(0.3, 0.4, 0.35) is None
+    beats_current_only = gate(0.3, 0.4, 0.29)
+    assert "does not beat persistence 0.29" in beats_current_only and "current" not in beats_current_only
+    assert gate(0.3, None, 0.3) == "candidate 0.3 does not beat persistence 0.3"  # a first model too
+    beats_persistence_only = gate(0.3, 0.31, 0.4)
+    assert "does not beat the current 0.31 by 10.0%" in beats_persistence_only
+    assert "persistence" not in beats_persistence_only
+    both = gate(0.5, 0.4, 0.45)
+    assert "persistence 0.45" in both and "current 0.4" in both
 
 
 def test_failures_are_counted_and_leave_the_store_alone(tmp_path, caplog):
