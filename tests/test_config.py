@@ -210,7 +210,7 @@ def all_keys():
 
 def test_every_key_is_commented_in_config_yaml_and_documented_in_readme():
     import yaml
-    readme = (REPO_CONFIG.parent / "README.md").read_text()
+    reference = (REPO_CONFIG.parent / "docs" / "configuration.md").read_text()
     raw = yaml.safe_load(REPO_CONFIG.read_text())
     lines = REPO_CONFIG.read_text().splitlines()
     for dotted in all_keys():
@@ -218,9 +218,10 @@ def test_every_key_is_commented_in_config_yaml_and_documented_in_readme():
         assert key in raw[section], f"{dotted} missing from config.yaml"
         line = next(l for l in lines if l.strip().startswith(f"{key}:"))
         assert "#" in line, f"{dotted} has no comment in config.yaml"
-        row = re.search(rf"^\| `{re.escape(dotted)}` \| `([^`]*)` \|", readme, re.MULTILINE)
-        assert row, f"{dotted} missing from the README's configuration table (| `key` | `default` | meaning |)"
-        assert yaml.safe_load(row.group(1)) == raw[section][key], f"{dotted}: the README's default is not config.yaml's"
+        row = re.search(rf"^\| `{re.escape(dotted)}` \| `([^`]*)` \|", reference, re.MULTILINE)
+        assert row, f"{dotted} missing from docs/configuration.md's table (| `key` | `default` | meaning |)"
+        assert yaml.safe_load(row.group(1)) == raw[section][key], \
+            f"{dotted}: docs/configuration.md's default is not config.yaml's"
 
 
 def test_exponent_without_a_dot_is_a_number():

@@ -354,3 +354,32 @@ def test_intervals_are_published_and_their_live_coverage_counts_the_truths_insid
                 inside.append(p["lower"] <= truths[k + L - 1][1][0] <= p["upper"])
     assert inside and value(metrics, "stream_forecaster_rolling_interval_coverage",
                             target="Global_active_power") == pytest.approx(np.mean(inside))
+
+
+def test_the_live_coverage_steers_the_intervals_the_next_forecasts_publish():
+    from stream_forecaster.model import Forecaster, build_model
+
+    spec = config("model.layers=null", "model.units=[8]")
+    meta = {"features": ["Global_active_power"], "targets": ["Global_active_power"], "sequence_length": L,
+            "predict": "change", "normalization": {"method": "window"}, "scaled_units": True,
+            # far too narrow, as a model calibrated on a quieter month would be
+            "intervals": {"quantiles": [0.1, 0.9], "lower": [-0.01], "upper": [0.01], "adaptation": 0.05}}
+    forecaster = Forecaster(build_model(spec.model, spec.layers()), meta, "1")
+    pipeline, sink, metrics = build(forecaster=forecaster)
+    records, accepted = stream(n=240)
+    for i in range(0, len(records), 25):
+        pipeline.process(records[i:i + 25])
+    assert forecaster.interval.lower[0] < -0.2 and forecaster.interval.upper[0] > 0.2
+    parser, inside = UciLineParser(["Global_active_power"]), []
+    for sensor, lines in accepted.items():
+        truths = [parser.parse(line) for line in lines]
+        published = [json.loads(r.value) for r in sink.records if r.key == sensor.encode()]
+        for k, p in enumerate(published):
+            if k + L - 1 < len(truths) and truths[k + L - 1][0] - truths[k + L - 2][0] == 60:
+                truth = np.float32(truths[k + L - 1][1][0])  # as the daemon holds it
+                inside.append((k, np.float32(p["lower"]) <= truth <= np.float32(p["upper"])))
+    early = np.mean([ok for k, ok in inside if k < 20])
+    late = np.mean([ok for k, ok in inside if k >= 100])
+    assert early < 0.5 and abs(late - 0.8) < abs(early - 0.8)
+    assert value(metrics, "stream_forecaster_rolling_interval_coverage",
+                 target="Global_active_power") == pytest.approx(np.mean([ok for _, ok in inside]))
