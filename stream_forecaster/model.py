@@ -258,22 +258,29 @@ class _Windows(keras.utils.PyDataset):
     """
 
     def __init__(self, windows, indices, feature_index, target_index, batch_size, shuffle_seed=None,
-                 change=False, scaled=False):
+                 change=False, scaled=False, weights=None):
         super().__init__()
         self.change, self.scaled = change, scaled
         self.windows, self.indices = windows, np.asarray(indices)
+        self.weights = None if weights is None else np.asarray(weights, dtype=np.float32)
         self.feature_index, self.target_index = list(feature_index), list(target_index)
         self.last_index = [self.feature_index.index(t) for t in self.target_index] if scaled else None
         self.batch_size = batch_size
         self.rng = None if shuffle_seed is None else np.random.default_rng(shuffle_seed)
-        self.order = self.indices.copy()
+        self.order = np.arange(len(self.indices))  # positions in indices (and weights)
         self.on_epoch_end()
 
     def __len__(self):
         return -(-len(self.indices) // self.batch_size)
 
     def __getitem__(self, i):
-        chosen = self.windows[self.order[i * self.batch_size:(i + 1) * self.batch_size]]
+        batch = self._batch(i)
+        if self.weights is None:
+            return batch
+        return (*batch, self.weights[self.order[i * self.batch_size:(i + 1) * self.batch_size]])
+
+    def _batch(self, i):
+        chosen = self.windows[self.indices[self.order[i * self.batch_size:(i + 1) * self.batch_size]]]
         inputs = chosen[:, :-1][:, :, self.feature_index]
         target = chosen[:, -1][:, self.target_index]
         if self.scaled:
@@ -313,6 +320,7 @@ def fit(
     verbose: int | str = "auto",
     stop=None,
     scaled: bool = False,
+    weights: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict:
     """Train on normalised ``windows[train_indices]`` (shuffled each epoch).
 
@@ -321,16 +329,18 @@ def fit(
     once that many epochs pass without a better validation loss, and the best
     weights are kept. With ``config.predict == "change"`` the model learns the
     step from the last reading rather than the next level; with ``scaled`` the
-    windows are raw readings, each scaled by its own (:func:`scale_windows`). Setting the ``stop`` event ends training
+    windows are raw readings, each scaled by its own (:func:`scale_windows`). ``weights``
+    (training, validation) weigh each window's loss. Setting the ``stop`` event ends training
     after the current batch and raises :class:`~stream_forecaster.errors.Interrupted`.
     """
     change = config.predict == "change"
+    train_weights, validation_weights = weights or (None, None)
     train = _Windows(windows, train_indices, feature_index, target_index, config.batch_size, config.seed, change,
-                     scaled)
+                     scaled, train_weights)
     validation = None
     if len(validation_indices):
         validation = _Windows(windows, validation_indices, feature_index, target_index, config.batch_size,
-                              change=change, scaled=scaled)
+                              change=change, scaled=scaled, weights=validation_weights)
     callbacks = [_StopWhenSet(stop)] if stop is not None else []
     if config.patience and validation is not None:
         callbacks.append(keras.callbacks.EarlyStopping(patience=config.patience, restore_best_weights=True))

@@ -224,8 +224,12 @@ def train(config: Config, series: Series, initial: Forecaster | None = None,
                          "targets": scaler.subset(target_index).to_dict()}
     model = build_model(spec, config.layers()) if initial is None else clone_model(initial.model, spec)
     windows = sliding_windows(values, spec.sequence_length)
+    weights = None
+    if windowed and spec.sample_weight == "spread":
+        weights = tuple(_spread_weights(values, starts, series.segments, spec.sequence_length, target_index)
+                        for starts in (train_starts, validation_starts))
     history = fit(model, windows, train_starts, validation_starts, feature_index, target_index, spec, verbose, stop,
-                  scaled=windowed)
+                  scaled=windowed, weights=weights)
     ts, last = series.timestamps, spec.sequence_length - 1
     metadata = {
         "features": list(data.features),
@@ -315,6 +319,28 @@ def _calibrate_min_step(validation: Backtest) -> list[float]:
                 best = (cost, float(threshold))
         chosen.append(best[1])
     return chosen
+
+
+def _spread_weights(values: np.ndarray, starts: np.ndarray, segments, length: int, target_index) -> np.ndarray:
+    """Each window's weight: its targets' spread relative to the typical (median) one of its sensor.
+
+    A window-normalised loss weighs a quiet window's step as much as a busy
+    one's, while the errors that count, in the data's units, come from the busy
+    ones. Relative to each sensor's own typical spread, the weights stay the
+    same whatever the sensor's size, so the model stays scale-free.
+    """
+    view = sliding_windows(values[:, target_index], length - 1)
+    spread = np.empty((len(starts), len(target_index)))
+    for lo in range(0, len(starts), _BACKTEST_CHUNK):
+        spread[lo:lo + _BACKTEST_CHUNK] = view[starts[lo:lo + _BACKTEST_CHUNK]].astype(np.float64).std(axis=1)
+    sensor = np.searchsorted(segments, starts, side="right") - 1
+    bounds = np.flatnonzero(np.diff(sensor)) + 1  # starts come sensor after sensor
+    weights = np.empty(len(starts))
+    for rows in np.split(np.arange(len(starts)), bounds):
+        if len(rows):
+            typical = np.median(spread[rows], axis=0)
+            weights[rows] = (spread[rows] / np.where(typical > 0, typical, 1.0)).mean(axis=1)
+    return weights
 
 
 def _varying(values: np.ndarray, starts: np.ndarray, length: int, target_index) -> np.ndarray:
