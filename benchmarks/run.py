@@ -1,4 +1,4 @@
-"""The benchmark suite: the performance figures of the README, measured in one run on one machine.
+"""The benchmark suite: the figures of docs/performance.md, measured in one run on one machine.
 
     python benchmarks/run.py [--quick] [--json FILE] [--large]
 

@@ -172,7 +172,7 @@ def _stop_on_signals() -> threading.Event:
 
 def cmd_train(args) -> int:
     config = _config(args)
-    from .report import format_table
+    from .report import format_sensors, format_table
     from .training import train
 
     store = ModelStore(config.model_store.path, config.model_store.keep)
@@ -203,6 +203,8 @@ def cmd_train(args) -> int:
     print(f"model version {version} written to {store.directory(version)} (trained in {trained.seconds:.1f} s)")
     print(f"test split: {summary['n']} windows, {first} to {last}")
     print(format_table(summary))
+    if "per_sensor" in summary:
+        print(format_sensors(summary["per_sensor"], 5))
     return 0
 
 

@@ -112,7 +112,7 @@ class ModelConfig:
     patience: int = _spec(2, low=0, high=1_000)
     intervals: tuple[float, ...] = _spec([0.1, 0.9], low=0.0, high=1.0, low_open=True)
     interval_adaptation: float = _spec(0.005, low=0.0, high=1.0)
-    sample_weight: str = _spec("none", choices=("none", "spread"))
+    sample_weight: str = _spec("spread", choices=("spread", "none"))
     preset: str | None = _spec(None, choices=(None, "seed"))
     jit_compile: bool = _spec(True)
     inference_threads: int | None = _spec(None, low=1, high=256)

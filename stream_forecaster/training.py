@@ -66,9 +66,8 @@ class Backtest:
             "mae": model.mae,
             "persistence_rmse": base.rmse,
             "persistence_mae": base.mae,
-            # skill: 1 - model error / persistence error; above 0 beats "predict the last value"
-            "skill_rmse": 1 - model.rmse / base.rmse if base.rmse else float("nan"),
-            "skill_mae": 1 - model.mae / base.mae if base.mae else float("nan"),
+            "skill_rmse": _skill(model.rmse, base.rmse),
+            "skill_mae": _skill(model.mae, base.mae),
             "per_target": {
                 t: {
                     **model.per_target[t],
@@ -94,18 +93,30 @@ class Backtest:
 
     def per_sensor(self) -> dict[str, dict]:
         """Each sensor's n, RMSE, MAE and skills against persistence (over all targets)."""
+        count = np.bincount(self.sensor, minlength=len(self.sensor_names))
+        cells = count * len(self.targets)
+        truth = self.truth.astype(np.float64)
+
+        def sums(predicted):
+            error = predicted.astype(np.float64) - truth
+            return (np.bincount(self.sensor, np.square(error).sum(axis=1), len(count)),
+                    np.bincount(self.sensor, np.abs(error).sum(axis=1), len(count)))
+
+        (model_sq, model_abs), (base_sq, base_abs) = sums(self.predicted), sums(self.persistence)
         out = {}
-        for index in np.unique(self.sensor):
-            rows = self.sensor == index
-            model = score(self.truth[rows], self.predicted[rows], self.targets)
-            base = score(self.truth[rows], self.persistence[rows], self.targets)
+        for index in np.flatnonzero(count):
+            rmse, mae = np.sqrt(model_sq[index] / cells[index]), model_abs[index] / cells[index]
             out[self.sensor_names[index]] = {
-                "n": model.n, "rmse": model.rmse, "mae": model.mae,
-                "skill_rmse": 1 - model.rmse / base.rmse if base.rmse else float("nan"),
-                "skill_mae": 1 - model.mae / base.mae if base.mae else float("nan"),
+                "n": int(count[index]), "rmse": float(rmse), "mae": float(mae),
+                "skill_rmse": _skill(rmse, np.sqrt(base_sq[index] / cells[index])),
+                "skill_mae": _skill(mae, base_abs[index] / cells[index]),
             }
         return out
-        return result
+
+
+def _skill(error: float, persistence: float) -> float:
+    """1 - error / persistence's error: above 0 beats "predict the last value" (NaN when persistence is exact)."""
+    return float(1 - error / persistence) if persistence else float("nan")
 
 
 def _column_index(series: Series, names) -> list[int]:
