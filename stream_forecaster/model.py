@@ -274,23 +274,18 @@ class _Windows(keras.utils.PyDataset):
         return -(-len(self.indices) // self.batch_size)
 
     def __getitem__(self, i):
-        batch = self._batch(i)
-        if self.weights is None:
-            return batch
-        return (*batch, self.weights[self.order[i * self.batch_size:(i + 1) * self.batch_size]])
-
-    def _batch(self, i):
-        chosen = self.windows[self.indices[self.order[i * self.batch_size:(i + 1) * self.batch_size]]]
+        rows = self.order[i * self.batch_size:(i + 1) * self.batch_size]
+        chosen = self.windows[self.indices[rows]]
         inputs = chosen[:, :-1][:, :, self.feature_index]
         target = chosen[:, -1][:, self.target_index]
         if self.scaled:
             inputs, spread = scale_windows(inputs)
             scale = spread[:, self.last_index]
             step = target - chosen[:, -2][:, self.target_index]
-            return inputs, (step / np.where(scale > 0, scale, 1.0)).astype(np.float32)
-        if self.change:
+            target = (step / np.where(scale > 0, scale, 1.0)).astype(np.float32)
+        elif self.change:
             target = target - chosen[:, -2][:, self.target_index]
-        return inputs, target
+        return (inputs, target) if self.weights is None else (inputs, target, self.weights[rows])
 
     def on_epoch_end(self):
         if self.rng is not None:

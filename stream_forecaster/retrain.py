@@ -86,8 +86,12 @@ def series_from_records(records, columns, max_bytes: int, history_s: float, sour
 
 def read_file(path, columns, data: DataConfig) -> Series:
     """The readings of ``columns`` in a training file (UCI, CSV or JSON lines), as ``data`` says to read it."""
-    return read_series(path, columns, ratio=data.ratio, on_error=data.on_error, time_column=data.time_column,
-                       sensor_column=data.sensor_column)
+    series = read_series(path, columns, ratio=data.ratio, on_error=data.on_error, time_column=data.time_column,
+                         sensor_column=data.sensor_column)
+    if series.duplicates:
+        log.warning("%s: %d readings repeat a time already read for their sensor and were skipped (is the time "
+                    "column a whole timestamp? set data.time_column)", series.source, series.duplicates)
+    return series
 
 
 def read_topic(config: Config, columns, stop: threading.Event) -> Series:

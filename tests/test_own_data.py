@@ -155,3 +155,14 @@ def test_a_first_model_from_the_topic_alone_then_the_daemon_forecasts_every_sens
         # each sensor's forecasts are in its own units: within its own range, not the fleet's
         assert loads.min() - loads.std() <= forecasts.min() and forecasts.max() <= loads.max() + loads.std()
         assert all(p["lower"] <= p["prediction"] <= p["upper"] for p in predictions)
+
+
+def test_a_time_column_of_dates_alone_is_warned_about(tmp_path, caplog):
+    from stream_forecaster.retrain import read_file
+
+    path = tmp_path / "split.csv"
+    path.write_text("Date,Time,x\n" + "".join(f"2007-04-0{d},{h:02d}:00:00,{d + h}\n" for d in (1, 2) for h in range(24)))
+    with caplog.at_level("WARNING", logger="stream_forecaster.retrain"):
+        series = read_file(path, ["x"], load_config(None, [], environ={}).data)
+    assert len(series) == 2 and series.duplicates == 46
+    assert "46 readings repeat a time" in caplog.text and "data.time_column" in caplog.text
