@@ -242,10 +242,17 @@ def scale_windows(windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     network sees the shape of its recent readings, and a forecast made in
     units of ``s`` scales back with the sensor (as in RevIN and DeepAR).
     """
-    x = np.asarray(windows, dtype=np.float64)  # float32 loses the small steps of a large offset
-    spread = x.std(axis=1)
-    spread[x.max(axis=1) == x.min(axis=1)] = 0.0  # exactly: an affine map keeps a constant column constant
-    inputs = (x - x[:, -1:, :]) / np.where(spread > 0, spread, 1.0)[:, None, :]
+    windows = np.asarray(windows, dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        # centred on the last reading first: the steps of a large offset survive in float32, at a third of
+        # float64's cost; steps whose squares float32 cannot hold (or NaN) take float64
+        steps = windows - windows[:, -1:, :]
+        dtype = np.float32 if np.abs(steps).max(initial=0.0) < 1e18 else np.float64
+        if dtype is np.float64:
+            steps = windows.astype(np.float64) - windows[:, -1:, :]
+        spread = np.sqrt(np.square(steps - steps.mean(axis=1, keepdims=True)).mean(axis=1)).astype(np.float64)
+    spread[(steps == 0).all(axis=1)] = 0.0  # exactly: an affine map keeps a constant column constant
+    inputs = steps * (1.0 / np.where(spread > 0, spread, 1.0)).astype(dtype)[:, None, :]
     return inputs.astype(np.float32), spread
 
 

@@ -333,3 +333,15 @@ def test_spread_weights_favour_busy_windows_and_ignore_a_sensors_size():
     np.testing.assert_allclose(first, second, rtol=1e-4)
     assert first[300:].mean() > 5 * first[:150].mean()
     assert np.median(first) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_window_scaling_holds_readings_at_float32s_edge_and_tiny_steps_of_a_large_offset():
+    from stream_forecaster.model import scale_windows
+
+    inputs, spread = scale_windows(np.array([[[3e38], [-3e38], [1.0]], [[1e20], [1e20 + 1e15], [2e20]]], np.float32))
+    assert np.isfinite(inputs).all() and np.isfinite(spread).all()
+    np.testing.assert_allclose(inputs[0, :, 0], [1.2247449, -1.2247449, 0.0], rtol=1e-6)
+    offset = np.array([[[1e6], [1e6 + 0.25], [1e6 + 0.5]]], np.float32)  # steps a millionth of the level
+    inputs, spread = scale_windows(offset)
+    np.testing.assert_allclose(spread, [[np.std([0.0, 0.25, 0.5])]], rtol=1e-6)
+    np.testing.assert_allclose(inputs[0, :, 0], np.array([-0.5, -0.25, 0.0]) / np.std([0.0, 0.25, 0.5]), rtol=1e-6)
