@@ -348,6 +348,11 @@ def _build(raw: Mapping, origins: Mapping, source: str) -> Config:
             raise ConfigError(f"{source}: section {name!r} must be a mapping of keys")
         sections[name] = _build_section(name, cls, values, origins, source)
     config = Config(**sections)
+    data, model = config.data, config.model
+    if "normalization" not in (raw.get("data") or {}) and data.normalization == "window" and (
+            model.predict != "change" or not set(data.targets) <= set(data.features)):
+        # a configuration written for the global normalisation (the level, or targets not read) keeps it
+        config = dataclasses.replace(config, data=dataclasses.replace(data, normalization="standardize"))
     _check_consistency(config, origins, source)
     if config.model.layers is not None:  # the seeds' full form: its middle entries are the LSTM sizes
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, units=config.model.layers[1:-1]))

@@ -17,7 +17,9 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["AdaptiveInterval"]
+__all__ = ["BATCH", "AdaptiveInterval"]
+
+BATCH = 64  # scored forecasts whose misses one update counts in full
 
 
 class AdaptiveInterval:
@@ -55,22 +57,27 @@ class AdaptiveInterval:
             return
         counted = scale > 0
         n = counted.sum(axis=0)
-        self.lower -= self.step * ((below & counted).sum(axis=0) - n * self.quantiles[0])
-        self.upper += self.step * ((above & counted).sum(axis=0) - n * (1.0 - self.quantiles[1]))
+        # a batch moves the offsets as far as BATCH forecasts at most: a fleet's batch of thousands, all scored
+        # against the same offsets, would otherwise overshoot many times over
+        step = self.step * np.minimum(1.0, BATCH / np.maximum(n, 1))
+        self.lower -= step * ((below & counted).sum(axis=0) - n * self.quantiles[0])
+        self.upper += step * ((above & counted).sum(axis=0) - n * (1.0 - self.quantiles[1]))
+        crossed = self.lower > self.upper  # the quantiles of a series that mostly repeats its last reading meet
+        self.lower[crossed] = self.upper[crossed] = (self.lower[crossed] + self.upper[crossed]) / 2
 
     def replay(self, predictions: np.ndarray, scale: np.ndarray, truth: np.ndarray,
-               order: np.ndarray | None = None, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+               order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The bounds this interval publishes over a backtest, learning as the daemon does.
 
-        Forecasts are taken in ``order`` (time order), ``batch`` at a time; each
-        batch's bounds are those before it was scored. Works on a copy: the
+        Forecasts are taken in ``order`` (time order), :data:`BATCH` at a time;
+        each batch's bounds are those before it was scored. Works on a copy: the
         interval itself is unchanged.
         """
         tracker = self.copy()
         lower, upper = np.empty(predictions.shape, np.float32), np.empty(predictions.shape, np.float32)
         order = np.arange(len(predictions)) if order is None else order
-        for lo in range(0, len(order), batch):
-            rows = order[lo:lo + batch]
+        for lo in range(0, len(order), BATCH):
+            rows = order[lo:lo + BATCH]
             low, high = tracker.bounds(predictions[rows], scale[rows])
             lower[rows], upper[rows] = low, high
             tracker.update(truth[rows] < low, truth[rows] > high, scale[rows])

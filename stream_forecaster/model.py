@@ -243,17 +243,26 @@ def scale_windows(windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     units of ``s`` scales back with the sensor (as in RevIN and DeepAR).
     """
     windows = np.asarray(windows, dtype=np.float32)
-    with np.errstate(over="ignore", invalid="ignore"):
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         # centred on the last reading first: the steps of a large offset survive in float32, at a third of
-        # float64's cost; steps whose squares float32 cannot hold (or NaN) take float64
+        # float64's cost
         steps = windows - windows[:, -1:, :]
-        dtype = np.float32 if np.abs(steps).max(initial=0.0) < 1e18 else np.float64
-        if dtype is np.float64:
-            steps = windows.astype(np.float64) - windows[:, -1:, :]
         spread = np.sqrt(np.square(steps - steps.mean(axis=1, keepdims=True)).mean(axis=1)).astype(np.float64)
-    spread[(steps == 0).all(axis=1)] = 0.0  # exactly: an affine map keeps a constant column constant
-    inputs = steps * (1.0 / np.where(spread > 0, spread, 1.0)).astype(dtype)[:, None, :]
-    return inputs.astype(np.float32), spread
+        constant = (steps == 0).all(axis=1)  # exactly: an affine map keeps a constant column constant
+        spread[constant] = 0.0
+        inputs = steps * (1.0 / np.where(spread > 0, spread, 1.0)).astype(np.float32)[:, None, :]
+        # steps whose squares float32 cannot hold (beyond 1e±19, or summed over a long window): again, in float64
+        # and in units of each column's largest step
+        odd = ~constant & ~((1e-15 < spread) & (spread < 1e15))
+        if odd.any():
+            rows = np.flatnonzero(odd.any(axis=1))
+            precise = windows[rows].astype(np.float64)
+            precise -= precise[:, -1:, :]
+            unit = np.abs(precise).max(axis=1, keepdims=True)
+            unit[unit == 0] = 1.0
+            spread[rows] = (precise / unit).std(axis=1) * unit[:, 0, :]
+            inputs[rows] = precise / np.where(spread[rows] > 0, spread[rows], 1.0)[:, None, :]
+    return inputs, spread
 
 
 class _Windows(keras.utils.PyDataset):

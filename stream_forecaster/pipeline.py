@@ -150,7 +150,7 @@ class Pipeline:
                 windows = windows[:, :, self.feature_index]
             predictions, scale = self.forecaster.forecast_scaled(windows)
             bounds = self.forecaster.bounds(predictions, scale) or (None, None)
-            self.pending.put(slots, predictions, np.stack(list(last_full.values())), *bounds)
+            self.pending.put(slots, predictions, np.stack(list(last_full.values())), *bounds, scale)
         self.metrics.rebuilt.inc(replayed)
         self.metrics.active_sensors.set(len(self.windows))
         return replayed
@@ -174,8 +174,11 @@ class Pipeline:
         """Serve ``forecaster`` from the next batch on; windows and pending forecasts carry over.
 
         The caller has checked that features, targets and window length match.
+        The pending forecasts are still scored, but their intervals, the old
+        model's, no longer count: they must not steer the new model's.
         """
         self.forecaster = forecaster
+        self.pending.forget_intervals()
 
     def process(self, records: Sequence) -> dict[tuple[str, int], int]:
         """Handle one poll batch; return ``{(topic, partition): next offset}`` to commit.
@@ -190,8 +193,8 @@ class Pipeline:
             self._parse_and_window(records, lo, min(len(records), lo + CHUNK), parsed)
             if len(parsed.window_of) > first:
                 forecasts.append((first, self.forecaster.forecast_async(self._batch[first:len(parsed.window_of)])))
-        # the forecasts and their intervals ([3, windows, targets]), filled as each chunk is published
-        predictions = np.full((3, len(parsed.window_of), len(self.forecaster.targets)), np.nan, dtype=np.float32)
+        # the forecasts, their intervals and scales ([4, windows, targets]), filled as each chunk is published
+        predictions = np.full((4, len(parsed.window_of), len(self.forecaster.targets)), np.nan, dtype=np.float32)
         self._publish(records, parsed, forecasts, predictions)
         self._score(parsed.accepted, parsed.window_of, predictions, parsed.gaps)
         self.metrics.batch_size.observe(len(records))
@@ -262,9 +265,10 @@ class Pipeline:
                 chunk, scale, seconds = future.result()
                 self.metrics.inference_seconds.observe(seconds)
                 predictions[0, start:start + len(chunk)] = chunk
+                predictions[3, start:start + len(chunk)] = scale
                 bounds = self.forecaster.bounds(chunk, scale)
                 if bounds is not None:
-                    predictions[1:, start:start + len(chunk)] = bounds
+                    predictions[1:3, start:start + len(chunk)] = bounds
                 for k in range(start, start + len(chunk)):
                     i, _, reading = accepted[window_of[k]]
                     record = records[i]
@@ -331,20 +335,22 @@ class Pipeline:
             return
         slots = np.fromiter((slot for _, slot, _ in accepted), dtype=np.int64, count=n)
         truth = np.array([reading.values for _, _, reading in accepted], dtype=np.float32)[:, self.target_index]
-        made = np.full((3,) + truth.shape, np.nan, dtype=np.float32)  # what each reading's window yielded, if any
+        made = np.full((4,) + truth.shape, np.nan, dtype=np.float32)  # what each reading's window yielded, if any
         made[:, window_of] = predictions
         order = np.argsort(slots, kind="stable")
         repeat = slots[order[1:]] == slots[order[:-1]]
         before = np.full(n, -1)
         before[order[1:][repeat]] = order[:-1][repeat]  # the same sensor's previous reading in this batch
-        forecast, baseline = np.empty((3,) + truth.shape, dtype=np.float32), np.empty_like(truth)
+        forecast, baseline = np.empty((4,) + truth.shape, dtype=np.float32), np.empty_like(truth)
         inside, first = before >= 0, before < 0
         forecast[:, inside], baseline[inside] = made[:, before[inside]], truth[before[inside]]
-        forecast[0, first], baseline[first], forecast[1, first], forecast[2, first] = self.pending.take(slots[first])
+        taken = self.pending.take(slots[first])
+        forecast[0, first], baseline[first] = taken[:2]
+        forecast[1:, first] = taken[2:]
         forecast[:, list(gaps)] = np.nan
         last = np.ones(n, dtype=bool)
         last[order[:-1][repeat]] = False
-        self.pending.put(slots[last], made[0, last], truth[last], made[1, last], made[2, last])
+        self.pending.put(slots[last], made[0, last], truth[last], *made[1:, last])
 
         scored = np.isfinite(forecast[0]).all(axis=1)
         if not scored.any():
@@ -352,13 +358,13 @@ class Pipeline:
         # in float64: readings near float32's limit (3e38, then -3e38) differ by more than float32 holds
         error = forecast[0, scored].astype(np.float64) - truth[scored]
         self.model_errors.add(error)
-        lower, upper, seen = forecast[1, scored], forecast[2, scored], truth[scored]
+        lower, upper, scale, seen = forecast[1, scored], forecast[2, scored], forecast[3, scored], truth[scored]
         banded = np.isfinite(lower).all(axis=1)  # published with an interval
         if banded.any():
-            lower, upper, seen = lower[banded], upper[banded], seen[banded]
+            lower, upper, scale, seen = lower[banded], upper[banded], scale[banded], seen[banded]
             self.inside.add((lower <= seen) & (seen <= upper))
             if self.forecaster.interval is not None:  # the live coverage steers the next intervals
-                self.forecaster.interval.update(seen < lower, seen > upper, upper - lower)
+                self.forecaster.interval.update(seen < lower, seen > upper, scale)
         self.baseline_errors.add(baseline[scored].astype(np.float64) - truth[scored])
         m = self.metrics
         m.scored.inc(len(error))

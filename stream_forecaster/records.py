@@ -216,8 +216,8 @@ class Series:
             "missing": self.missing,
             "malformed": self.malformed,
             "duplicates": self.duplicates,
-            "first": iso_time(self.timestamps[0]) if len(self) else None,
-            "last": iso_time(self.timestamps[-1]) if len(self) else None,
+            "first": iso_time(self.timestamps.min()) if len(self) else None,  # sensors one after another
+            "last": iso_time(self.timestamps.max()) if len(self) else None,
         }
 
 

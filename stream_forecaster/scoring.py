@@ -70,7 +70,8 @@ class RollingErrors:
 
 
 class PendingForecasts:
-    """Each sensor's forecast of its next reading, its interval and persistence's, until that reading arrives.
+    """Each sensor's forecast of its next reading, its interval and scale, and persistence's, until that reading
+    arrives.
 
     Progressive validation: forecast now, score when the truth arrives. Slots
     are the sensor slots of :class:`~stream_forecaster.window.SensorWindows`;
@@ -78,13 +79,13 @@ class PendingForecasts:
     forecast of NaN means none is pending; an interval of NaN, that none was published.
     """
 
-    _FIELDS = 4  # forecast, baseline, lower, upper
+    _FIELDS = 5  # forecast, baseline, lower, upper, scale
 
     def __init__(self, n_targets: int, capacity: int = 1024):
         self._rows = np.full((capacity, self._FIELDS, n_targets), np.nan, dtype=np.float32)
 
     def put(self, slots: np.ndarray, forecasts: np.ndarray, baselines: np.ndarray,
-            lower: np.ndarray | None = None, upper: np.ndarray | None = None) -> None:
+            lower: np.ndarray | None = None, upper: np.ndarray | None = None, scale: np.ndarray | None = None) -> None:
         slots = np.asarray(slots, dtype=np.int64)
         if len(slots) and slots.max() >= len(self._rows):
             old = len(self._rows)
@@ -95,16 +96,22 @@ class PendingForecasts:
         self._rows[slots, 1] = baselines
         self._rows[slots, 2] = np.nan if lower is None else lower
         self._rows[slots, 3] = np.nan if upper is None else upper
+        self._rows[slots, 4] = np.nan if scale is None else scale
 
     def clear(self, slots) -> None:
         slots = np.asarray(slots, dtype=np.int64)
         self._rows[slots[slots < len(self._rows)], 0] = np.nan
 
-    def take(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """``(forecasts, baselines, lower, upper)`` pending for the slots (NaN rows where none); the slots are emptied."""
+    def forget_intervals(self) -> None:
+        """Leave the pending forecasts unbanded: another model's intervals must not steer the next one's."""
+        self._rows[:, 2:4] = np.nan
+
+    def take(self, slots: np.ndarray) -> tuple[np.ndarray, ...]:
+        """``(forecasts, baselines, lower, upper, scale)`` pending for the slots (NaN rows where none); the slots are
+        emptied."""
         slots = np.asarray(slots, dtype=np.int64)
         rows = np.full((len(slots),) + self._rows.shape[1:], np.nan, dtype=np.float32)
         known = slots < len(self._rows)
         rows[known] = self._rows[slots[known]]
         self._rows[slots[known], 0] = np.nan
-        return rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3]
+        return rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3], rows[:, 4]

@@ -284,10 +284,11 @@ def train(config: Config, series: Series, initial: Forecaster | None = None,
             metadata["min_step"] = [spec.min_step] * len(data.targets)
         elif validation is not None:
             metadata["min_step"] = _calibrate_min_step(validation)
-            validation = backtest(Forecaster(model, metadata, jit_compile=spec.jit_compile), series, validation_starts)
         else:
             log.warning("model.min_step is chosen on the validation slice, and there is none (model.validation_split "
                         "is 0 or the data too short): no forecast step is held (give model.min_step)")
+    if validation is not None and "min_step" in metadata:  # the interval is calibrated on what will be published
+        validation = backtest(Forecaster(model, metadata, jit_compile=spec.jit_compile), series, validation_starts)
     if spec.intervals and validation is None:
         log.warning("model.intervals are measured on the validation slice, and there is none "
                     "(model.validation_split is 0 or the data too short): the model publishes no interval")

@@ -32,9 +32,16 @@ def test_widths_follow_the_features_and_targets_and_the_seeds_form_is_kept_where
     assert load_config(None, ["model.units=[16]"], environ={}).layers() == [7, 16, 1]
 
 
-def test_window_normalisation_predicts_the_change():
+def test_window_normalisation_predicts_the_change_and_a_configuration_without_it_keeps_the_global_one():
     with pytest.raises(ConfigError, match="model.predict: level with data.normalization window"):
-        load_config(None, ["model.predict=level"], environ={})
+        load_config(None, ["model.predict=level", "data.normalization=window"], environ={})
+    with pytest.raises(ConfigError, match="data.targets: window normalisation needs every target"):
+        load_config(None, ["data.targets=[Voltage]", "data.features=[Sub_metering_1]", "data.normalization=window"],
+                    environ={})
+    # a file written before window normalisation: it asks for the level and names no normalisation
+    assert load_config(None, ["model.predict=level"], environ={}).data.normalization == "standardize"
+    assert load_config(None, ["data.targets=[Voltage]", "data.features=[Sub_metering_1]", "model.predict=level"],
+                       environ={}).data.normalization == "standardize"
 
 
 def test_config_is_frozen():
@@ -67,7 +74,8 @@ def write(tmp_path, text):
          ["model.layers", "2 input(s) for data.features", "leave model.layers out"]),
         ("data:\n  targets: [Voltage, Global_intensity]\nmodel:\n  layers: [7, 50, 100, 1]\n",
          ["model.layers", "2 output(s) for data.targets"]),
-        ("data:\n  targets: [Sub_metering_4]\n", ["data.targets", "window normalisation needs every target"]),
+        ("data:\n  targets: [Sub_metering_4]\n  normalization: window\n",
+         ["data.targets", "window normalisation needs every target"]),
         ("model:\n  layers: [7, 1]\n", ["model.layers", "[inputs, LSTM sizes..., outputs]"]),
         ("model:\n  units: []\n", ["model.units", "at least one LSTM size"]),
         ("model:\n  layers: [1, 0, 1]\n", ["model.layers", ">= 1"]),

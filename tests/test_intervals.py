@@ -47,3 +47,18 @@ def test_each_miss_moves_its_own_side_and_a_band_of_no_width_moves_nothing():
     interval.update(np.array([[True]]), np.array([[False]]), np.zeros((1, 1)))
     np.testing.assert_array_equal(before[0], interval.lower)
     np.testing.assert_array_equal(before[1], interval.upper)
+
+
+def test_a_large_batch_moves_the_offsets_no_further_than_a_small_one_would():
+    big, small = (AdaptiveInterval((0.1, 0.9), [-1.0], [1.0], step=0.005) for _ in range(2))
+    big.update(np.ones((4000, 1), bool), np.ones((4000, 1), bool), np.ones((4000, 1)))  # every truth missed
+    small.update(np.ones((64, 1), bool), np.ones((64, 1), bool), np.ones((64, 1)))
+    np.testing.assert_allclose(big.lower, small.lower)
+    np.testing.assert_allclose(big.upper, small.upper)
+
+
+def test_offsets_that_would_cross_meet_instead():
+    interval = AdaptiveInterval((0.1, 0.9), [-0.01], [0.01], step=0.1)
+    # every truth exactly on the forecast: neither side misses, so both offsets move inward
+    interval.update(np.zeros((64, 1), bool), np.zeros((64, 1), bool), np.ones((64, 1)))
+    assert interval.lower[0] == interval.upper[0] == pytest.approx(0.0)

@@ -345,3 +345,11 @@ def test_window_scaling_holds_readings_at_float32s_edge_and_tiny_steps_of_a_larg
     inputs, spread = scale_windows(offset)
     np.testing.assert_allclose(spread, [[np.std([0.0, 0.25, 0.5])]], rtol=1e-6)
     np.testing.assert_allclose(inputs[0, :, 0], np.array([-0.5, -0.25, 0.0]) / np.std([0.0, 0.25, 0.5]), rtol=1e-6)
+
+
+def test_window_scaling_keeps_steps_too_small_for_float32_squares():
+    from stream_forecaster.model import scale_windows
+
+    inputs, spread = scale_windows(np.array([[[1e-23], [2e-23], [0.0]]], np.float32))
+    np.testing.assert_allclose(spread, [[np.std([1e-23, 2e-23, 0.0])]], rtol=1e-6)
+    np.testing.assert_allclose(inputs[0, :, 0], [1.2247449, 2.4494898, 0.0], rtol=1e-6)

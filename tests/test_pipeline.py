@@ -383,3 +383,23 @@ def test_the_live_coverage_steers_the_intervals_the_next_forecasts_publish():
     assert early < 0.5 and abs(late - 0.8) < abs(early - 0.8)
     assert value(metrics, "stream_forecaster_rolling_interval_coverage",
                  target="Global_active_power") == pytest.approx(np.mean([ok for _, ok in inside]))
+
+
+def test_after_a_swap_the_old_models_pending_intervals_do_not_steer_the_new_ones():
+    from stream_forecaster.model import Forecaster
+
+    records, _ = stream(n=40)
+    forecaster = make_forecaster(sequence_length=L)
+    forecaster.metadata["intervals"] = {"quantiles": [0.1, 0.9], "lower": [-0.001], "upper": [0.001],
+                                        "adaptation": 0.05}
+    old = Forecaster(forecaster.model, forecaster.metadata, "1")
+    pipeline, _, metrics = build(forecaster=old)
+    pipeline.process(records[:57])  # minute 18 of each sensor; minute 19 is a valid reading of each
+    new = Forecaster(forecaster.model, forecaster.metadata, "2")
+    pipeline.swap_model(new)
+    before = value(metrics, "stream_forecaster_rolling_interval_coverage", target="Global_active_power")
+    scored = value(metrics, "stream_forecaster_scored_predictions_total")
+    pipeline.process(records[57:60])  # each scores a forecast of the old model
+    assert value(metrics, "stream_forecaster_scored_predictions_total") == scored + 3
+    assert (new.interval.lower, new.interval.upper) == (pytest.approx(-0.001 / 0.8), pytest.approx(0.001 / 0.8))
+    assert value(metrics, "stream_forecaster_rolling_interval_coverage", target="Global_active_power") == before

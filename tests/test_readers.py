@@ -221,3 +221,10 @@ def test_select_keeps_sensor_names_with_their_segments():
     first_gone = series.select(np.arange(9) >= 3)
     assert (first_gone.segments, first_gone.sensors) == ((0, 2), ("b", "c"))
     assert series.select(np.zeros(9, bool)).sensors == ()
+
+
+def test_the_summary_spans_every_sensor_whatever_their_order(tmp_path):
+    path = write(tmp_path / "two.csv", "timestamp,sensor,x", "2020-01-01T00:00:00,a,1", "2020-01-01T00:01:00,a,2",
+                 "2019-06-01T00:00:00,b,3", "2019-06-01T00:01:00,b,4")
+    summary = read_series(path, ["x"]).summary()
+    assert (summary["first"], summary["last"]) == ("2019-06-01T00:00:00", "2020-01-01T00:01:00")
