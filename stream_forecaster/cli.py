@@ -214,12 +214,9 @@ def _initial(store: ModelStore, version: str, config: Config):
 
     directory, version = store.resolve(version)
     initial = Forecaster.load(store.verify(directory), version, config.model.jit_compile)
-    wanted = (tuple(config.data.features), tuple(config.data.targets), config.model.sequence_length)
-    have = (initial.features, initial.targets, initial.sequence_length)
-    if have != wanted:
-        raise UserError(f"model {version} reads {', '.join(have[0])} -> {', '.join(have[1])} with windows of {have[2]}; "
-                        f"the configuration asks for {', '.join(wanted[0])} -> {', '.join(wanted[1])} with {wanted[2]}: "
-                        "set data.features, data.targets and model.sequence_length as the model has them")
+    mismatch = initial.mismatch(config)
+    if mismatch:
+        raise UserError(f"{mismatch}: set data.features, data.targets and model.sequence_length as the model has them")
     if initial.metadata.get("layers") not in (None, config.layers()):
         raise UserError(f"model {version} has layers {initial.metadata['layers']}, the configuration asks for "
                         f"{config.layers()}: set model.units to {initial.metadata['layers'][1:-1]}")

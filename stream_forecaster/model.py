@@ -381,7 +381,8 @@ class Forecaster:
         self.targets: tuple[str, ...] = tuple(metadata["targets"])
         self.sequence_length: int = int(metadata["sequence_length"])
         norm = metadata["normalization"]
-        self.windowed = norm.get("method") == "window"
+        self.normalization: str = norm.get("method") or "standardize"  # versions before methods were recorded
+        self.windowed = self.normalization == "window"
         # where each target's last reading sits among the features (None when a target is not a feature)
         self._last = ([self.features.index(t) for t in self.targets]
                       if set(self.targets) <= set(self.features) else None)
@@ -406,6 +407,16 @@ class Forecaster:
         # It compiles once per batch shape, so batches are cut into a few shapes (see _pieces).
         self._xla = tf.function(lambda x: self.model(x, training=False), input_signature=[spec],
                                 jit_compile=True) if jit_compile else None
+
+    def mismatch(self, config) -> str | None:
+        """How this model's columns and window differ from what ``config`` asks for, or None if they agree."""
+        d, m = config.data, config.model
+        have = (self.features, self.targets, self.sequence_length)
+        wanted = (tuple(d.features), tuple(d.targets), m.sequence_length)
+        if have == wanted:
+            return None
+        return (f"model {self.version} reads {', '.join(have[0])} -> {', '.join(have[1])} with windows of {have[2]}; "
+                f"the configuration asks for {', '.join(wanted[0])} -> {', '.join(wanted[1])} with {wanted[2]}")
 
     def warm_up(self, largest: int = 1) -> None:
         """Trace and compile the call for every batch shape up to ``largest`` windows, so no real batch waits."""

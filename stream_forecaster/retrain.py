@@ -186,12 +186,9 @@ class Retrainer:
             return None
         current = Forecaster.load(self.store.verify(self.store.directory(version)), version,
                                   self.config.model.jit_compile)
-        d, m = self.config.data, self.config.model
-        if (current.features, current.targets, current.sequence_length) != (d.features, d.targets, m.sequence_length):
-            log.warning("current model %s serves %s -> %s with windows of %d, the configuration asks for "
-                        "%s -> %s with %d: training from scratch and not comparing", version,
-                        current.features, current.targets, current.sequence_length, d.features, d.targets,
-                        m.sequence_length)
+        mismatch = current.mismatch(self.config)
+        if mismatch:
+            log.warning("%s: training from scratch and not comparing", mismatch)
             return None
         return current
 
@@ -200,8 +197,7 @@ class Retrainer:
         if current is None:
             return False
         m = self.config.model
-        built = (current.metadata.get("layers"), current.metadata.get("predict"),
-                 current.metadata["normalization"].get("method") or "standardize")
+        built = (current.metadata.get("layers"), current.metadata.get("predict"), current.normalization)
         wanted = (self.config.layers(), m.predict, self.config.data.normalization)
         if built != wanted:
             log.info("current model %s has layers %s predicting the %s with %s normalisation, the configuration asks "

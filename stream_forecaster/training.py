@@ -215,16 +215,23 @@ def train(config: Config, series: Series, initial: Forecaster | None = None,
     started = time.monotonic()
     train_rows = _rows_of(np.concatenate([train_starts, validation_starts]), spec.sequence_length, len(series))
     method = data.normalization
-    if initial is not None and (initial.metadata["normalization"].get("method") or "standardize") != method:
-        raise TrainingError(f"model {initial.version} was trained with {initial.metadata['normalization'].get('method')} "
+    if initial is not None and initial.normalization != method:
+        raise TrainingError(f"model {initial.version} was trained with {initial.normalization} "
                             f"normalisation, the configuration asks for {method}: continue it with the same "
                             "data.normalization, or train from scratch")
     windowed = method == "window"
+    weights = None
     if windowed:
         scaler, values = None, series.values
         # a window whose target is constant has no unit to learn a step in; the daemon holds its last reading
-        train_starts = _varying(values, train_starts, spec.sequence_length, target_index)
-        validation_starts = _varying(values, validation_starts, spec.sequence_length, target_index)
+        spreads = [_target_spread(values, starts, spec.sequence_length, target_index)
+                   for starts in (train_starts, validation_starts)]
+        (train_starts, train_spread), (validation_starts, validation_spread) = (
+            (starts[(spread > 0).all(axis=1)], spread[(spread > 0).all(axis=1)])
+            for starts, spread in zip((train_starts, validation_starts), spreads))
+        if spec.sample_weight == "spread":
+            weights = (_spread_weights(train_spread, train_starts, series.segments),
+                       _spread_weights(validation_spread, validation_starts, series.segments))
         if not len(train_starts):
             raise TrainingError(f"{series.source}: every training window's targets are constant; nothing to learn")
         normalization = {"method": "window"}
@@ -235,10 +242,6 @@ def train(config: Config, series: Series, initial: Forecaster | None = None,
                          "targets": scaler.subset(target_index).to_dict()}
     model = build_model(spec, config.layers()) if initial is None else clone_model(initial.model, spec)
     windows = sliding_windows(values, spec.sequence_length)
-    weights = None
-    if windowed and spec.sample_weight == "spread":
-        weights = tuple(_spread_weights(values, starts, series.segments, spec.sequence_length, target_index)
-                        for starts in (train_starts, validation_starts))
     history = fit(model, windows, train_starts, validation_starts, feature_index, target_index, spec, verbose, stop,
                   scaled=windowed, weights=weights)
     ts, last = series.timestamps, spec.sequence_length - 1
@@ -333,18 +336,24 @@ def _calibrate_min_step(validation: Backtest) -> list[float]:
     return chosen
 
 
-def _spread_weights(values: np.ndarray, starts: np.ndarray, segments, length: int, target_index) -> np.ndarray:
-    """Each window's weight: its targets' spread relative to the typical (median) one of its sensor.
+def _target_spread(values: np.ndarray, starts: np.ndarray, length: int, target_index) -> np.ndarray:
+    """``[n, targets]``: each target's standard deviation over the input readings of the windows at ``starts``
+    (0 exactly where they are all equal)."""
+    view = sliding_windows(values[:, target_index], length - 1)
+    spread = np.empty((len(starts), len(target_index)))
+    for lo in range(0, len(starts), _BACKTEST_CHUNK):
+        spread[lo:lo + _BACKTEST_CHUNK] = view[starts[lo:lo + _BACKTEST_CHUNK]].astype(np.float64).std(axis=1)
+    return spread
+
+
+def _spread_weights(spread: np.ndarray, starts: np.ndarray, segments) -> np.ndarray:
+    """Each window's weight: its targets' ``spread`` relative to the typical (median) one of its sensor.
 
     A window-normalised loss weighs a quiet window's step as much as a busy
     one's, while the errors that count, in the data's units, come from the busy
     ones. Relative to each sensor's own typical spread, the weights stay the
     same whatever the sensor's size, so the model stays scale-free.
     """
-    view = sliding_windows(values[:, target_index], length - 1)
-    spread = np.empty((len(starts), len(target_index)))
-    for lo in range(0, len(starts), _BACKTEST_CHUNK):
-        spread[lo:lo + _BACKTEST_CHUNK] = view[starts[lo:lo + _BACKTEST_CHUNK]].astype(np.float64).std(axis=1)
     sensor = np.searchsorted(segments, starts, side="right") - 1
     bounds = np.flatnonzero(np.diff(sensor)) + 1  # starts come sensor after sensor
     weights = np.empty(len(starts))
@@ -353,16 +362,6 @@ def _spread_weights(values: np.ndarray, starts: np.ndarray, segments, length: in
             typical = np.median(spread[rows], axis=0)
             weights[rows] = (spread[rows] / np.where(typical > 0, typical, 1.0)).mean(axis=1)
     return weights
-
-
-def _varying(values: np.ndarray, starts: np.ndarray, length: int, target_index) -> np.ndarray:
-    """The ``starts`` of windows in which no target's input readings are all equal."""
-    view = sliding_windows(values[:, target_index], length - 1)
-    keep = np.empty(len(starts), dtype=bool)
-    for lo in range(0, len(starts), _BACKTEST_CHUNK):
-        chunk = view[starts[lo:lo + _BACKTEST_CHUNK]]
-        keep[lo:lo + len(chunk)] = (chunk.max(axis=1) > chunk.min(axis=1)).all(axis=1)
-    return starts[keep]
 
 
 def _rows_of(starts: np.ndarray, length: int, n_rows: int) -> np.ndarray:

@@ -321,14 +321,14 @@ def test_window_min_step_is_in_units_of_the_window_spread():
 
 
 def test_spread_weights_favour_busy_windows_and_ignore_a_sensors_size():
-    from stream_forecaster.training import _spread_weights
+    from stream_forecaster.training import _spread_weights, _target_spread
 
     rng = np.random.default_rng(8)
     quiet_then_busy = np.concatenate([rng.normal(scale=0.1, size=200), rng.normal(scale=2.0, size=200)])
     one = quiet_then_busy[:, None].astype(np.float64)
     values = np.concatenate([one, 50 * one + 7]).astype(np.float32)  # the same sensor, 50 times larger and shifted
     starts = np.concatenate([np.arange(0, 390), np.arange(400, 790)])
-    weights = _spread_weights(values, starts, (0, 400), 6, [0])
+    weights = _spread_weights(_target_spread(values, starts, 6, [0]), starts, (0, 400))
     first, second = weights[:390], weights[390:]
     np.testing.assert_allclose(first, second, rtol=1e-4)
     assert first[300:].mean() > 5 * first[:150].mean()
