@@ -113,6 +113,7 @@ class ModelConfig:
     intervals: tuple[float, ...] = _spec([0.1, 0.9], low=0.0, high=1.0, low_open=True)
     interval_adaptation: float = _spec(0.005, low=0.0, high=1.0)
     sample_weight: str = _spec("spread", choices=("spread", "none"))
+    max_windows: int = _spec(1_000_000, low=0, high=1_000_000_000)
     preset: str | None = _spec(None, choices=(None, "seed"))
     jit_compile: bool = _spec(True)
     inference_threads: int | None = _spec(None, low=1, high=256)
