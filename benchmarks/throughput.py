@@ -108,7 +108,7 @@ def end_to_end(broker, store_path: Path, readings: int, sensors: int, workdir: P
     overrides = [f"kafka.bootstrap_servers={broker.address}", f"kafka.input_topic=in-{tag}",
                  f"kafka.output_topic=out-{tag}", f"kafka.group_id=g-{tag}", "kafka.session_timeout_ms=6000",
                  f"model_store.path={store_path}", f"metrics.port={free_port()}",
-                 f"window.rebuild_messages={max(100_000, 50 * sensors)}"]  # the timed daemon refills every window
+                 ]
     config = load_config(None, overrides, environ={})
     ensure_topics(config.kafka, [config.kafka.input_topic, config.kafka.output_topic], partitions=3)
     with open_text(SAMPLE_PATH) as f:

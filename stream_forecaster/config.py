@@ -113,7 +113,7 @@ class ModelConfig:
     intervals: tuple[float, ...] = _spec([0.1, 0.9], low=0.0, high=1.0, low_open=True)
     interval_adaptation: float = _spec(0.005, low=0.0, high=1.0)
     sample_weight: str = _spec("spread", choices=("spread", "none"))
-    max_windows: int = _spec(1_000_000, low=0, high=1_000_000_000)
+    max_windows: int = _spec(200_000, low=0, high=1_000_000_000)
     preset: str | None = _spec(None, choices=(None, "seed"))
     jit_compile: bool = _spec(True)
     inference_threads: int | None = _spec(None, low=1, high=256)
@@ -133,6 +133,7 @@ class KafkaConfig:
     output_topic: str = _spec("sensor-predictions")
     dead_letter_topic: str | None = _spec(None)
     group_id: str = _spec("stream-forecaster")
+    state_topic: str | None = _spec(None)
     auto_offset_reset: str = _spec("earliest", choices=("earliest", "latest"))
     session_timeout_ms: int = _spec(10_000, low=1_000, high=3_600_000)
     max_poll_records: int = _spec(20_000, low=1, high=1_000_000)
@@ -177,6 +178,7 @@ class KafkaConfig:
 @dataclass(frozen=True)
 class WindowConfig:
     idle_ttl: Duration = _spec(86400.0, low=1.0)
+    snapshot_interval: Duration = _spec(300.0, low=0.0)
     rebuild_messages: int = _spec(100_000, low=0, high=100_000_000)
 
 
@@ -192,6 +194,7 @@ class MetricsConfig:
 class RetrainConfig:
     interval: Duration = _spec(21600.0, low=1.0)
     history: Duration = _spec(14 * 86400.0, low=60.0)
+    max_readings: int = _spec(20_000_000, low=0, high=10_000_000_000)
     warm_start: bool = _spec(True)
     min_improvement: float = _spec(0.0, low=0.0, high=1.0)
     group_id: str = _spec("stream-forecaster-retrain")
@@ -258,7 +261,11 @@ def load_config(
             raw = yaml.safe_load(text)
             raw = {} if raw is None else raw
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+            where, problem = _yaml_problem(exc)
+            raise ConfigError(f"{path}{' ' + where if where else ''}: could not parse YAML: {problem}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: {_TOO_DEEP}: a configuration is sections of keys with plain values "
+                              "or flat lists; fix the brackets or indentation") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     origins: dict[tuple[str, str], str] = {}
@@ -334,7 +341,28 @@ class _Override(str):
         try:
             return yaml.safe_load(self) if self.strip() else ""
         except yaml.YAMLError as exc:
-            raise ValueError(f"is not valid YAML: {exc}") from None
+            where, problem = _yaml_problem(exc)
+            raise ValueError(f"could not parse YAML{' at ' + where if where else ''}: {problem}") from None
+        except RecursionError:
+            raise ValueError(f"{_TOO_DEEP}: give a plain value or a flat list such as [1, 2]") from None
+
+
+# PyYAML composes nested collections recursively, so a few hundred levels exhaust Python's stack
+_TOO_DEEP = "nested too deeply to read as YAML"
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> tuple[str, str]:
+    """Where (``line 3, column 5``, or empty) and what of a YAML error, for a one-line message
+    (PyYAML's own text quotes the input over several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if not problem:  # a ReaderError (a control character) has no mark: its first line says it all
+        return "", str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    context, started = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and started and mark and started.line != mark.line:  # e.g. the bracket that was never closed
+        problem += f" ({context} from line {started.line + 1})"
+    return where, problem
 
 
 def _build(raw: Mapping, origins: Mapping, source: str) -> Config:
@@ -377,9 +405,15 @@ def _build_section(section: str, cls, values: Mapping, origins: Mapping, source:
                 value = value.resolve(hints[key])
             kwargs[key] = _coerce(value, hints[key], known[key].metadata)
         except ValueError as exc:
-            got = "***" if "password" in key else repr(value)
+            got = "***" if "password" in key else _shown(value)
             raise ConfigError(f"{where}: {section}.{key}: {exc} (got {got})") from None
     return cls(**kwargs)
+
+
+def _shown(value, limit: int = 60) -> str:
+    """``repr(value)``, cut short: an error message stays one readable line whatever was given."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _coerce(value, hint, meta):

@@ -26,8 +26,8 @@ from .config import KafkaConfig
 from .errors import UserError
 from .records import OutRecord
 
-__all__ = ["BrokerUnavailable", "KafkaSink", "KafkaSource", "KeyPartitioner", "client_settings", "ensure_topics",
-           "read_history", "read_topic"]
+__all__ = ["BrokerUnavailable", "KafkaCheckpoints", "KafkaSink", "KafkaSource", "KeyPartitioner", "client_settings",
+           "ensure_topics", "read_history", "read_topic"]
 
 log = logging.getLogger(__name__)
 
@@ -398,7 +398,8 @@ class KafkaSink:
     def send(self, record: OutRecord):
         """Queue one record without waiting; returns its future (failed at once if it could not be queued)."""
         try:
-            return self._producer.send(record.topic, key=record.key, value=record.value, headers=record.headers or None)
+            return self._producer.send(record.topic, key=record.key, value=record.value, headers=record.headers or None,
+                                       partition=record.partition)
         except KafkaError as exc:
             return Future().failure(exc)
 
@@ -409,12 +410,16 @@ class KafkaSink:
         self._producer.close(timeout=timeout_s)
 
 
-def ensure_topics(config: KafkaConfig, topics: Iterable[str], partitions: int = 1) -> None:
-    """Create the topics that do not exist yet (for development and tests; production provisions its own)."""
-    admin = KafkaAdminClient(**client_settings(config, "stream-forecaster-admin"))
+def ensure_topics(config: KafkaConfig, topics: Iterable[str], partitions: int = 1, topic_configs: dict | None = None,
+                  replication_factor: int = 1) -> None:
+    """Create the topics that do not exist yet (for development and tests; production provisions its own,
+    the daemon's state topic excepted)."""
+    admin = _connect(lambda: KafkaAdminClient(**client_settings(config, "stream-forecaster-admin")), "admin client",
+                     config)
     try:
         existing = set(admin.list_topics())
-        new = [NewTopic(t, partitions, 1) for t in dict.fromkeys(topics) if t and t not in existing]
+        new = [NewTopic(t, partitions, replication_factor, topic_configs=topic_configs or {})
+               for t in dict.fromkeys(topics) if t and t not in existing]
         if new:
             try:
                 admin.create_topics(new)
@@ -422,6 +427,144 @@ def ensure_topics(config: KafkaConfig, topics: Iterable[str], partitions: int = 
                 pass
     finally:
         admin.close()
+
+
+class KafkaCheckpoints:
+    """Each input partition's latest refill checkpoint, in a compacted topic: record key and partition are the
+    input partition's number, so the latest one is the last record of its partition.
+
+    Created if absent, as Kafka Streams creates its changelog topics: compacted, one partition per input
+    partition, replicated as the broker's default. A partition added to the input later than its state topic
+    was created has no checkpoints, and refills fall back to ``window.rebuild_messages``.
+    """
+
+    def __init__(self, config: KafkaConfig, sink: "KafkaSink"):
+        self.topic = config.state_topic or f"{config.group_id}-state"
+        self._config, self._sink = config, sink
+        reader = self._reader()
+        try:
+            self.partitions = len(reader.partitions_for_topic(self.topic) or ())
+            if not self.partitions:
+                wanted = max(1, len(reader.partitions_for_topic(config.input_topic) or ()))
+                try:
+                    self._create(wanted)
+                    self.partitions = wanted
+                except KafkaError as exc:  # not allowed to create topics, say: the daemon still serves
+                    log.error("cannot create the state topic %s (%s: %s): create it (cleanup.policy=compact, %d "
+                              "partitions) or name another in kafka.state_topic; until then refills replay "
+                              "window.rebuild_messages readings", self.topic, type(exc).__name__, exc, wanted)
+        finally:
+            reader.close(autocommit=False, timeout_ms=5000)
+
+    def _reader(self):
+        return _connect(lambda: KafkaConsumer(enable_auto_commit=False,
+                                              **client_settings(self._config, "stream-forecaster-state")),
+                        "state reader", self._config)
+
+    def _create(self, partitions: int) -> None:
+        compacted = {"cleanup.policy": "compact"}
+        try:
+            ensure_topics(self._config, [self.topic], partitions, compacted, replication_factor=-1)
+        except KafkaError:  # a broker that cannot take the default replication (before Kafka 2.4)
+            ensure_topics(self._config, [self.topic], partitions, compacted, replication_factor=1)
+        log.info("created the state topic %s (compacted, %d partitions)", self.topic, partitions)
+
+    def write(self, checkpoints: dict[int, str], stop: threading.Event) -> bool:
+        """Publish ``{input partition: checkpoint}`` and wait for the acknowledgements; False if stopped first or
+        a partition has no place in the state topic (it then refills from the fallback)."""
+        records = [OutRecord(self.topic, str(p).encode(), text.encode(), partition=p)
+                   for p, text in checkpoints.items() if p < self.partitions]
+        return self._sink.publish(records, stop) if records else True
+
+    SNAPSHOT_CHUNK = 512 * 1024  # bytes a message: well under the brokers' default limit of 1 MiB
+
+    def write_snapshot(self, partition: int, at: int, data: bytes) -> dict | None:
+        """Publish a snapshot of ``partition``'s windows at input offset ``at``, in chunks; where it lies, or None
+        when it could not be written (logged: the next one is tried at the next interval)."""
+        if partition >= self.partitions:
+            return None
+        chunks = [data[i:i + self.SNAPSHOT_CHUNK] for i in range(0, len(data), self.SNAPSHOT_CHUNK)] or [b""]
+        # a key per chunk, so compaction keeps the newest snapshot whole; the header tells snapshots apart
+        futures = [self._sink.send(OutRecord(self.topic, f"{partition}/snapshot/{k}".encode(), chunk,
+                                             [("snapshot", str(at).encode())], partition=partition))
+                   for k, chunk in enumerate(chunks)]
+        try:
+            self._sink.flush()
+            first = futures[0].get(timeout=1)
+            for future in futures[1:]:
+                future.get(timeout=1)
+        except KafkaError as exc:
+            log.warning("partition %d: the snapshot of its windows was not written (%s: %s); refills replay "
+                        "from the previous one", partition, type(exc).__name__, exc)
+            return None
+        return {"at": at, "offset": first.offset, "chunks": len(chunks), "bytes": len(data)}
+
+    def read_snapshot(self, partition: int, ref: dict) -> bytes | None:
+        """The snapshot ``ref`` names (from :meth:`write_snapshot`); None if it is gone or incomplete."""
+        try:
+            offset, count, size, at = int(ref["offset"]), int(ref["chunks"]), int(ref["bytes"]), int(ref["at"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        if partition >= self.partitions:
+            return None
+        reader = self._reader()
+        tp = TopicPartition(self.topic, partition)
+        chunks: dict[int, bytes] = {}
+        prefix, tag = f"{partition}/snapshot/".encode(), str(at).encode()
+        try:
+            reader.assign([tp])
+            end = reader.end_offsets([tp])[tp]
+            for r in self._records(reader, tp, offset, end):
+                if r.key and r.key.startswith(prefix) and dict(r.headers or ()).get("snapshot") == tag:
+                    chunks[int(r.key[len(prefix):])] = r.value or b""
+                    if len(chunks) == count:
+                        break
+        except ValueError:  # a chunk key that is not ours
+            return None
+        finally:
+            reader.close(autocommit=False, timeout_ms=5000)
+        data = b"".join(chunks.get(k, b"") for k in range(count))
+        return data if len(chunks) == count and len(data) == size else None
+
+    def read(self, partition: int) -> str | None:
+        """The latest checkpoint of ``partition``; None if there is none.
+
+        Usually the partition's last record; after a snapshot written without
+        its checkpoint (a crash between them), a little further back.
+        """
+        if partition >= self.partitions:
+            return None
+        reader = self._reader()
+        tp = TopicPartition(self.topic, partition)
+        key = str(partition).encode()
+        try:
+            reader.assign([tp])
+            first, end = reader.beginning_offsets([tp])[tp], reader.end_offsets([tp])[tp]
+            back, stop = 1, end
+            while stop > first:
+                start = max(first, end - back)
+                found = None
+                for record in self._records(reader, tp, start, stop):
+                    if record.key == key:
+                        found = record
+                if found is not None:
+                    return found.value.decode("utf-8", "replace") if found.value else None
+                back, stop = back * 8, start
+            return None
+        finally:
+            reader.close(autocommit=False, timeout_ms=5000)
+
+    @staticmethod
+    def _records(reader, tp, start: int, end: int, patience_s: float = 30.0):
+        """Records ``start <= offset < end`` of ``tp`` (fewer where compaction removed some)."""
+        reader.seek(tp, start)
+        moved = time.monotonic()
+        while (reader.position(tp, timeout_ms=1000) or start) < end:
+            for records in _poll(reader, 500).values():
+                moved = time.monotonic()
+                yield from (r for r in records if r.offset < end)
+            if time.monotonic() - moved > patience_s:
+                raise KafkaTimeoutError(f"reading {tp.topic}[{tp.partition}] from {start} to {end} took too long")
 
 
 def read_topic(config: KafkaConfig, topic: str, stop: threading.Event, idle_s: float | None = None):
@@ -453,8 +596,10 @@ def read_topic(config: KafkaConfig, topic: str, stop: threading.Event, idle_s: f
         consumer.close(autocommit=False, timeout_ms=5000)
 
 
-def read_history(config: KafkaConfig, group_id: str, since_ms: int, stop: threading.Event):
-    """Yield the input topic's records from ``since_ms`` (message time) up to its end offsets when called.
+def read_history(config: KafkaConfig, group_id: str, since_ms: int, stop: threading.Event,
+                 max_records: int | None = None):
+    """Yield the input topic's records from ``since_ms`` (message time) up to its end offsets when called, at
+    most the last ``max_records`` of them (shared evenly between the partitions).
 
     Partitions are assigned, not subscribed, under ``group_id``: the retrainer
     never joins or moves the daemon's group, and commits nothing. The start is
@@ -472,13 +617,14 @@ def read_history(config: KafkaConfig, group_id: str, since_ms: int, stop: thread
         assigned = [TopicPartition(config.input_topic, p) for p in sorted(partitions)]
         consumer.assign(assigned)
         starts = consumer.offsets_for_times({tp: since_ms for tp in assigned})
+        ends = consumer.end_offsets(assigned)
+        share = max(1, max_records // len(assigned)) if max_records else None
         for tp in assigned:
             found = starts.get(tp)
             if found is not None:
-                consumer.seek(tp, found.offset)
+                consumer.seek(tp, found.offset if share is None else max(found.offset, ends[tp] - share))
             else:  # no message at or after since_ms (Kafka answers -1): nothing of this partition is recent
                 consumer.seek_to_end(tp)
-        ends = consumer.end_offsets(assigned)
         remaining = {tp for tp in assigned if consumer.position(tp) < ends[tp]}
         while remaining and not stop.is_set():
             for tp, records in _poll(consumer, 1000).items():

@@ -19,7 +19,7 @@ import numpy as np
 
 from .config import Config
 from .metrics import Metrics
-from .records import HEADER, MAX_KEY_BYTES, MISSING, Invalid, MessageParser, OutRecord, Reading, encode_prediction, format_time
+from .records import HEADER, MAX_KEY_BYTES, MISSING, Invalid, MessageParser, OutRecord, encode_prediction, format_time
 from .scoring import PendingForecasts, RollingErrors
 from .window import SensorWindows
 
@@ -77,7 +77,6 @@ class Pipeline:
         self.output_topic = config.kafka.output_topic
         self.dead_letter_topic = config.kafka.dead_letter_topic
         self.interval = config.data.interval
-        self.idle_ttl = config.window.idle_ttl
         features, targets = forecaster.features, forecaster.targets
         self.columns = tuple(dict.fromkeys(features + targets))
         self.feature_index = [self.columns.index(c) for c in features]
@@ -96,64 +95,65 @@ class Pipeline:
         self._stale_log = _RateLimitedLog("stale readings")
         self._batch = np.empty((0, forecaster.sequence_length - 1, len(features)), dtype=np.float32)
 
-    def rebuild(self, records) -> int:
-        """Refill windows from readings whose forecasts were already published: nothing is published.
+    def refill(self, partition: int, records, evictions: Sequence[tuple[int, int]] = ()) -> int:
+        """Refill ``partition``'s windows from readings whose forecasts were already published: nothing is
+        published or scored.
 
-        The forecast each refilled sensor had pending (made from its last
-        window) is recomputed, so the next reading is scored as if the daemon
-        had never stopped. A sensor whose last reading is ``window.idle_ttl``
-        older than the newest one replayed is evicted, as it would have been had
-        the daemon run on (ages follow the Kafka timestamps, not the clock now:
-        a daemon down for longer still refills the sensors that kept sending),
-        and a window restarts after a silence longer than that, as it did then.
-        Stale readings are skipped as they were. Returns the number of readings
-        replayed.
+        The readings go through the live path's own ingest (the same parsing,
+        repeat checks and windows), and ``evictions`` (``(at, before)``: once
+        the partition had been read up to offset ``at``, its sensors whose last
+        reading came before offset ``before`` were evicted) are applied where
+        the running daemon applied them. The forecast each refilled sensor had
+        pending, made from its last window, is recomputed, so its next reading is
+        scored as if the daemon had never stopped. Returns the number of
+        readings replayed.
         """
-        now, replayed, last_full, unfilled, heard_ms, gone = time.monotonic(), 0, {}, set(), {}, 0
-        now_ms, ttl_ms = time.time() * 1000, self.idle_ttl * 1000
+        evictions = sorted(evictions)
+        replayed, chunk = 0, []
+
+        def ingest():
+            nonlocal replayed
+            parsed = _Parsed()
+            self._ingest(chunk, 0, len(chunk), parsed, replay=True)
+            replayed += len(parsed.accepted)
+            chunk.clear()
+
         for record in records:
-            reading = self.parser.parse(record.key, record.value)
-            if not isinstance(reading, Reading):
-                continue
-            slot = self.windows.slot(reading.sensor, record.partition)
-            when = np.nan if reading.timestamp is None else reading.timestamp
-            if when <= self.windows.times[slot]:
-                continue  # stale, as the running daemon found it
-            replayed += 1
-            # Kafka's -1 is no timestamp; one from the future (a producer's clock) would age every other sensor
-            if 0 < record.timestamp <= now_ms:
-                if record.timestamp - heard_ms.get(slot, record.timestamp) > ttl_ms:
-                    gone += len(self.windows.drop([slot]))  # silent for longer than the ttl: it was evicted then
-                    self.pending.clear([slot])
-                    last_full.pop(slot, None)
-                    slot = self.windows.slot(reading.sensor, record.partition)
-                heard_ms[slot] = record.timestamp
-            if self.windows.append(slot, reading.values, now, when):
-                last_full[slot] = np.asarray(reading.values, dtype=np.float32)[self.target_index]
-            else:
-                last_full.pop(slot, None)
-                unfilled.add(slot)
-        if heard_ms:
-            newest = max(heard_ms.values())
-            stale = self.windows.drop([s for s, ms in heard_ms.items() if newest - ms > ttl_ms])
-            self.pending.clear(stale)
-            gone += len(stale)
-            for slot in stale:
-                last_full.pop(slot, None)
-                unfilled.discard(slot)
-        self.metrics.evicted.inc(gone)
-        self.pending.clear(list(unfilled - last_full.keys()))  # once: per reading it took a tenth of a rebuild
-        if last_full:
-            slots = list(last_full)
-            windows = np.stack([self.windows.window(s) for s in slots])
-            if not self._all_features:
-                windows = windows[:, :, self.feature_index]
+            while evictions and record.offset >= evictions[0][0]:
+                if chunk:
+                    ingest()
+                self.evict_before(partition, evictions.pop(0)[1], count=False)
+            chunk.append(record)
+            if len(chunk) == CHUNK:
+                ingest()
+        if chunk:
+            ingest()
+        for _, before in evictions:  # those at the refill's very end
+            self.evict_before(partition, before, count=False)
+        slots = self.windows.in_partition(partition)
+        slots = slots[self.windows.full(slots)]
+        for lo in range(0, len(slots), 16 * CHUNK):
+            part = slots[lo:lo + 16 * CHUNK]
+            full = np.stack([self.windows.window(s) for s in part])
+            windows = full if self._all_features else full[:, :, self.feature_index]
             predictions, scale = self.forecaster.forecast_scaled(windows)
             bounds = self.forecaster.bounds(predictions, scale) or (None, None)
-            self.pending.put(slots, predictions, np.stack(list(last_full.values())), *bounds, scale)
+            # persistence's forecast is the newest reading
+            self.pending.put(part, predictions, full[:, -1, self.target_index], *bounds, scale)
         self.metrics.rebuilt.inc(replayed)
         self.metrics.active_sensors.set(len(self.windows))
         return replayed
+
+    def snapshot(self, partition: int) -> bytes:
+        """``partition``'s windows, for :meth:`restore`."""
+        return self.windows.snapshot(partition)
+
+    def restore(self, partition: int, snapshot: bytes) -> int:
+        """Bring back ``partition``'s windows from a snapshot (``ValueError`` if it does not fit); a :meth:`refill`
+        from the snapshot's offset completes them and recomputes the pending forecasts."""
+        restored = self.windows.restore(partition, snapshot)
+        self.metrics.active_sensors.set(len(self.windows))
+        return restored
 
     def drop_partitions(self, partitions) -> int:
         """Forget the sensors of partitions this daemon no longer owns."""
@@ -162,11 +162,12 @@ class Pipeline:
         self.metrics.active_sensors.set(len(self.windows))
         return len(slots)
 
-    def evict_idle(self, now: float | None = None) -> int:
-        """Drop the windows (and pending forecasts) of sensors idle longer than ``window.idle_ttl``."""
-        slots = self.windows.evict_idle(time.monotonic() if now is None else now, self.idle_ttl)
+    def evict_before(self, partition: int, offset: int, count: bool = True) -> int:
+        """Drop the windows (and pending forecasts) of ``partition``'s sensors last read before ``offset``."""
+        slots = self.windows.evict_before(partition, offset)
         self.pending.clear(slots)
-        self.metrics.evicted.inc(len(slots))
+        if count:  # a refill repeats evictions the running daemon counted
+            self.metrics.evicted.inc(len(slots))
         self.metrics.active_sensors.set(len(self.windows))
         return len(slots)
 
@@ -190,7 +191,7 @@ class Pipeline:
         parsed, forecasts = _Parsed(), []
         for lo in range(0, len(records), CHUNK):
             first = len(parsed.window_of)
-            self._parse_and_window(records, lo, min(len(records), lo + CHUNK), parsed)
+            self._ingest(records, lo, min(len(records), lo + CHUNK), parsed)
             if len(parsed.window_of) > first:
                 forecasts.append((first, self.forecaster.forecast_async(self._batch[first:len(parsed.window_of)])))
         # the forecasts, their intervals and scales ([4, windows, targets]), filled as each chunk is published
@@ -204,14 +205,20 @@ class Pipeline:
             offsets[(r.topic, r.partition)] = max(offsets.get((r.topic, r.partition), 0), r.offset + 1)
         return offsets
 
-    def _parse_and_window(self, records, lo: int, hi: int, parsed: "_Parsed") -> None:
-        """Parse ``records[lo:hi]`` into ``parsed``; full windows are copied into ``self._batch`` in order."""
+    def _ingest(self, records, lo: int, hi: int, parsed: "_Parsed", replay: bool = False) -> None:
+        """Parse ``records[lo:hi]`` into ``parsed`` and add the accepted readings to their sensors' windows.
+
+        The one ingest path, live and refilling alike, so both make the same
+        decisions from the same readings. Live, each full window is copied into
+        ``self._batch`` in order and invalid messages become dead letters; a
+        replay (``replay=True``) only rebuilds the windows: its readings were
+        counted, logged and dead-lettered when they were first read.
+        """
         accepted, window_of = parsed.accepted, parsed.window_of
-        if len(self._batch) < len(window_of) + hi - lo:
+        if not replay and len(self._batch) < len(window_of) + hi - lo:
             # earlier chunks' windows stay valid: the model holds views of the old buffer
             self._batch = np.empty((max(len(records), len(window_of) + hi - lo),) + self._batch.shape[1:],
                                    dtype=np.float32)
-        now = time.monotonic()
         windows, gap = self.windows, 1.5 * self.interval  # a reading further on skipped one (a '?', or lost)
         missing = ignored = stale = 0
         count = len(accepted)
@@ -225,34 +232,36 @@ class Pipeline:
                 ignored += 1
                 continue
             if isinstance(reading, Invalid):
-                self._invalid(record, reading, parsed.dead_letters)
+                if not replay:
+                    self._invalid(record, reading, parsed.dead_letters)
                 continue
-            slot = self.windows.slot(reading.sensor, record.partition)
-            if reading.timestamp is None:
-                when = np.nan
-            else:
-                when, last = reading.timestamp, windows.times[slot]  # not hoisted: a new slot may grow the array
-                if when <= last:
-                    stale += 1
+            slot = windows.slot(reading.sensor, record.partition)
+            # a reading without a time keeps the sensor's newest one: its order is its arrival
+            when = np.nan if reading.timestamp is None else reading.timestamp
+            last = windows.times[slot]  # not hoisted: a new slot may grow the array
+            if when <= last:
+                stale += 1
+                if not replay:
                     self._stale_log.warning("reading at %s[%d]@%d from sensor %r is not newer than its last one "
                                             "(%s): skipped as a repeat or late", record.topic, record.partition,
                                             record.offset, reading.sensor, format_time(last, reading.aware))
-                    continue
-                if when - last >= gap:
-                    parsed.gaps.append(len(accepted))
-            full = self.windows.append(slot, reading.values, now, when)
-            if full:
+                continue
+            if when - last >= gap:
+                parsed.gaps.append(len(accepted))
+            full = windows.append(slot, reading.values, record.offset, when)
+            if full and not replay:
                 if self._all_features:
-                    self.windows.window_into(slot, self._batch[len(window_of)])
+                    windows.window_into(slot, self._batch[len(window_of)])
                 else:
-                    self._batch[len(window_of)] = self.windows.window(slot)[:, self.feature_index]
+                    self._batch[len(window_of)] = windows.window(slot)[:, self.feature_index]
                 window_of.append(len(accepted))
             accepted.append((i, slot, reading))
-        m = self.metrics  # counted once per chunk: a counter update takes a lock
-        m.missing.inc(missing)
-        m.ignored.inc(ignored)
-        m.stale.inc(stale)
-        m.accepted.inc(len(accepted) - count)
+        if not replay:
+            m = self.metrics  # counted once per chunk: a counter update takes a lock
+            m.missing.inc(missing)
+            m.ignored.inc(ignored)
+            m.stale.inc(stale)
+            m.accepted.inc(len(accepted) - count)
 
     def _publish(self, records, parsed: "_Parsed", forecasts, predictions: np.ndarray) -> None:
         """Send the dead letters and each forecast as soon as its chunk is computed; wait for every ack."""

@@ -632,12 +632,13 @@ MAX_KEY_BYTES = 1024  # a longer key is refused: a forecast carries its sensor's
 
 @dataclass(frozen=True, slots=True)
 class OutRecord:
-    """A message to publish: a prediction or a dead letter."""
+    """A message to publish: a prediction, a dead letter or a refill checkpoint."""
 
     topic: str
     key: bytes | None
     value: bytes
     headers: list[tuple[str, bytes]] = field(default_factory=list)
+    partition: int | None = None  # None: chosen from the key
 
 
 @dataclass(frozen=True, slots=True)

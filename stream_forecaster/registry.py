@@ -33,9 +33,10 @@ from typing import Callable
 
 from .errors import UserError
 
-__all__ = ["ModelStore", "ModelStoreError", "CHECKSUM_FILE", "POINTER_FILE"]
+__all__ = ["ModelStore", "ModelStoreError", "CHECKSUM_FILE", "MODEL_FILE", "POINTER_FILE"]
 
 CHECKSUM_FILE = "checksums.sha256"
+MODEL_FILE = "model.keras"  # model.MODEL_FILE, named again so that the store needs no TensorFlow
 POINTER_FILE = "CURRENT"
 _LOCK_FILE = ".lock"
 _TMP_PREFIX = ".tmp-"
@@ -53,22 +54,43 @@ class ModelStore:
 
     def versions(self) -> list[str]:
         """Complete versions, oldest first (a numbered directory of someone else's is not one)."""
-        if not self.path.is_dir():
+        try:
+            entries = list(self.path.iterdir())
+        except FileNotFoundError:
             return []
-        return sorted((p.name for p in self.path.iterdir() if _is_number(p.name) and (p / CHECKSUM_FILE).is_file()),
-                      key=int)
+        except NotADirectoryError:
+            raise self._not_a_directory() from None
+        except OSError as exc:
+            raise ModelStoreError(f"cannot read the model store {self.path}: {exc.strerror or exc}") from None
+        return sorted((p.name for p in entries if _is_number(p.name) and (p / CHECKSUM_FILE).is_file()), key=int)
 
     def current(self) -> str | None:
         """The version ``CURRENT`` points at, or None for an empty store."""
+        pointer = self.path / POINTER_FILE
         try:
-            version = (self.path / POINTER_FILE).read_text().strip()
+            version = pointer.read_text().strip()
         except FileNotFoundError:
             return None
+        except NotADirectoryError:
+            raise self._not_a_directory() from None
+        except IsADirectoryError:
+            raise ModelStoreError(self._pointer_is_a_directory()) from None
+        except OSError as exc:
+            raise ModelStoreError(f"cannot read {pointer}: {exc.strerror or exc}") from None
         except UnicodeDecodeError:
             raise ModelStoreError(f"{self.path / POINTER_FILE} is damaged: not text") from None
         if version and not _is_number(version):
             raise ModelStoreError(f"{self.path / POINTER_FILE} is damaged: {version[:40]!r} is not a version number")
         return version or None
+
+    def _not_a_directory(self) -> ModelStoreError:
+        return ModelStoreError(f"model store {self.path} is not a directory (a file is in the way): "
+                               "set model_store.path to a directory; it is created if absent")
+
+    def _pointer_is_a_directory(self) -> str:
+        # os.replace cannot put the pointer file over a directory, so promoting cannot repair this
+        return (f"{self.path / POINTER_FILE} is a directory, not the file naming the current version: remove it, "
+                "then choose the version to serve with `stream-forecaster models promote VERSION`")
 
     def directory(self, version: str) -> Path:
         """The directory of a version number; anything else is refused, so no name leaves the store."""
@@ -114,8 +136,18 @@ class ModelStore:
             raise ModelStoreError(f"{directory}: no {CHECKSUM_FILE}; not a complete model version") from None
         if not listing:
             raise ModelStoreError(f"{directory}: {CHECKSUM_FILE} is empty")
-        for line in listing:
-            expected, _, name = line.partition("  ")
+        entries = [line.partition("  ")[::2] for line in listing]
+        # checked before any file is read: a listed name must never make the store read outside the version
+        for _, name in entries:
+            if not _own_file(directory, name):
+                raise ModelStoreError(
+                    f"{directory}: {CHECKSUM_FILE} lists {name[:200]!r}, which is not a file of this model version "
+                    "(an absolute path, '..' or a link out of it): the version was not written by stream-forecaster; "
+                    "remove it, or promote another version")
+        if Path(MODEL_FILE) not in {Path(name) for _, name in entries}:
+            raise ModelStoreError(f"{directory}: {CHECKSUM_FILE} does not list {MODEL_FILE}, so the model is unchecked: "
+                                  "not a complete model version; remove it, or promote another version")
+        for expected, name in entries:
             try:
                 actual = _sha256(directory / name)
             except OSError:
@@ -132,8 +164,10 @@ class ModelStore:
             probe.mkdir()
             probe.rmdir()
         except OSError as exc:
-            raise ModelStoreError(f"model store {self.path} is not writable ({exc.strerror or exc}): "
+            why = "a file is in the way" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
+            raise ModelStoreError(f"model store {self.path} is not writable ({why or exc}): "
                                   "set model_store.path to a writable directory") from None
+        self.current()  # a pointer that cannot be read or replaced would only fail the publish, after the work
 
     def publish(self, write: Callable[[Path], None], make_current: bool = True) -> str:
         """Write a new version with ``write(directory)``, rename it into place, return its name."""
@@ -187,6 +221,8 @@ class ModelStore:
 
     def _point_at(self, version: str) -> None:
         self.verify(self.directory(version))
+        if (self.path / POINTER_FILE).is_dir():
+            raise ModelStoreError(self._pointer_is_a_directory())
         pointer = self.path / f"{_TMP_PREFIX}{POINTER_FILE}-{uuid.uuid4().hex}"
         pointer.write_text(f"{version}\n")
         _fsync(pointer)
@@ -227,6 +263,17 @@ class ModelStore:
 
 def _is_number(name: str) -> bool:
     return name.isascii() and name.isdigit()  # isdigit() alone takes "²"
+
+
+def _own_file(directory: Path, name: str) -> bool:
+    """Whether a listed name is a file of the version itself: relative, no "..", not a link leading out."""
+    path = Path(name)
+    if not path.parts or path.is_absolute() or ".." in path.parts:
+        return False
+    try:
+        return (directory / path).resolve().is_relative_to(directory.resolve())
+    except (OSError, RuntimeError):  # a link loop (RuntimeError before Python 3.13)
+        return False
 
 
 def _sha256(path: Path) -> str:

@@ -4,11 +4,13 @@ Runs as its own process (training must never stall inference), one cycle every
 ``retrain.interval`` on a monotonic clock, or once (``--once``, for cron). A
 cycle reads the most recent ``retrain.history`` of readings, from the input
 topic with the daemon's own parser, or from a file; trains a candidate (from
-the current weights or from scratch); scores candidate, current model and
-persistence on the most recent slice the candidate did not train on, with the
-live error's metric; and publishes the candidate only if its error is finite
-and lower than the current model's by at least ``retrain.min_improvement``.
-A failed cycle leaves the store untouched; the next one runs as scheduled.
+the current weights or from scratch) on at most ``model.max_windows``
+windows, sampled across sensors and time; scores candidate, current model and
+persistence on the most recent slice the candidate did not train on (sampled
+per sensor the same way), with the live error's metric; and publishes the
+candidate only if its error is finite and lower than the current model's by
+at least ``retrain.min_improvement``. A failed cycle leaves the store
+untouched; the next one runs as scheduled.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import math
 import signal
 import threading
 import time
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,40 +51,108 @@ def series_from_records(records, columns, max_bytes: int, history_s: float, sour
     """Accepted readings per sensor, by the daemon's rules, within ``history_s`` of the newest one.
 
     A reading's time is the time it carries, else its Kafka timestamp. Each
-    sensor becomes one segment, in the order its readings arrived.
+    sensor becomes one segment, in the order its readings arrived; sensors are
+    in name order. Readings are kept in blocks of numpy arrays as they arrive,
+    never as Python objects: a few tens of bytes a reading, whatever the fleet.
     """
     parser = MessageParser(columns, max_bytes)
-    by_sensor: dict[str, tuple[list, list]] = {}
+    rows = _Arrivals(len(parser.columns), history_s)
+    add = rows.add
     missing = invalid = lines = 0
     for record in records:
         lines += 1
         reading = parser.parse(record.key, record.value)
         if isinstance(reading, Reading):
-            stamps, values = by_sensor.setdefault(reading.sensor, ([], []))
-            stamps.append(reading.timestamp if reading.timestamp is not None else record.timestamp / 1000)
-            values.append(reading.values)
+            add(reading.sensor, reading.timestamp if reading.timestamp is not None else record.timestamp / 1000,
+                reading.values)
         elif reading is MISSING:
             missing += 1
         else:
             invalid += 1  # Invalid or a header line
-    newest = max((max(s) for s, _ in by_sensor.values()), default=0.0)
-    segments, names, stamps_out, values_out, start = [], [], [], [], 0
-    for sensor in sorted(by_sensor):
-        stamps = np.asarray(by_sensor[sensor][0], dtype=np.float64)
-        keep = stamps >= newest - history_s
-        if keep.any():
-            segments.append(start)
-            names.append(sensor)
-            stamps_out.append(stamps[keep].astype(np.int64))
-            values_out.append(np.asarray(by_sensor[sensor][1], dtype=np.float32)[keep])
-            start += int(keep.sum())
-    return Series(
-        columns=tuple(columns),
-        timestamps=np.concatenate(stamps_out) if stamps_out else np.empty(0, np.int64),
-        values=np.concatenate(values_out) if values_out else np.empty((0, len(columns)), np.float32),
-        source=source, lines=lines, missing=missing, malformed=invalid,
-        segments=tuple(segments) or (0,), sensors=tuple(names),
-    )
+    stamps, values, segments, sensors = rows.by_sensor()
+    return Series(columns=parser.columns, timestamps=stamps, values=values, source=source, lines=lines,
+                  missing=missing, malformed=invalid, segments=segments, sensors=sensors)
+
+
+_BLOCK = 65536  # readings gathered in Python buffers before they become a block of numpy arrays
+
+
+class _Arrivals:
+    """Readings of many sensors in arrival order: blocks of (sensor index, time, values) arrays.
+
+    A block holds 12 bytes a reading plus 4 a value; the buffer being filled
+    is at most one block. Readings older than ``history_s`` before the newest
+    seen so far can never be kept, and are dropped as each block is made.
+    """
+
+    def __init__(self, width: int, history_s: float):
+        self.width, self.history_s = width, history_s
+        self.ids: dict[str, int] = {}  # sensor -> index, in order of first reading
+        self.blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.newest = -math.inf
+        self._sensor, self._time, self._values = array("i"), array("d"), array("f")
+
+    def add(self, sensor: str, timestamp: float, values) -> None:
+        ident = self.ids.get(sensor)
+        if ident is None:
+            ident = self.ids[sensor] = len(self.ids)
+        self._sensor.append(ident)
+        self._time.append(timestamp)
+        self._values.extend(values)
+        if len(self._sensor) == _BLOCK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._sensor:
+            return
+        block = (np.array(self._sensor, np.int32), np.array(self._time, np.float64),
+                 np.array(self._values, np.float32).reshape(-1, self.width))
+        self._sensor, self._time, self._values = array("i"), array("d"), array("f")
+        self.newest = max(self.newest, float(block[1].max()))
+        self.blocks.append(_recent(block, self.newest - self.history_s))
+
+    def by_sensor(self) -> tuple[np.ndarray, np.ndarray, tuple[int, ...], tuple[str, ...]]:
+        """``(timestamps, values, segments, sensors)`` of the readings within ``history_s`` of the newest: sensors
+        by name, each one's readings in arrival order, times cut to whole seconds.
+
+        Each block's rows are written straight to their places in the result
+        (their sensor's next free rows), so the whole history is never sorted
+        and no index over it is ever made; each block is freed once placed.
+        """
+        self._flush()
+        names = sorted(self.ids)
+        rank = np.empty(len(names), np.int32)
+        rank[[self.ids[n] for n in names]] = np.arange(len(names), dtype=np.int32)
+        counts = np.zeros(len(names), np.int64)
+        for i, block in enumerate(self.blocks):
+            self.blocks[i] = _recent(block, self.newest - self.history_s)
+            sensor = self.blocks[i][0]
+            sensor[:] = rank[sensor]  # to name order
+            counts += np.bincount(sensor, minlength=len(names))
+        first = np.cumsum(counts) - counts  # each sensor's first row
+        fill = first.copy()  # each sensor's next free row
+        out_stamps = np.empty(int(counts.sum()), np.int64)
+        out_values = np.empty((len(out_stamps), self.width), np.float32)
+        self.blocks.reverse()  # popped oldest first
+        while self.blocks:
+            sensor, stamps, values = self.blocks.pop()
+            order = np.argsort(sensor, kind="stable")  # by sensor, arrival order kept
+            sensor = sensor[order]
+            starts = np.flatnonzero(np.concatenate([[True], sensor[1:] != sensor[:-1]]))
+            within = np.arange(len(sensor)) - np.repeat(starts, np.diff(np.append(starts, len(sensor))))
+            rows = fill[sensor] + within
+            out_stamps[rows] = stamps[order].astype(np.int64)
+            out_values[rows] = values[order]
+            fill += np.bincount(sensor, minlength=len(names))
+        kept = np.flatnonzero(counts)  # a sensor with nothing recent goes, name and all
+        return (out_stamps, out_values, tuple(int(first[i]) for i in kept) or (0,),
+                tuple(names[i] for i in kept))
+
+
+def _recent(block, since: float):
+    """The rows of ``block`` (sensor, time, values) at or after time ``since``."""
+    keep = block[1] >= since
+    return block if keep.all() else tuple(a[keep] for a in block)
 
 
 def read_file(path, columns, data: DataConfig) -> Series:
@@ -95,12 +166,13 @@ def read_file(path, columns, data: DataConfig) -> Series:
 
 
 def read_topic(config: Config, columns, stop: threading.Event) -> Series:
-    """The last ``retrain.history`` of readings of the input topic, per sensor, by the daemon's rules."""
+    """The last ``retrain.history`` of readings of the input topic, at most ``retrain.max_readings`` of them, per
+    sensor, by the daemon's rules."""
     from .kafka_io import read_history  # noqa: PLC0415 (only topic-fed training needs Kafka)
 
     k, r = config.kafka, config.retrain
     since_ms = max(0, int((time.time() - r.history) * 1000))  # Kafka takes no time before 1970
-    records = read_history(k, r.group_id, since_ms, stop)
+    records = read_history(k, r.group_id, since_ms, stop, r.max_readings or None)
     series = series_from_records(records, columns, k.max_message_bytes, r.history, f"topic {k.input_topic}")
     if stop.is_set():
         raise Interrupted("stopped while reading history")

@@ -19,6 +19,7 @@ from . import __version__
 from .config import Config
 from .metrics import Metrics, MetricsServer, new_registry
 from .pipeline import CHUNK, Pipeline, Stopped
+from .recovery import Recovery
 from .registry import ModelStore, ModelStoreError
 
 __all__ = ["Daemon", "ModelWatcher"]
@@ -99,31 +100,35 @@ class Daemon:
     """``stream-forecaster run``: Kafka in, forecasts out, metrics on HTTP.
 
     ``source`` and ``sink`` default to Kafka; tests may pass the fakes of
-    :mod:`stream_forecaster.testing` instead.
+    :mod:`stream_forecaster.testing` instead, and a ``clock`` of their own.
+    Partition ownership, refills, commits and eviction live in
+    :class:`~stream_forecaster.recovery.Recovery`.
     """
 
-    def __init__(self, config: Config, source=None, sink=None, registry=None):
+    def __init__(self, config: Config, source=None, sink=None, registry=None, clock=time.monotonic):
         self.config = config
         self.stop = threading.Event()
+        self.clock = clock
         self.store = ModelStore(config.model_store.path, config.model_store.keep)
         self.source, self.sink = source, sink
         self.metrics = None
         self._registry = registry if registry is not None else new_registry()
         self.pipeline: Pipeline | None = None
-        self.to_check: set[int] = set()  # regained partitions: are their windows still right?
-        self.to_rebuild: set[int] = set()  # partitions whose windows must be refilled before their readings count
+        self.recovery: Recovery | None = None
+        self.checkpoints = None  # where refill checkpoints are kept (the state topic)
         self.batch_limit = min(500, config.kafka.max_poll_records)  # grows once batches are timed
-        self.processed: dict[int, int] = {}  # partition -> next offset after the last batch handled
-        self.uncommitted: dict[tuple[str, int], int] = {}  # offsets whose commit failed: tried again
         self.watcher: ModelWatcher | None = None
         self.server: MetricsServer | None = None
+        # computed on the loop's thread (the Kafka consumer is not thread-safe), read by the endpoint's
+        self._readiness = (False, 0.0)
 
     def request_stop(self, *_signal_args) -> None:
         self.stop.set()
 
     def ready(self) -> bool:
-        return (self.pipeline is not None and self.source is not None and self.source.assigned()
-                and not self.to_rebuild and not self.to_check)
+        """What the loop found last, while it is recent: a loop stuck longer than the group waits is not ready."""
+        ready, at = self._readiness
+        return ready and self.clock() - at < self.config.kafka.max_poll_interval_ms / 1000
 
     def run(self) -> int:
         if threading.current_thread() is threading.main_thread():
@@ -156,6 +161,8 @@ class Daemon:
         if not self._connect():
             return False
         self.pipeline = Pipeline(self.config, forecaster, self.sink, self.metrics, self.stop)
+        self.recovery = Recovery(self.config, self.source, self.pipeline, self.metrics, self.stop, self.checkpoints,
+                                 self.clock)
         self.watcher = ModelWatcher(self.store, forecaster, self.config.model_store.poll_interval, self.stop,
                                     self.metrics, self.config.model.jit_compile).start()
         k = self.config.kafka
@@ -169,7 +176,10 @@ class Daemon:
 
     def _connect(self) -> bool:
         """Set up the Kafka clients, retrying with backoff while no broker answers; False if stopped."""
-        from .kafka_io import BrokerUnavailable, KafkaSink, KafkaSource  # noqa: PLC0415 (not for fake-driven runs)
+        if self.source is not None:  # a test's fakes
+            self.checkpoints = getattr(self.source, "checkpoints", None)
+            return True
+        from .kafka_io import BrokerUnavailable, KafkaCheckpoints, KafkaSink, KafkaSource  # noqa: PLC0415
 
         backoff = 1.0
         while not self.stop.is_set():
@@ -178,8 +188,9 @@ class Daemon:
                     self.sink = KafkaSink(self.config.kafka, on_retry=self.metrics.publish_retries.inc,
                                           on_recreate=self.metrics.producer_recreations.inc,
                                           on_refused=self.metrics.refused_records.inc)
-                if self.source is None:
-                    self.source = KafkaSource(self.config.kafka, on_unreadable=self.metrics.invalid.inc)
+                if self.checkpoints is None:
+                    self.checkpoints = KafkaCheckpoints(self.config.kafka, self.sink)
+                self.source = KafkaSource(self.config.kafka, on_unreadable=self.metrics.invalid.inc)
                 return True
             except BrokerUnavailable as exc:
                 log.warning("%s; retrying in %.0f s", exc, backoff)
@@ -207,25 +218,31 @@ class Daemon:
 
     def loop(self) -> None:
         next_gauges = next_eviction = 0.0
+        recovery = self.recovery
         while not self.stop.is_set():
             self._swap_if_ready()
             try:
                 records = self.source.poll(POLL_TIMEOUT_S, self.batch_limit)
             except Exception as exc:  # kafka-python raises on some broker faults; they pass, the loop must not
                 log.warning("poll failed (%s: %s); retrying", type(exc).__name__, exc)
+                self._readiness = (False, self.clock())
                 self.stop.wait(1.0)
                 continue
             self.metrics.last_poll.set_to_current_time()  # after it answered: a poll failing for ever is stuck too
             try:
-                self._handle_rebalance()
+                recovery.take_changes()
+                self._readiness = (recovery.ready(), self.clock())  # not ready from before a refill starts
+                recovery.refill()
+                self._readiness = (recovery.ready(), self.clock())
             except Exception as exc:  # noqa: BLE001 (a broker call failed midway; what is left is tried again)
                 log.warning("handling the new partitions failed (%s: %s); their readings are read again in 1 s",
                             type(exc).__name__, exc)
+                self._readiness = (False, self.clock())
                 self.source.rewind(records)
                 self.stop.wait(1.0)
                 continue
             if self.stop.is_set():
-                # a rebuild cut short by the stop left windows without their latest readings
+                # a refill cut short by the stop left windows without their latest readings
                 break
             if records:
                 started = time.monotonic()
@@ -235,24 +252,17 @@ class Daemon:
                     log.warning("stopping before the last batch was acknowledged; it is not committed "
                                 "and will be read again")
                     return
-                self.processed.update({p: o for (_, p), o in offsets.items()})
-                self._commit(offsets)
+                recovery.processed(offsets)
                 self._size_batches(len(records), time.monotonic() - started)
-            elif self.uncommitted:
-                self._commit({})
-            now = time.monotonic()
+            now = self.clock()
+            if now >= next_eviction:
+                recovery.evict()
+                next_eviction = now + max(1.0, self.config.window.idle_ttl / 10)
+            recovery.commit()
+            self._readiness = (recovery.ready(), self.clock())
             if now >= next_gauges:
                 self._update_gauges()
                 next_gauges = now + GAUGE_INTERVAL_S
-            if now >= next_eviction:
-                self.pipeline.evict_idle(now)
-                next_eviction = now + max(1.0, self.config.window.idle_ttl / 10)
-
-    def _commit(self, offsets: dict) -> None:
-        """Commit ``offsets`` with any whose commit failed before; keep them all for the next try if it fails
-        (an idle partition would never commit again, and a clean stop would repeat its batch)."""
-        offsets = {**self.uncommitted, **offsets}
-        self.uncommitted = {} if self.source.commit(offsets) else offsets
 
     def _size_batches(self, n: int, seconds: float) -> None:
         """Keep a batch's handling time within a quarter of ``max_poll_interval_ms``.
@@ -265,51 +275,6 @@ class Daemon:
         if seconds > 0:
             fitting = int(n * budget / seconds)
             self.batch_limit = max(1, min(k.max_poll_records, fitting, 2 * max(n, self.batch_limit)))
-
-    def _handle_rebalance(self) -> None:
-        """Drop the windows of lost partitions; check regained ones and refill gained ones from their history.
-
-        The broker calls may fail midway (a coordinator moving): what is not done
-        yet stays in ``to_check`` and ``to_rebuild`` for the next call.
-        """
-        lost, gained, regained = self.source.take_changes()
-        # a commit left over for a partition that changed hands could move its new owner's offset back
-        self.uncommitted = {tp: o for tp, o in self.uncommitted.items() if tp[1] not in lost | regained}
-        self.to_check = (self.to_check | regained) - lost
-        self.to_rebuild = (self.to_rebuild | gained) - lost
-        if lost:
-            dropped = self.pipeline.drop_partitions(lost)
-            for partition in lost:
-                self.processed.pop(partition, None)
-            log.info("partitions %s revoked: %d sensors dropped", sorted(lost), dropped)
-        for partition in sorted(self.to_check):
-            # still ours only if the group will not make us re-read: committed must be where we are
-            if self.source.committed(partition) != self.processed.get(partition):
-                self.to_rebuild.add(partition)
-            self.to_check.discard(partition)
-        self.metrics.rebuilding.set(len(self.to_rebuild))
-        for partition in sorted(self.to_rebuild):
-            if self.stop.is_set():
-                break  # the rest stay to be refilled; the loop stops without reading them
-            self._rebuild(partition)
-
-    def _rebuild(self, partition: int) -> None:
-        """Refill the windows of ``partition`` from the readings before its committed offset."""
-        # whatever is there (a stale window, an earlier attempt cut short) would be counted twice
-        self.pipeline.drop_partitions({partition})
-        self.processed.pop(partition, None)
-        committed = self.source.committed(partition)
-        limit = self.config.window.rebuild_messages
-        if committed and limit:
-            start = max(self.source.beginning(partition), committed - limit)
-            started = time.monotonic()
-            n = self.pipeline.rebuild(self.source.read_range(partition, start, committed, self.stop))
-            log.info("partition %d: windows refilled from %d readings (offsets %d-%d) in %.2f s",
-                     partition, n, start, committed - 1, time.monotonic() - started)
-        if committed is not None:
-            self.processed[partition] = committed
-        self.to_rebuild.discard(partition)
-        self.metrics.rebuilding.set(len(self.to_rebuild))
 
     def _swap_if_ready(self) -> None:
         new = self.watcher.take()
@@ -340,8 +305,8 @@ class Daemon:
 
     def shutdown(self) -> None:
         if self.source is not None:
-            if self.uncommitted:
-                self._commit({})  # what was published must not be repeated after a clean stop
+            if self.recovery is not None:
+                self.recovery.commit()  # a commit refused earlier: what was published must not be repeated
             self.source.close()
         if self.sink is not None:
             self.sink.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from .records import Series, iso_time
 from .scoring import Scores, score
 from .window import sliding_windows, split_windows, window_starts
 
-__all__ = ["Backtest", "TrainingError", "backtest", "train"]
+__all__ = ["Backtest", "TrainingError", "backtest", "choose_windows", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -170,14 +171,118 @@ def _day_before(series: Series, rows: np.ndarray, target_index) -> np.ndarray:
     out = np.full((len(rows), len(target_index)), np.nan, dtype=np.float32)
     if not len(series):
         return out
-    # (sensor, time) as one sorted key: each sensor's readings are in time order, sensors one after another
-    segment_of = np.searchsorted(series.segments, np.arange(len(series)), side="right") - 1
-    keys = segment_of.astype(np.int64) << 33 | series.timestamps.astype(np.int64)
+    # (sensor, time) as one sorted key: each sensor's readings are in time order, sensors one after another;
+    # built in place, one int64 a row
+    keys = np.repeat(np.arange(len(series.segments), dtype=np.int64), np.diff([*series.segments, len(series)]))
+    keys <<= 33
+    keys |= series.timestamps.astype(np.int64, copy=False)
     wanted = keys[rows] - 86_400
     at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
     found = keys[at] == wanted
     out[found] = series.values[at[found]][:, target_index]
     return out
+
+
+@dataclass(frozen=True)
+class ChosenWindows:
+    """First rows of the training, validation and test windows of one run, and how many each part had."""
+
+    train: np.ndarray
+    validation: np.ndarray
+    test: np.ndarray
+    available: dict[str, int]  # windows of each part before any sampling
+
+    @property
+    def sampled(self) -> bool:
+        return (len(self.train), len(self.validation), len(self.test)) != tuple(self.available.values())
+
+
+def choose_windows(segments, n_rows: int, length: int, train_fraction: float, validation_fraction: float,
+                   max_windows: int, seed: int) -> ChosenWindows:
+    """The windows one training run uses: :func:`~stream_forecaster.window.split_windows`, sampled to a budget.
+
+    With ``max_windows`` 0, or when the training and validation windows number
+    at most ``max_windows`` and the test windows at most their share,
+    ``ceil(max_windows * (1 - train_fraction) / train_fraction)`` (the split's
+    own proportion), every window is taken, as ``split_windows`` gives them.
+    Past it, a part is sampled per sensor (:func:`_shares`): every sensor an
+    equal share, capped by what it has, what small sensors leave shared among
+    the rest, so every sensor is represented as long as the budget is at least
+    the number of sensors. Each sensor's training share is split between its
+    training and validation ranges as ``validation_fraction`` splits its own
+    windows. Within a range the windows are a stratified sample in time
+    (:func:`_stratified`). Deterministic for a ``seed``; the test sample draws
+    from its own stream, so it does not move when the training budget does.
+
+    Every part stays sensor after sensor, each sensor's windows in time order,
+    as the backtest wants them: persistence and the seasonal baseline read the
+    series itself, so they are unchanged for a sampled window; the interval's
+    replay still runs in time order, but learns from fewer forecasts an hour
+    than the daemon would see (the gate scores point errors only). Past the
+    budget only the sample's start rows are made, never the full split's, and
+    windows are gathered from these rows alone.
+    """
+    bounds = np.asarray([*segments, n_rows], dtype=np.int64)
+    first = bounds[:-1]
+    count = np.maximum(bounds[1:] - first - length + 1, 0)  # windows of each sensor, as window_starts has them
+    split = (count * train_fraction).astype(np.int64)  # int(n * fraction), as split_windows cuts them
+    validation = (split * validation_fraction).astype(np.int64)
+    available = {"train": int((split - validation).sum()), "validation": int(validation.sum()),
+                 "test": int((count - split).sum())}
+    test_budget = math.ceil(max_windows * (1 - train_fraction) / train_fraction)
+    if not max_windows or split.sum() <= max_windows and available["test"] <= test_budget:
+        return ChosenWindows(*split_windows(segments, n_rows, length, train_fraction, validation_fraction), available)
+    learn, held_out = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+    take = _shares(split, max_windows, learn)
+    take_validation = (take * validation_fraction).astype(np.int64)  # each sensor's split again, at the sample's size
+    train_starts = _stratified(first, split - validation, take - take_validation, learn)
+    validation_starts = _stratified(first + split - validation, validation, take_validation, learn)
+    test_starts = _stratified(first + split, count - split, _shares(count - split, test_budget, held_out), held_out)
+    return ChosenWindows(train_starts, validation_starts, test_starts, available)
+
+
+def _shares(capacity: np.ndarray, budget: int, rng: np.random.Generator) -> np.ndarray:
+    """How many of its ``capacity`` windows each sensor gives to a sample of at most ``budget``.
+
+    Equal shares, capped by what each sensor has; what the small sensors
+    leave is shared among the others (water filling). The windows that do not
+    divide evenly go one each to sensors picked at random, so no name or
+    position is favoured.
+    """
+    if capacity.sum() <= budget:
+        return capacity.copy()
+    order = np.argsort(capacity, kind="stable")
+    ascending = capacity[order]
+    before = np.cumsum(ascending) - ascending  # windows of the smaller sensors, all taken
+    others = len(ascending) - np.arange(len(ascending))  # this sensor and the larger ones
+    whole = ascending * others <= budget - before  # it has no more than an equal share of what is left
+    k = int(np.argmin(whole))  # the first sensor that has more (there is one: the capacities exceed the budget)
+    share, extra = divmod(int(budget - before[k]), int(others[k]))
+    ascending = ascending.copy()
+    ascending[k:] = share
+    ascending[k + rng.choice(int(others[k]), extra, replace=False)] += 1  # share + 1 <= what each of them has
+    taken = np.empty_like(capacity)
+    taken[order] = ascending
+    return taken
+
+
+def _stratified(first: np.ndarray, size: np.ndarray, take: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``take[i]`` distinct rows of each range ``[first[i], first[i] + size[i])``, in order, ranges one after another.
+
+    Each range is cut into ``take[i]`` strata of (nearly) equal length and one
+    row is drawn from each: a sample spread evenly over the sensor's time, so
+    every part of the history (each hour of the day, each day of the week)
+    keeps its share, without the aliasing of a fixed stride, whose step could
+    land every window at the same time of day. Uniform over time rather than
+    weighted to recent windows: the history is already the recent span, and
+    the held-out slice is the most recent. Taking all of a range gives it
+    whole.
+    """
+    sensor = np.repeat(np.arange(len(take)), take)
+    j = np.arange(len(sensor)) - np.repeat(np.cumsum(take) - take, take)  # the stratum, within its sensor
+    n, k = size[sensor], take[sensor]
+    low, high = j * n // k, (j + 1) * n // k  # k <= n: each stratum holds at least one row
+    return first[sensor] + low + (rng.random(len(sensor)) * (high - low)).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -199,14 +304,18 @@ def train(config: Config, series: Series, initial: Forecaster | None = None,
           verbose: int | str = "auto", stop=None) -> Trained:
     """Train a forecaster on the oldest ``train_split`` of each sensor's windows; test on the rest.
 
-    With ``initial`` the training starts from its weights and keeps its
-    normalisation (fine-tuning); otherwise from fresh weights.
+    Past ``model.max_windows`` training and validation windows, and past its
+    test share of the held-out ones, each part is a sample drawn per sensor
+    (:func:`choose_windows`). With ``initial`` the training starts from its
+    weights and keeps its normalisation (fine-tuning); otherwise from fresh
+    weights.
     """
     data, spec = config.data, config.model
     feature_index = _column_index(series, data.features)
     target_index = _column_index(series, data.targets)
-    train_starts, validation_starts, test_starts = split_windows(
-        series.segments, len(series), spec.sequence_length, data.train_split, spec.validation_split)
+    chosen = choose_windows(series.segments, len(series), spec.sequence_length, data.train_split,
+                            spec.validation_split, spec.max_windows, spec.seed)
+    train_starts, validation_starts, test_starts = chosen.train, chosen.validation, chosen.test
     if len(train_starts) < 1 or len(test_starts) < 1:
         raise TrainingError(
             f"{series.source}: {len(series)} readings give {len(train_starts)} training and {len(test_starts)} "
@@ -259,8 +368,11 @@ def train(config: Config, series: Series, initial: Forecaster | None = None,
             "train_windows": len(train_starts),
             "validation_windows": len(validation_starts),
             "test_windows": len(test_starts),
-            "train_range": [iso_time(ts[train_rows].min()), iso_time(ts[train_rows].max())],
+            # min and max in place: ts[train_rows] would copy most of the history's times
+            "train_range": [iso_time(ts.min(initial=np.iinfo(ts.dtype).max, where=train_rows)),
+                            iso_time(ts.max(initial=np.iinfo(ts.dtype).min, where=train_rows))],
             "test_range": [iso_time(ts[test_starts + last].min()), iso_time(ts[test_starts + last].max())],
+            **({"sampled_from": chosen.available, "max_windows": spec.max_windows} if chosen.sampled else {}),
         },
         "training": {
             "warm_start_from": initial.version if initial is not None else None,
@@ -366,10 +478,20 @@ def _spread_weights(spread: np.ndarray, starts: np.ndarray, segments) -> np.ndar
 
 def _rows_of(starts: np.ndarray, length: int, n_rows: int) -> np.ndarray:
     """Boolean mask of the rows inside any of the windows beginning at ``starts``."""
-    edges = np.zeros(n_rows + 1, dtype=np.int64)
-    np.add.at(edges, starts, 1)
-    np.add.at(edges, starts + length, -1)
-    return np.cumsum(edges[:-1]) > 0
+    mask = np.zeros(n_rows, dtype=bool)
+    if not len(starts):
+        return mask
+    # overlapping windows merge into runs of rows; marking where each run begins and ends takes a byte a row,
+    # where counting the windows over each row took sixteen
+    starts = np.unique(starts)
+    begins = np.concatenate([[True], starts[1:] >= starts[:-1] + length])
+    ends = np.append(begins[1:], True)  # the last window of each run
+    edges = np.zeros(n_rows + 1, dtype=np.int8)
+    edges[starts[begins]] = 1
+    edges[starts[ends] + length] -= 1  # where a run ends and the next begins the two cancel
+    np.cumsum(edges[:-1], dtype=np.int8, out=edges[:-1])
+    np.greater(edges[:-1], 0, out=mask)
+    return mask
 
 
 def _scaler_of(forecaster: Forecaster, columns) -> Scaler:

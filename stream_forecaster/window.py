@@ -11,6 +11,8 @@ would give.
 
 from __future__ import annotations
 
+import io
+import json
 from typing import Sequence
 
 import numpy as np
@@ -55,13 +57,15 @@ def split_windows(segments: Sequence[int], n_rows: int, length: int, train_fract
 
 
 class SensorWindows:
-    """Ring buffers of the last ``size`` accepted readings of each sensor.
+    """Ring buffers of the last ``size`` accepted readings of each sensor, with the offsets they were read at.
 
     The readings live in preallocated blocks ``[block, size, width]`` (about
     1 MiB each), one more whenever the slots run out: appending a reading writes
     one row in place, no per-reading allocation, O(1) whatever the window
     length, and unused room is at most one block (a single doubling array left
-    a third of it empty at 100,000 sensors).
+    a third of it empty at 100,000 sensors). Each reading's input offset is kept
+    beside it: the oldest offset still inside a partition's windows is where a
+    refill of that partition must start (:meth:`refill_starts`).
     """
 
     def __init__(self, size: int, width: int, capacity: int = 1024):
@@ -71,11 +75,13 @@ class SensorWindows:
         self._free: list[int] = []
         self._block = max(1, min(4096, 2**20 // (size * width * 4)))  # slots per block of rows
         self._blocks: list[np.ndarray] = []
+        self._offset_blocks: list[np.ndarray] = []  # [block, size]: the input offset of each row
         self._head = np.zeros(capacity, dtype=np.int16)  # next row to write (size <= 10,000)
         self._count = np.zeros(capacity, dtype=np.int16)  # rows held, at most size
-        self._seen = np.zeros(capacity, dtype=np.float64)  # monotonic time of the last reading
-        self.times = np.full(capacity, np.nan)  # the time the last reading carried (s since 1970); NaN: none
-        self._partition = np.full(capacity, -1, dtype=np.int32)  # input partition the sensor's readings come from
+        self.last = np.full(capacity, -1, dtype=np.int64)  # offset of the last reading; -1: free
+        self.oldest = np.full(capacity, -1, dtype=np.int64)  # offset of the oldest reading in the window
+        self.times = np.full(capacity, np.nan)  # the newest time a reading carried (s since 1970); NaN: none yet
+        self.partitions = np.full(capacity, -1, dtype=np.int32)  # input partition the sensor's readings come from
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -88,8 +94,8 @@ class SensorWindows:
         """The sensor's slot, allocated on its first reading; it belongs to the partition it was last read from."""
         slot = self.slots.get(sensor)
         if slot is not None:
-            if self._partition[slot] != partition:  # its key moved (partitions added, another producer's hash)
-                self._partition[slot] = partition
+            if self.partitions[slot] != partition:  # its key moved (partitions added, another producer's hash)
+                self.partitions[slot] = partition
         else:
             if self._free:
                 slot = self._free.pop()
@@ -98,21 +104,29 @@ class SensorWindows:
                 slot = len(self._sensors)
                 if slot == self.capacity:
                     self._blocks.append(np.zeros((self._block, self.size, self.width), dtype=np.float32))
+                    self._offset_blocks.append(np.zeros((self._block, self.size), dtype=np.int64))
                 if slot == len(self._head):
                     self._grow()
                 self._sensors.append(sensor)
             self.slots[sensor] = slot
-            self._partition[slot] = partition
+            self.partitions[slot] = partition
         return slot
 
-    def evict_idle(self, now: float, ttl: float) -> list[int]:
-        """Free the slots of sensors without a reading since ``now - ttl``; returns those slots."""
-        return self.drop(np.flatnonzero(self._seen[: len(self._sensors)] < now - ttl).tolist())
+    def in_partition(self, partition: int) -> np.ndarray:
+        """The slots in use whose sensors are read from ``partition``."""
+        used = len(self._sensors)
+        return np.flatnonzero((self.partitions[:used] == partition) & (self.last[:used] >= 0))
+
+    def evict_before(self, partition: int, offset: int) -> list[int]:
+        """Free the slots of ``partition``'s sensors whose last reading came before ``offset``; returns them."""
+        used = len(self._sensors)
+        idle = (self.partitions[:used] == partition) & (self.last[:used] >= 0) & (self.last[:used] < offset)
+        return self.drop(np.flatnonzero(idle).tolist())
 
     def drop_partitions(self, partitions) -> list[int]:
         """Free the slots of sensors read from ``partitions`` (no longer ours); returns those slots."""
         used = len(self._sensors)
-        return self.drop(np.flatnonzero(np.isin(self._partition[:used], list(partitions))).tolist())
+        return self.drop(np.flatnonzero(np.isin(self.partitions[:used], list(partitions))).tolist())
 
     def drop(self, slots) -> list[int]:
         """Free ``slots`` (their sensors start over empty); returns those that were in use."""
@@ -123,24 +137,95 @@ class SensorWindows:
                 del self.slots[sensor]
                 self._sensors[slot] = None
                 self._count[slot] = self._head[slot] = 0
-                self._seen[slot] = np.inf  # free: never idle
+                self.last[slot] = self.oldest[slot] = -1
                 self.times[slot] = np.nan
-                self._partition[slot] = -1
+                self.partitions[slot] = -1
                 self._free.append(slot)
                 evicted.append(slot)
         return evicted
 
-    def append(self, slot: int, values, now: float = 0.0, timestamp: float = np.nan) -> bool:
-        """Add a reading seen at monotonic time ``now`` that carried ``timestamp`` (NaN: none); True when the
-        sensor's window is full."""
-        self._seen[slot] = now
-        self.times[slot] = timestamp
-        head = self._head[slot]
-        self._blocks[slot // self._block][slot % self._block, head] = values
-        self._head[slot] = (head + 1) % self.size
-        if self._count[slot] < self.size:
-            self._count[slot] += 1
-        return self._count[slot] == self.size
+    def append(self, slot: int, values, offset: int = 0, timestamp: float = np.nan) -> bool:
+        """Add a reading read at input ``offset`` that carried ``timestamp`` (NaN: none, which leaves the sensor's
+        newest time as it was: its order is then its arrival); True when the sensor's window is full."""
+        self.last[slot] = offset
+        if timestamp == timestamp:
+            self.times[slot] = timestamp
+        head = int(self._head[slot])
+        block, row = divmod(slot, self._block)
+        self._blocks[block][row, head] = values
+        offsets = self._offset_blocks[block][row]
+        offsets[head] = offset
+        head = (head + 1) % self.size
+        self._head[slot] = head
+        count = self._count[slot]
+        if count < self.size:
+            count += 1
+            self._count[slot] = count
+        full = count == self.size
+        self.oldest[slot] = offsets[head] if full else offsets[0]
+        return full
+
+    def full(self, slots: np.ndarray) -> np.ndarray:
+        """Which of ``slots`` hold a full window."""
+        return self._count[slots] == self.size
+
+    def refill_starts(self, partitions=None) -> dict[int, int]:
+        """Per partition (of ``partitions``, or all), the oldest offset still inside one of its sensors' windows."""
+        used = len(self._sensors)
+        held, oldest = self.partitions[:used], self.oldest[:used]
+        wanted = np.unique(held[held >= 0]).tolist() if partitions is None else partitions
+        starts = {}
+        for partition in wanted:
+            mine = oldest[(held == partition) & (oldest >= 0)]
+            if len(mine):
+                starts[partition] = int(mine.min())
+        return starts
+
+    def snapshot(self, partition: int) -> bytes:
+        """Everything :meth:`restore` needs to bring back ``partition``'s windows exactly, as ``.npz`` bytes."""
+        slots = self.in_partition(partition)
+        blocks, rows = np.divmod(slots, self._block)
+        values = np.empty((len(slots), self.size, self.width), dtype=np.float32)
+        offsets = np.empty((len(slots), self.size), dtype=np.int64)
+        for b in np.unique(blocks).tolist():
+            here = blocks == b
+            values[here] = self._blocks[b][rows[here]]
+            offsets[here] = self._offset_blocks[b][rows[here]]
+        names = json.dumps([self._sensors[s] for s in slots.tolist()]).encode()
+        out = io.BytesIO()
+        np.savez(out, names=np.frombuffer(names, dtype=np.uint8), values=values, offsets=offsets,
+                 head=self._head[slots], count=self._count[slots], last=self.last[slots],
+                 oldest=self.oldest[slots], times=self.times[slots])
+        return out.getvalue()
+
+    def restore(self, partition: int, snapshot: bytes) -> int:
+        """Bring back the windows :meth:`snapshot` saved for ``partition``; returns how many.
+
+        Raises ``ValueError`` for a snapshot of other windows (another length or
+        width) or one that is not a snapshot; nothing is restored then.
+        """
+        try:
+            with np.load(io.BytesIO(snapshot), allow_pickle=False) as saved:
+                arrays = {k: saved[k] for k in ("names", "values", "offsets", "head", "count", "last", "oldest",
+                                                 "times")}
+            names = json.loads(arrays["names"].tobytes())
+        except (OSError, KeyError, ValueError, EOFError) as exc:
+            raise ValueError(f"not a snapshot of windows ({type(exc).__name__}: {exc})") from None
+        n = len(names)
+        if (arrays["values"].shape != (n, self.size, self.width) or arrays["offsets"].shape != (n, self.size)
+                or any(len(arrays[k]) != n for k in ("head", "count", "last", "oldest", "times"))
+                or not all(isinstance(name, str) for name in names)
+                or not ((0 <= arrays["head"]) & (arrays["head"] < self.size)).all()
+                or not ((0 <= arrays["count"]) & (arrays["count"] <= self.size)).all()):
+            raise ValueError(f"a snapshot of {arrays['values'].shape[1:]} windows, not ({self.size}, {self.width})")
+        for i, name in enumerate(names):
+            slot = self.slot(name, partition)
+            block, row = divmod(slot, self._block)
+            self._blocks[block][row] = arrays["values"][i]
+            self._offset_blocks[block][row] = arrays["offsets"][i]
+            self._head[slot], self._count[slot] = arrays["head"][i], arrays["count"][i]
+            self.last[slot], self.oldest[slot], self.times[slot] = arrays["last"][i], arrays["oldest"][i], arrays["times"][i]
+        return n
 
     def window(self, slot: int) -> np.ndarray:
         """The sensor's readings, oldest first (a copy)."""
@@ -162,9 +247,11 @@ class SensorWindows:
         self._head[new // 2:] = 0
         self._count = np.resize(self._count, new)
         self._count[new // 2:] = 0
-        self._seen = np.resize(self._seen, new)
-        self._seen[new // 2:] = np.inf
-        self._partition = np.resize(self._partition, new)
-        self._partition[new // 2:] = -1
+        self.last = np.resize(self.last, new)
+        self.last[new // 2:] = -1
+        self.oldest = np.resize(self.oldest, new)
+        self.oldest[new // 2:] = -1
+        self.partitions = np.resize(self.partitions, new)
+        self.partitions[new // 2:] = -1
         self.times = np.resize(self.times, new)
         self.times[new // 2:] = np.nan

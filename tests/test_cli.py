@@ -224,3 +224,60 @@ def test_the_json_summary_is_strict_with_undefined_figures_as_null():
 
     assert json.loads(text, parse_constant=refuse) == {"seasonal_n": 0, "seasonal_rmse": None,
                                                        "per_target": {"x": {"skill": None}}, "coverage": [0.8, None]}
+
+
+def one_line_error(capsys, command: str) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith(f"stream-forecaster {command}: error: ") and err.count("\n") == 1, err
+    return err
+
+
+HOSTILE_YAML = {
+    "file": "c.yaml: nested too deeply to read as YAML",
+    "--set": "--set model.units: model.units: nested too deeply to read as YAML",
+    "env": "environment variable STREAM_FORECASTER__MODEL__UNITS: model.units: nested too deeply to read as YAML",
+    "malformed": "c.yaml line 3, column 1: could not parse YAML: expected ',' or ']', but got '<stream end>' "
+                 "(while parsing a flow sequence from line 2)",
+}
+
+
+@pytest.mark.parametrize("source, says", HOSTILE_YAML.items(), ids=HOSTILE_YAML)
+def test_hostile_yaml_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, source, says):
+    deep = "[" * 100_000  # past Python's recursion limit as PyYAML nests
+    config = tmp_path / "c.yaml"
+    config.write_text({"file": f"model:\n  units: {deep}\n", "malformed": "model:\n  units: [1, 2\n"}.get(source, ""))
+    args = ["models", "list", "--config", str(config), *store_args(tmp_path)]
+    if source == "--set":
+        args += ["--set", f"model.units={deep}"]
+    if source == "env":
+        monkeypatch.setenv("STREAM_FORECASTER__MODEL__UNITS", deep)
+    assert main(args) == 2
+    assert says in one_line_error(capsys, "models")
+
+
+@pytest.mark.parametrize("args, says", [(["models", "list"], "not a directory"), (["models", "rollback"], "not a directory"),
+                                        (["evaluate"], "not a directory"), (["train", "--quiet"], "not writable")])
+def test_a_store_path_that_is_a_file_is_one_line_and_exit_2(tmp_path, capsys, args, says):
+    (tmp_path / "models").write_text("not a directory")
+    assert main([*args, *store_args(tmp_path)]) == 2
+    assert f"models is {says} (a file is in the way): set model_store.path to a" in one_line_error(capsys, args[0])
+
+
+@pytest.mark.parametrize("args", [["models", "list"], ["models", "rollback"], ["models", "promote", "1"], ["evaluate"],
+                                  ["train", "--quiet"]])
+def test_a_pointer_that_is_a_directory_is_one_line_and_exit_2(tmp_path, capsys, args):
+    store = ModelStore(tmp_path / "models")
+    store.publish(lambda directory: (directory / "model.keras").write_text("a model"))
+    (store.path / "CURRENT").unlink()
+    (store.path / "CURRENT").mkdir()
+    assert main([*args, *store_args(tmp_path)]) == 2
+    assert "CURRENT is a directory" in one_line_error(capsys, args[0])
+
+
+def test_the_daemon_with_a_pointer_that_is_a_directory_exits_2_with_one_error_line(tmp_path):
+    (tmp_path / "models" / "CURRENT").mkdir(parents=True)
+    result = subprocess.run([sys.executable, "-m", "stream_forecaster.cli", "run", "--set", "metrics.port=0",
+                             *store_args(tmp_path)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("stream-forecaster run: error: ")]
+    assert len(errors) == 1 and "CURRENT is a directory" in errors[0]

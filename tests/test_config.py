@@ -83,7 +83,7 @@ def write(tmp_path, text):
         ("kafka:\n  bootstrap_servers: 9092\n", ["kafka.bootstrap_servers", "list of str"]),
         ("- just\n- a list\n", ["top level must be a mapping"]),
         ("model: [1, 2]\n", ["section 'model' must be a mapping"]),
-        ("model: {epochs: [}\n", ["not valid YAML"]),
+        ("model: {epochs: [}\n", ["line 1, column 18: could not parse YAML: expected the node content"]),
     ],
 )
 def test_bad_file_values_name_file_key_and_what_is_allowed(tmp_path, text, fragments):
@@ -276,3 +276,48 @@ def test_a_config_file_that_is_not_a_utf8_mapping_is_one_clear_error(tmp_path, c
     path.write_bytes(content)
     with pytest.raises(ConfigError, match=says):
         load_config(path, environ={})
+
+
+# PyYAML nests by recursion: these exhaust Python's stack (within the 128 KiB an environment variable may hold)
+DEEP = {"list": "[" * 100_000, "mapping": "{a: " * 30_000}
+SOURCES = {
+    "file": lambda tmp_path, deep: load_config(write(tmp_path, f"model:\n  units: {deep}\n"), environ={}),
+    "--set": lambda tmp_path, deep: load_config(None, [f"model.units={deep}"], environ={}),
+    "env": lambda tmp_path, deep: load_config(None, environ={"STREAM_FORECASTER__MODEL__UNITS": deep}),
+}
+SAYS = {"file": "c.yaml: nested too deeply to read as YAML: a configuration is sections of keys",
+        "--set": "--set model.units: model.units: nested too deeply to read as YAML: give a plain value",
+        "env": "environment variable STREAM_FORECASTER__MODEL__UNITS: model.units: nested too deeply"}
+
+
+@pytest.mark.parametrize("deep", DEEP.values(), ids=DEEP)
+@pytest.mark.parametrize("source", SOURCES)
+def test_yaml_nested_too_deeply_is_one_short_line_naming_its_source(tmp_path, source, deep):
+    with pytest.raises(ConfigError) as info:
+        SOURCES[source](tmp_path, deep)
+    message = str(info.value)
+    assert SAYS[source] in message
+    assert "\n" not in message and len(message) < 300  # the value given is cut short, not repeated
+
+
+@pytest.mark.parametrize("text, says", [
+    ("model:\n  epochs: 3\n    x: [\n", " line 3, column 6: could not parse YAML: mapping values are not allowed here"),
+    ("model:\n  epochs: 3\n units: 4\n",
+     " line 3, column 2: could not parse YAML: expected <block end>, but found '<block mapping start>' "
+     "(while parsing a block mapping from line 1)"),
+    ("model: [1,\n 2\n", " line 3, column 1: could not parse YAML: expected ',' or ']', but got '<stream end>' "
+                          "(while parsing a flow sequence from line 1)"),
+    ("model: a\n\x01\n", ": could not parse YAML: unacceptable character #x0001: special characters are not allowed"),
+], ids=["indented", "dedented", "unclosed", "control character"])
+def test_malformed_yaml_is_one_line_with_its_place(tmp_path, text, says):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert str(info.value) == f"{path}{says}"  # a control character has no line and column
+
+
+def test_a_malformed_override_is_one_line_with_its_place():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["model.units=[1, 2"], environ={})
+    assert str(info.value) == ("--set model.units: model.units: could not parse YAML at line 1, column 6: "
+                               "expected ',' or ']', but got '<stream end>' (got '[1, 2')")

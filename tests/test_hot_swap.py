@@ -92,7 +92,7 @@ def test_other_sequence_length_is_refused(store, caplog):
 
 
 def test_daemon_swaps_between_batches_without_dropping_or_repeating(store, tmp_path):
-    config = load_config(None, [f"model_store.path={store.path}", "model.sequence_length=6", "data.features=[Global_active_power]", "model.layers=[1, 8, 1]",
+    config = load_config(None, [f"model_store.path={store.path}", "kafka.input_topic=in", "model.sequence_length=6", "data.features=[Global_active_power]", "model.layers=[1, 8, 1]",
                                 "metrics.port=0", "model_store.poll_interval=3600s"], environ={})
     lines = sample_lines(40)
     records = [FakeRecord("in", 0, i, b"s", line.encode()) for i, line in enumerate(lines)]
@@ -140,7 +140,7 @@ def test_while_it_waits_for_a_first_model_the_daemon_is_alive_but_not_ready(tmp_
     from daemon import wait_for
 
     store = ModelStore(tmp_path / "models")
-    config = load_config(None, [f"model_store.path={store.path}", "model.sequence_length=6",
+    config = load_config(None, [f"model_store.path={store.path}", "kafka.input_topic=in", "model.sequence_length=6",
                                 "data.features=[Global_active_power]", "model.layers=[1, 8, 1]", "metrics.port=0",
                                 "model_store.poll_interval=0.1s"], environ={})
     stop = threading.Event()
@@ -181,7 +181,7 @@ def test_a_pointer_that_is_not_text_is_reported_and_the_watcher_goes_on(store, c
 
 
 def test_a_refused_commit_is_tried_again_and_at_the_latest_at_a_clean_stop(store, tmp_path):
-    config = load_config(None, [f"model_store.path={store.path}", "model.sequence_length=6",
+    config = load_config(None, [f"model_store.path={store.path}", "kafka.input_topic=in", "model.sequence_length=6",
                                 "data.features=[Global_active_power]", "model.layers=[1, 8, 1]",
                                 "metrics.port=0"], environ={})
     stop = threading.Event()

@@ -106,6 +106,21 @@ def test_history_reads_from_the_first_recent_reading_and_nothing_of_a_partition_
     assert list(read_history(config.kafka, kafka_names["group"], 0, stop)) == []
 
 
+def test_history_reads_at_most_the_most_recent_records_shared_between_the_partitions(broker, kafka_names):
+    config = load_config(None, [f"kafka.bootstrap_servers={broker.address}", f"kafka.input_topic={kafka_names['input']}"],
+                         environ={})
+    ensure_topics(config.kafka, [kafka_names["input"]], partitions=2)
+    sink = KafkaSink(config.kafka)
+    for i in range(12):  # one batch each, as above
+        assert sink.publish([OutRecord(kafka_names["input"], b"s", str(i).encode(), partition=i % 2)])
+    sink.close()
+    read = list(read_history(config.kafka, kafka_names["group"], 0, threading.Event(), max_records=6))
+    # the last 3 of each partition, less the newest one where the broker reads the end offset short
+    assert {p: [int(r.value) for r in read if r.partition == p] for p in (0, 1)} in (
+        {0: [6, 8, 10], 1: [7, 9, 11]}, {0: [4, 6, 8], 1: [5, 7, 9]}, {0: [6, 8, 10], 1: [5, 7, 9]},
+        {0: [4, 6, 8], 1: [7, 9, 11]})
+
+
 def test_a_record_refused_for_its_size_is_left_out_and_counted_not_retried_for_ever(broker, kafka_names):
     config = load_config(None, [f"kafka.bootstrap_servers={broker.address}"], environ={})
     ensure_topics(config.kafka, [kafka_names["output"]])
@@ -176,7 +191,7 @@ class ScriptedProducer:
     def __init__(self, outcome):
         self.outcome, self.sent = outcome, []
 
-    def send(self, topic, key=None, value=None, headers=None):
+    def send(self, topic, key=None, value=None, headers=None, partition=None):
         from kafka.errors import KafkaTimeoutError
         from kafka.future import Future
 

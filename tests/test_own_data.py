@@ -79,6 +79,19 @@ def test_a_csv_fleet_with_its_own_columns_trains_evaluates_and_scores_each_senso
     assert "3 sensors" in table and "the 2 lowest skills" in table
 
 
+def test_a_fleet_past_the_window_budget_trains_and_tests_on_samples_of_every_sensor(tmp_path):
+    data = fleet_csv(tmp_path / "fleet.csv", n=800)
+    assert main(["train", "--data", str(data), "--quiet", *MODEL, "--set", "data.sensor_column=site",
+                 "--set", "model.max_windows=300", *store_args(tmp_path)]) == 0
+    meta = ModelStore(tmp_path / "models").metadata("1")
+    windows = meta["data"]
+    assert windows["train_windows"] + windows["validation_windows"] <= 300 < windows["sampled_from"]["train"]
+    per_sensor = meta["test"]["per_sensor"]
+    # the held-out sample: a ninth of the budget (data.train_split 0.9), shared equally by the sensors
+    assert windows["test_windows"] == sum(s["n"] for s in per_sensor.values()) == 34
+    assert {name: s["n"] >= 11 for name, s in per_sensor.items()} == {"small": True, "big": True, "mid": True}
+
+
 def test_a_misnamed_column_says_what_the_file_has(tmp_path, capsys):
     data = fleet_csv(tmp_path / "fleet.csv", n=50)
     code = main(["train", "--data", str(data), *MODEL, "--set", "data.features=[load, volts]",

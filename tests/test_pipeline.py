@@ -2,7 +2,6 @@
 
 import json
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -208,47 +207,54 @@ def test_failed_publish_is_retried_and_a_stop_during_retries_commits_nothing():
         pipeline.process(records)
 
 
-@pytest.mark.parametrize("silent_hours", [2, 25])
-def test_a_refill_evicts_sensors_silent_for_the_idle_ttl_before_the_newest_reading(silent_hours):
-    pipeline, sink, metrics = build("window.idle_ttl=1d")
-    lines = sample_lines(2 * L)
-    day_ms, hour_ms = 86_400_000, 3_600_000
-    # far in the past on purpose: ages count from the newest reading replayed, not from the clock now
-    newest = 30 * day_ms
-    quiet = [FakeRecord("in", 0, i, b"quiet", line.encode(), timestamp=newest - silent_hours * hour_ms - 60_000 * (L - i))
-             for i, line in enumerate(lines[:L])]
-    busy = [FakeRecord("in", 0, L + i, b"busy", line.encode(), timestamp=newest - 60_000 * (L - 1 - i))
-            for i, line in enumerate(lines[:L])]
-    assert pipeline.rebuild(quiet + busy) == 2 * L
-    evicted = silent_hours > 24
-    assert ("quiet" in pipeline.windows.slots) is not evicted and "busy" in pipeline.windows.slots
-    assert value(metrics, "stream_forecaster_evicted_sensors_total") == evicted
-    # the quiet sensor speaks again: forecast at once from its kept window, or only once a new window is full
-    pipeline.process([FakeRecord("in", 0, 2 * L, b"quiet", lines[L].encode())])
-    assert len(sink.records) == (0 if evicted else 1)
-    assert value(metrics, "stream_forecaster_scored_predictions_total") == (0 if evicted else 1)
+def test_a_refill_makes_the_live_paths_decisions_evictions_included():
+    """Readings with producer clocks all over the place, one sensor evicted midway: a refill from the same
+    readings, told where the eviction was, ends with the same windows and the same pending forecasts."""
+    lines = sample_lines(4 * L)
+    day_ms = 86_400_000
+
+    def record(offset, key, j, skew_ms):
+        return FakeRecord("in", 0, offset, key, lines[j].encode(), timestamp=1_700_000_000_000 + skew_ms)
+
+    # "behind" sends with a clock 3 days slow, "ahead" jumps 2 days forward midway, "gap" goes quiet
+    first = [record(i, k, i // 3, s) for i, (k, s) in
+             enumerate([(b"behind", -3 * day_ms), (b"ahead", 0), (b"gap", 0)] * L)]
+    second = [record(len(first) + i, k, L + i // 2, s) for i, (k, s) in
+              enumerate([(b"behind", -3 * day_ms), (b"ahead", 2 * day_ms)] * L)]
+    third = [record(len(first) + len(second) + i, b"gap", 2 * L + i, 0) for i in range(L - 2)]
+    live, _, _ = build()
+    live.process(first)
+    live.process(second)
+    assert live.evict_before(0, len(first)) == 1  # "gap" was last read in the first batch
+    live.process(third)
+    refilled, _, _ = build()
+    replayed = refilled.refill(0, iter(first + second + third), [(len(first) + len(second), len(first))])
+    assert replayed == len(first) + len(second) + len(third)
+    assert set(refilled.windows.slots) == set(live.windows.slots) == {"behind", "ahead", "gap"}
+    for sensor in ("behind", "ahead", "gap"):
+        np.testing.assert_array_equal(refilled.windows.window(refilled.windows.slots[sensor]),
+                                      live.windows.window(live.windows.slots[sensor]))
+    slots = [live.windows.slots[s] for s in ("behind", "ahead", "gap")]
+    live_pending = live.pending.take(np.array(slots))
+    live.pending.put(np.array(slots), *live_pending)
+    refilled_pending = refilled.pending.take(np.array([refilled.windows.slots[s] for s in ("behind", "ahead", "gap")]))
+    # forecast, persistence, interval and scale of the two full windows; "gap"'s window is not full: none
+    np.testing.assert_array_equal(np.stack(refilled_pending)[:, :2], np.stack(live_pending)[:, :2])
+    assert np.isfinite(live_pending[0][:2]).all() and np.isnan(live_pending[0][2]) and np.isnan(refilled_pending[0][2])
 
 
-def test_a_refill_restarts_a_window_across_a_silence_over_the_idle_ttl_and_ignores_times_from_the_future():
-    pipeline, sink, metrics = build("window.idle_ttl=1h")
-    lines = sample_lines(2 * L)
-    now_ms, minute_ms = int(time.time() * 1000), 60_000
-
-    def sent(key, first, count, at_ms):
-        return [FakeRecord("in", 0, first + i, key, lines[first + i].encode(), timestamp=at_ms(i)) for i in range(count)]
-
-    # "gap" spoke two hours ago, then again in the last minutes: the running daemon evicted it in between
-    history = (sent(b"gap", 0, L - 2, lambda i: now_ms - 2 * 3_600_000 + i * minute_ms)
-               + sent(b"gap", L - 2, 3, lambda i: now_ms - (3 - i) * minute_ms)
-               + sent(b"busy", 0, L, lambda i: now_ms - (L - i) * minute_ms)
-               # a producer whose clock is two days ahead must not make every other sensor look idle
-               + sent(b"skewed", 0, 1, lambda i: now_ms + 2 * 86_400_000))
-    pipeline.rebuild(history)
-    assert set(pipeline.windows.slots) == {"gap", "busy", "skewed"}
-    assert value(metrics, "stream_forecaster_evicted_sensors_total") == 1
-    # gap's window holds only the 3 readings after its silence, so one more reading still fills no window
-    pipeline.process([FakeRecord("in", 0, 99, b"gap", lines[L + 1].encode())])
-    assert sink.records == []
+def test_windows_know_where_a_refill_of_each_partition_must_start():
+    pipeline, _, _ = build()
+    lines = [line.encode() for line in sample_lines(3 * L)]
+    # partition 0: "a" fills its window and moves on, "b" has two readings; partition 1: "c" has one
+    records = ([FakeRecord("in", 0, 10 + i, b"a", lines[i]) for i in range(L + 3)]
+               + [FakeRecord("in", 0, 40 + i, b"b", lines[i]) for i in range(2)]
+               + [FakeRecord("in", 1, 7, b"c", lines[0])])
+    pipeline.process(records)
+    # "a" holds its last L - 1 readings (offsets 14-18); "b" holds 40-41; "c", 7
+    assert pipeline.windows.refill_starts() == {0: 10 + (L + 3) - (L - 1), 1: 7}
+    pipeline.evict_before(0, 19)  # "a" was last read at offset 18
+    assert pipeline.windows.refill_starts() == {0: 40, 1: 7}
 
 
 def test_a_repeated_or_late_reading_is_skipped_counted_and_forecasts_stay_as_without_it():
@@ -310,16 +316,11 @@ def test_scores_of_readings_at_float32s_edge_stay_finite():
 
 
 def test_idle_sensors_lose_their_window_and_come_back_empty():
-    pipeline, sink, metrics = build("window.idle_ttl=60s")
+    pipeline, sink, metrics = build()
     lines = sample_lines(12)
     pipeline.process([FakeRecord("in", 0, i, b"old", line.encode()) for i, line in enumerate(lines[:8])])
     pipeline.process([FakeRecord("in", 0, 8, b"new", lines[0].encode())])
-    slot_new = pipeline.windows.slots["new"]
-    import time as _time
-
-    later = _time.monotonic() + 61
-    pipeline.windows._seen[slot_new] = later - 1  # "new" was heard from within the ttl
-    assert pipeline.evict_idle(later) == 1
+    assert pipeline.evict_before(0, 8) == 1  # "old" was last read at offset 7, "new" at 8
     assert set(pipeline.windows.slots) == {"new"}
     assert value(metrics, "stream_forecaster_evicted_sensors_total") == 1
     assert value(metrics, "stream_forecaster_active_sensors") == 1

@@ -1,10 +1,11 @@
+import hashlib
 import json
 import multiprocessing
 import shutil
 
 import pytest
 
-from stream_forecaster.registry import CHECKSUM_FILE, ModelStore, ModelStoreError
+from stream_forecaster.registry import CHECKSUM_FILE, POINTER_FILE, ModelStore, ModelStoreError
 
 
 def writer(payload: str):
@@ -145,3 +146,74 @@ def test_foreign_entries_in_the_store_are_neither_versions_nor_obstacles(tmp_pat
     (store.directory("4") / "metadata.json").write_text("[]")
     with pytest.raises(ModelStoreError, match="not an object"):
         store.metadata("4")
+
+
+def test_a_store_path_that_is_a_file_is_refused_with_what_to_do(tmp_path):
+    (tmp_path / "models").write_text("not a directory")
+    store = ModelStore(tmp_path / "models")
+    for call in (store.versions, store.current, lambda: store.resolve(None)):
+        with pytest.raises(ModelStoreError, match="models is not a directory .*set model_store.path to a directory"):
+            call()
+    with pytest.raises(ModelStoreError, match="models is not writable \\(a file is in the way\\)"):
+        store.check_writable()
+
+
+def test_a_pointer_that_is_a_directory_is_refused_with_what_to_do(tmp_path):
+    store = ModelStore(tmp_path / "store")
+    store.publish(writer("a"))
+    (store.path / POINTER_FILE).unlink()
+    (store.path / POINTER_FILE).mkdir()
+    says = "CURRENT is a directory, not the file naming the current version: remove it, .*models promote VERSION"
+    for call in (store.current, store.previous, store.check_writable, lambda: store.set_current("1"),
+                 lambda: store.publish(writer("b"))):
+        with pytest.raises(ModelStoreError, match=says):
+            call()
+    assert store.versions() == ["1"] and sorted(p.name for p in store.path.iterdir()) == [".lock", "1", "CURRENT"]
+    (store.path / POINTER_FILE).rmdir()  # as the message says: then promoting works again
+    store.set_current("1")
+    assert store.current() == "1"
+
+
+def test_the_daemons_watcher_warns_of_a_pointer_that_is_a_directory_and_keeps_watching(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from stream_forecaster.service import ModelWatcher
+
+    (tmp_path / POINTER_FILE).mkdir()
+    watcher = ModelWatcher(ModelStore(tmp_path), SimpleNamespace(version="1"), 1.0, None, None)
+    watcher.check()  # returns: a raise here would end hot swaps for good
+    assert "cannot read the model store pointer" in caplog.text and "CURRENT is a directory" in caplog.text
+
+
+def list_files(directory, *names):
+    """Write the checksum list of ``names`` (their true checksums: only the names may be wrong)."""
+    lines = [f"{hashlib.sha256((directory / name).read_bytes()).hexdigest()}  {name}" for name in names]
+    (directory / CHECKSUM_FILE).write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("entry", ["absolute", "../outside.txt", "sub/../../outside.txt", "link.keras"])
+def test_the_checksum_list_names_only_the_versions_own_files(tmp_path, entry):
+    store = ModelStore(tmp_path / "store")
+    directory = store.directory(store.publish(writer("a")))
+    outside = tmp_path / "store" / "outside.txt"
+    outside.write_text("someone else's")
+    (directory / "sub").mkdir()
+    (directory / "link.keras").symlink_to(outside)
+    entry = str(outside) if entry == "absolute" else entry
+    list_files(directory, "model.keras", "metadata.json", entry)
+    with pytest.raises(ModelStoreError) as info:
+        store.verify(directory)
+    assert str(info.value).startswith(f"{directory}: {CHECKSUM_FILE} lists {entry!r}, which is not a file of this "
+                                      "model version")
+
+
+def test_the_checksum_list_must_name_the_model(tmp_path):
+    store = ModelStore(tmp_path / "store")
+    directory = store.directory(store.publish(writer("a")))
+    list_files(directory, "metadata.json")
+    with pytest.raises(ModelStoreError, match=f"{directory}: {CHECKSUM_FILE} does not list model.keras"):
+        store.verify(directory)
+    (directory / "sub").mkdir()
+    (directory / "sub" / "notes.txt").write_text("inside, in a folder of the version")
+    list_files(directory, "./model.keras", "sub/notes.txt")
+    assert store.verify(directory) == directory

@@ -6,11 +6,14 @@ import json
 import logging
 import socket
 import threading
+import tracemalloc
 
+import numpy as np
 import pytest
 
 from conftest import sample_lines, write_uci
 from daemon import wait_for
+from stream_forecaster import retrain
 from stream_forecaster.cli import main
 from stream_forecaster.config import load_config
 from stream_forecaster.records import SAMPLE_PATH
@@ -175,6 +178,77 @@ def test_series_from_records_uses_the_daemons_rules_per_sensor():
     assert series.segments == (0, 2)  # a: 2 readings, then b: 2 readings
     assert series.values[:, 0].tolist() == pytest.approx([float(lines[i].split(";")[2]) for i in (1, 3, 0, 2)])
     assert (series.missing, series.malformed, series.lines) == (1, 1, 7)
+
+
+T0 = 1_709_251_200  # 2024-03-01T00:00:00Z
+
+
+def test_series_from_records_keeps_each_sensors_recent_readings_in_arrival_order(monkeypatch):
+    """Times carried or from Kafka, missing and invalid readings, stale ones, any number of blocks."""
+    uci = "1/3/2024;00:03:00;0.5;0.1;240;2;0;0;0"
+    # (key, value, Kafka timestamp in ms, the reading it is: (sensor, time, value), or what it counts as)
+    cases = [
+        (b"pump", {"timestamp": "2024-03-01T00:00:00Z", "value": 1.5}, (T0 + 5) * 1000, ("pump", T0, 1.5)),
+        (b"meter", {"values": {"Global_active_power": 2.25}}, (T0 + 60.75) * 1000, ("meter", T0 + 60.75, 2.25)),
+        (b"pump", "?", T0 * 1000, "missing"),
+        (b"meter", "3.5", (T0 + 120) * 1000, ("meter", T0 + 120, 3.5)),
+        (b"old", {"timestamp": "2024-01-31T00:00:00Z", "value": 9.0}, T0 * 1000, ("old", T0 - 30 * 86400, 9.0)),
+        (b"pump", {"values": {"Global_active_power": None}}, T0 * 1000, "missing"),
+        (None, uci, 0, ("default", T0 + 180, 0.5)),
+        (b"pump", "garbage", T0 * 1000, "invalid"),
+        (b"meter", {"timestamp": "2024-03-01T00:00:30", "value": 4.0}, (T0 + 300) * 1000, ("meter", T0 + 30, 4.0)),
+        (b"pump", {"timestamp": "2024-03-01T00:04:00.5+00:00", "value": -1.25}, 0, ("pump", T0 + 240.5, -1.25)),
+        (b"meter", {"timestamp": "2024-02-28T00:00:00Z", "value": 7.0}, T0 * 1000, ("meter", T0 - 2 * 86400, 7.0)),
+        (b"pump", "", T0 * 1000, "invalid"),
+    ]
+    records = [FakeRecord("in", 0, i, key, (value if isinstance(value, str) else json.dumps(value)).encode(),
+                          timestamp=int(ms)) for i, (key, value, ms, _) in enumerate(cases)]
+    readings = [r for *_, r in cases if isinstance(r, tuple)]
+    newest = max(t for _, t, _ in readings)
+    kept = sorted((r for r in readings if r[1] >= newest - 86400), key=lambda r: r[0])  # stable: arrival order
+    names = [s for s, _, _ in kept]
+    for block in (65536, 2):  # 2: readings of one sensor spread over many blocks
+        monkeypatch.setattr(retrain, "_BLOCK", block)
+        series = series_from_records(records, ["Global_active_power"], 65536, history_s=86400, source="t")
+        assert series.sensors == ("default", "meter", "pump")  # "old" had nothing recent: gone, name and all
+        assert series.segments == tuple(names.index(s) for s in series.sensors) == (0, 1, 4)
+        assert series.timestamps.dtype == np.int64 and series.values.dtype == np.float32
+        assert series.timestamps.tolist() == [int(t) for _, t, _ in kept]  # whole seconds, as the daemon's
+        assert series.values.shape == (len(kept), 1) and series.values[:, 0].tolist() == [v for *_, v in kept]
+        assert (series.lines, series.missing, series.malformed) == (12, 2, 2)
+    empty = series_from_records([], ["Global_active_power"], 65536, history_s=86400, source="t")
+    assert (len(empty), empty.values.shape, empty.segments, empty.sensors) == (0, (0, 1), (0,), ())
+
+
+def test_reading_history_takes_tens_of_bytes_a_reading():
+    n, sensors = 150_000, 100
+
+    def records():  # made as they are read, as from Kafka: only the reader's own memory is counted
+        for i in range(n):
+            yield FakeRecord("in", 0, i, b"sensor-%03d" % (i % sensors), b'{"values":{"a":%d.5,"b":-%d}}' % (i, i % 7),
+                             timestamp=1_700_000_000_000 + i // sensors * 60_000)
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        series = series_from_records(records(), ["a", "b"], 65536, history_s=14 * 86400, source="t")
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert len(series) == n and len(series.sensors) == sensors
+    # the result alone is 16 bytes a reading (an int64 time, two float32 values); lists of Python floats took 480
+    assert peak / n < 100
+
+
+def test_a_cycle_past_the_budget_trains_and_gates_on_samples(tmp_path):
+    retrainer(tmp_path, "model.max_windows=300").run_once()
+    r = retrainer(tmp_path, "model.max_windows=300", "retrain.min_improvement=0")
+    outcome = r.run_once()
+    assert outcome.current_error is not None  # the current model scored on the candidate's held-out sample
+    meta = r.store.metadata(r.store.current())
+    assert meta["data"]["train_windows"] + meta["data"]["validation_windows"] <= 300
+    assert meta["data"]["sampled_from"]["train"] > 300
+    assert meta["gate"]["test_windows"] == meta["data"]["test_windows"] == 34  # ceil(300 * 0.1 / 0.9)
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -88,3 +89,41 @@ def test_a_sensor_belongs_to_the_partition_it_was_last_read_from():
     assert windows.slot("s", 2) == slot  # its key now hashes elsewhere (partitions added)
     assert windows.drop_partitions({1}) == []
     assert windows.drop_partitions({2}) == [slot]
+
+
+@given(st.integers(1, 5), st.lists(st.tuples(st.integers(0, 3), st.integers(0, 1)), max_size=60))
+def test_each_partitions_refill_starts_at_the_oldest_offset_its_windows_hold(size, readings):
+    windows, held = SensorWindows(size, 1, capacity=2), {}
+    for offset, (sensor, partition) in enumerate(readings):
+        slot = windows.slot(f"s{sensor}", partition)
+        windows.append(slot, [float(offset)], offset)
+        held[sensor] = ([*held.get(sensor, ([], None))[0], offset][-size:], partition)
+    expected = {}
+    for offsets, partition in held.values():
+        expected[partition] = min(expected.get(partition, offsets[0]), offsets[0])
+    assert windows.refill_starts() == expected
+    assert windows.refill_starts([1]) == {p: o for p, o in expected.items() if p == 1}
+
+
+def test_a_snapshot_brings_a_partitions_windows_back_exactly_and_nothing_else_is_taken_for_one():
+    windows = SensorWindows(3, 2, capacity=2)
+    for offset, (sensor, partition) in enumerate([("a", 0), ("b", 1), ("a", 0), ("c", 0), ("a", 0), ("a", 0)]):
+        windows.append(windows.slot(sensor, partition), [offset, -offset], offset, 1000.0 + offset)
+    restored = SensorWindows(3, 2)
+    assert restored.restore(0, windows.snapshot(0)) == 2 and set(restored.slots) == {"a", "c"}
+    for sensor in ("a", "c"):
+        mine, theirs = windows.slots[sensor], restored.slots[sensor]
+        np.testing.assert_array_equal(restored.window(theirs), windows.window(mine))
+        assert restored.times[theirs] == windows.times[mine] and restored.last[theirs] == windows.last[mine]
+    assert restored.refill_starts() == {0: windows.refill_starts()[0]}
+    # appending goes on as it would have: the ring's head and count came back too
+    for w in (windows, restored):
+        w.append(w.slots["c"], [9, 9], 9)
+        w.append(w.slots["c"], [10, 10], 10)
+    np.testing.assert_array_equal(restored.window(restored.slots["c"]), windows.window(windows.slots["c"]))
+    for other in (SensorWindows(4, 2), SensorWindows(3, 1)):
+        with pytest.raises(ValueError):
+            other.restore(0, windows.snapshot(0))
+        assert len(other) == 0
+    with pytest.raises(ValueError):
+        SensorWindows(3, 2).restore(0, b"not a snapshot")
