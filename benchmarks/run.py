@@ -60,7 +60,7 @@ def ingest(forecaster, messages: int, sensors: int = 1000) -> float:
                for lo in range(0, messages, 5000)]
     start = time.perf_counter()
     for batch in batches:
-        pipeline._parse_and_window(batch, 0, len(batch), _Parsed())
+        pipeline._ingest(batch, 0, len(batch), _Parsed())
     return messages / (time.perf_counter() - start)
 
 

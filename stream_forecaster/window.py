@@ -75,11 +75,10 @@ class SensorWindows:
         self._free: list[int] = []
         self._block = max(1, min(4096, 2**20 // (size * width * 4)))  # slots per block of rows
         self._blocks: list[np.ndarray] = []
-        self._offset_blocks: list[np.ndarray] = []  # [block, size]: the input offset of each row
         self._head = np.zeros(capacity, dtype=np.int16)  # next row to write (size <= 10,000)
         self._count = np.zeros(capacity, dtype=np.int16)  # rows held, at most size
         self.last = np.full(capacity, -1, dtype=np.int64)  # offset of the last reading; -1: free
-        self.oldest = np.full(capacity, -1, dtype=np.int64)  # offset of the oldest reading in the window
+        self._offsets = np.zeros((capacity, size), dtype=np.int64)  # the input offset of each row
         self.times = np.full(capacity, np.nan)  # the newest time a reading carried (s since 1970); NaN: none yet
         self.partitions = np.full(capacity, -1, dtype=np.int32)  # input partition the sensor's readings come from
 
@@ -104,7 +103,6 @@ class SensorWindows:
                 slot = len(self._sensors)
                 if slot == self.capacity:
                     self._blocks.append(np.zeros((self._block, self.size, self.width), dtype=np.float32))
-                    self._offset_blocks.append(np.zeros((self._block, self.size), dtype=np.int64))
                 if slot == len(self._head):
                     self._grow()
                 self._sensors.append(sensor)
@@ -137,7 +135,7 @@ class SensorWindows:
                 del self.slots[sensor]
                 self._sensors[slot] = None
                 self._count[slot] = self._head[slot] = 0
-                self.last[slot] = self.oldest[slot] = -1
+                self.last[slot] = -1
                 self.times[slot] = np.nan
                 self.partitions[slot] = -1
                 self._free.append(slot)
@@ -150,33 +148,28 @@ class SensorWindows:
         self.last[slot] = offset
         if timestamp == timestamp:
             self.times[slot] = timestamp
-        head = int(self._head[slot])
-        block, row = divmod(slot, self._block)
-        self._blocks[block][row, head] = values
-        offsets = self._offset_blocks[block][row]
-        offsets[head] = offset
-        head = (head + 1) % self.size
-        self._head[slot] = head
-        count = self._count[slot]
-        if count < self.size:
-            count += 1
-            self._count[slot] = count
-        full = count == self.size
-        self.oldest[slot] = offsets[head] if full else offsets[0]
-        return full
+        head = self._head[slot]
+        self._blocks[slot // self._block][slot % self._block, head] = values
+        self._offsets[slot, head] = offset
+        self._head[slot] = (head + 1) % self.size
+        if self._count[slot] < self.size:
+            self._count[slot] += 1
+        return self._count[slot] == self.size
 
     def full(self, slots: np.ndarray) -> np.ndarray:
         """Which of ``slots`` hold a full window."""
         return self._count[slots] == self.size
 
     def refill_starts(self, partitions=None) -> dict[int, int]:
-        """Per partition (of ``partitions``, or all), the oldest offset still inside one of its sensors' windows."""
-        used = len(self._sensors)
-        held, oldest = self.partitions[:used], self.oldest[:used]
-        wanted = np.unique(held[held >= 0]).tolist() if partitions is None else partitions
+        """Per partition (of ``partitions``, or all), the oldest offset still inside one of its sensors' windows:
+        a full window's oldest row is at its head, one still filling starts at row 0."""
+        used = np.flatnonzero(self.last[:len(self._sensors)] >= 0)
+        held = self.partitions[used]
+        wanted = np.unique(held).tolist() if partitions is None else partitions
+        oldest = self._offsets[used, np.where(self._count[used] == self.size, self._head[used], 0)]
         starts = {}
         for partition in wanted:
-            mine = oldest[(held == partition) & (oldest >= 0)]
+            mine = oldest[held == partition]
             if len(mine):
                 starts[partition] = int(mine.min())
         return starts
@@ -186,16 +179,13 @@ class SensorWindows:
         slots = self.in_partition(partition)
         blocks, rows = np.divmod(slots, self._block)
         values = np.empty((len(slots), self.size, self.width), dtype=np.float32)
-        offsets = np.empty((len(slots), self.size), dtype=np.int64)
         for b in np.unique(blocks).tolist():
             here = blocks == b
             values[here] = self._blocks[b][rows[here]]
-            offsets[here] = self._offset_blocks[b][rows[here]]
         names = json.dumps([self._sensors[s] for s in slots.tolist()]).encode()
         out = io.BytesIO()
-        np.savez(out, names=np.frombuffer(names, dtype=np.uint8), values=values, offsets=offsets,
-                 head=self._head[slots], count=self._count[slots], last=self.last[slots],
-                 oldest=self.oldest[slots], times=self.times[slots])
+        np.savez(out, names=np.frombuffer(names, dtype=np.uint8), values=values, offsets=self._offsets[slots],
+                 head=self._head[slots], count=self._count[slots], last=self.last[slots], times=self.times[slots])
         return out.getvalue()
 
     def restore(self, partition: int, snapshot: bytes) -> int:
@@ -206,25 +196,23 @@ class SensorWindows:
         """
         try:
             with np.load(io.BytesIO(snapshot), allow_pickle=False) as saved:
-                arrays = {k: saved[k] for k in ("names", "values", "offsets", "head", "count", "last", "oldest",
-                                                 "times")}
+                arrays = {k: saved[k] for k in ("names", "values", "offsets", "head", "count", "last", "times")}
             names = json.loads(arrays["names"].tobytes())
         except (OSError, KeyError, ValueError, EOFError) as exc:
             raise ValueError(f"not a snapshot of windows ({type(exc).__name__}: {exc})") from None
         n = len(names)
         if (arrays["values"].shape != (n, self.size, self.width) or arrays["offsets"].shape != (n, self.size)
-                or any(len(arrays[k]) != n for k in ("head", "count", "last", "oldest", "times"))
+                or any(len(arrays[k]) != n for k in ("head", "count", "last", "times"))
                 or not all(isinstance(name, str) for name in names)
                 or not ((0 <= arrays["head"]) & (arrays["head"] < self.size)).all()
                 or not ((0 <= arrays["count"]) & (arrays["count"] <= self.size)).all()):
             raise ValueError(f"a snapshot of {arrays['values'].shape[1:]} windows, not ({self.size}, {self.width})")
         for i, name in enumerate(names):
             slot = self.slot(name, partition)
-            block, row = divmod(slot, self._block)
-            self._blocks[block][row] = arrays["values"][i]
-            self._offset_blocks[block][row] = arrays["offsets"][i]
+            self._blocks[slot // self._block][slot % self._block] = arrays["values"][i]
+            self._offsets[slot] = arrays["offsets"][i]
             self._head[slot], self._count[slot] = arrays["head"][i], arrays["count"][i]
-            self.last[slot], self.oldest[slot], self.times[slot] = arrays["last"][i], arrays["oldest"][i], arrays["times"][i]
+            self.last[slot], self.times[slot] = arrays["last"][i], arrays["times"][i]
         return n
 
     def window(self, slot: int) -> np.ndarray:
@@ -249,8 +237,7 @@ class SensorWindows:
         self._count[new // 2:] = 0
         self.last = np.resize(self.last, new)
         self.last[new // 2:] = -1
-        self.oldest = np.resize(self.oldest, new)
-        self.oldest[new // 2:] = -1
+        self._offsets = np.resize(self._offsets, (new, self.size))
         self.partitions = np.resize(self.partitions, new)
         self.partitions[new // 2:] = -1
         self.times = np.resize(self.times, new)
