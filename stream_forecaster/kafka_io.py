@@ -444,8 +444,12 @@ class KafkaCheckpoints:
         reader = self._reader()
         try:
             self.partitions = len(reader.partitions_for_topic(self.topic) or ())
+            wanted = max(1, len(reader.partitions_for_topic(config.input_topic) or ()))
+            if 0 < self.partitions < wanted:
+                log.warning("the state topic %s has %d partitions, the input topic %d: partitions from %d on refill "
+                            "from window.rebuild_messages readings; add partitions to %s", self.topic,
+                            self.partitions, wanted, self.partitions, self.topic)
             if not self.partitions:
-                wanted = max(1, len(reader.partitions_for_topic(config.input_topic) or ()))
                 try:
                     self._create(wanted)
                     self.partitions = wanted
