@@ -443,8 +443,11 @@ class KafkaCheckpoints:
         self._config, self._sink = config, sink
         reader = self._reader()
         try:
-            self.partitions = len(reader.partitions_for_topic(self.topic) or ())
-            wanted = max(1, len(reader.partitions_for_topic(config.input_topic) or ()))
+            try:
+                self.partitions = len(reader.partitions_for_topic(self.topic) or ())
+                wanted = max(1, len(reader.partitions_for_topic(config.input_topic) or ()))
+            except KafkaError as exc:  # the broker went away since the clients connected: tried again
+                raise BrokerUnavailable(f"cannot read the topics' metadata: {type(exc).__name__}: {exc}") from None
             if 0 < self.partitions < wanted:
                 log.warning("the state topic %s has %d partitions, the input topic %d: partitions from %d on refill "
                             "from window.rebuild_messages readings; add partitions to %s", self.topic,
