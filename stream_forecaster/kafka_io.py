@@ -144,19 +144,13 @@ class KafkaSource:
         tp = TopicPartition(self.topic, partition)
         try:
             reader.assign([tp])
-            reader.seek(tp, start)
-            position, moved = start, time.monotonic()
-            while position < end and not stop.is_set():
-                for records in _poll(reader, 500).values():
-                    yield from (r for r in records if r.offset < end)
-                now = reader.position(tp, timeout_ms=1000)
-                if now is not None and now > position:
-                    position, moved = now, time.monotonic()
-                elif time.monotonic() - moved > patience_s:
-                    log.warning("partition %d: nothing after offset %d for %.0f s, short of the committed offset %d "
-                                "(a truncated log?); windows refilled from what there was",
-                                partition, position, patience_s, end)
-                    return
+
+            def stalled(position: int) -> None:
+                log.warning("partition %d: nothing after offset %d for %.0f s, short of the committed offset %d "
+                            "(a truncated log?); windows refilled from what there was",
+                            partition, position, patience_s, end)
+
+            yield from _records_between(reader, tp, start, end, stop, patience_s, stalled)
         finally:
             reader.close(autocommit=False, timeout_ms=5000)
 
@@ -231,6 +225,28 @@ def _poll(consumer, timeout_ms: int, max_records: int | None = None, on_unreadab
         if on_unreadable:
             on_unreadable()
         return {}
+
+
+def _records_between(reader, tp, start: int, end: int, stop: threading.Event | None = None,
+                     patience_s: float = 30.0, stalled=None):
+    """Records ``start <= offset < end`` of ``tp``, assigned to ``reader`` (fewer where compaction removed some).
+
+    Ends early when ``stop`` is set, or after ``patience_s`` without progress
+    (calling ``stalled(position)``): a log can end short of an offset read
+    elsewhere (an unclean leader election truncated it).
+    """
+    reader.seek(tp, start)
+    position, moved = start, time.monotonic()
+    while position < end and not (stop is not None and stop.is_set()):
+        for records in _poll(reader, 500).values():
+            yield from (r for r in records if r.offset < end)
+        now = reader.position(tp, timeout_ms=1000)
+        if now is not None and now > position:
+            position, moved = now, time.monotonic()
+        elif time.monotonic() - moved > patience_s:
+            if stalled is not None:
+                stalled(position)
+            return
 
 
 class BrokerUnavailable(UserError, RuntimeError):
@@ -521,7 +537,7 @@ class KafkaCheckpoints:
         try:
             reader.assign([tp])
             end = reader.end_offsets([tp])[tp]
-            for r in self._records(reader, tp, offset, end):
+            for r in _records_between(reader, tp, offset, end):
                 if r.key and r.key.startswith(prefix) and dict(r.headers or ()).get("snapshot") == tag:
                     chunks[int(r.key[len(prefix):])] = r.value or b""
                     if len(chunks) == count:
@@ -551,7 +567,7 @@ class KafkaCheckpoints:
             while stop > first:
                 start = max(first, end - back)
                 found = None
-                for record in self._records(reader, tp, start, stop):
+                for record in _records_between(reader, tp, start, stop):
                     if record.key == key:
                         found = record
                 if found is not None:
@@ -560,19 +576,6 @@ class KafkaCheckpoints:
             return None
         finally:
             reader.close(autocommit=False, timeout_ms=5000)
-
-    @staticmethod
-    def _records(reader, tp, start: int, end: int, patience_s: float = 30.0):
-        """Records ``start <= offset < end`` of ``tp`` (fewer where compaction removed some)."""
-        reader.seek(tp, start)
-        moved = time.monotonic()
-        while (reader.position(tp, timeout_ms=1000) or start) < end:
-            for records in _poll(reader, 500).values():
-                moved = time.monotonic()
-                yield from (r for r in records if r.offset < end)
-            if time.monotonic() - moved > patience_s:
-                raise KafkaTimeoutError(f"reading {tp.topic}[{tp.partition}] from {start} to {end} took too long")
-
 
 def read_topic(config: KafkaConfig, topic: str, stop: threading.Event, idle_s: float | None = None):
     """Yield every record of ``topic`` from the beginning, without a consumer group.

@@ -130,6 +130,10 @@ class Daemon:
         ready, at = self._readiness
         return ready and self.clock() - at < self.config.kafka.max_poll_interval_ms / 1000
 
+    def _note_readiness(self, ready: bool) -> None:
+        """Publish what the loop found, and when, for the endpoint's thread to read (:meth:`ready`)."""
+        self._readiness = (ready, self.clock())
+
     def run(self) -> int:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self.request_stop)
@@ -225,19 +229,19 @@ class Daemon:
                 records = self.source.poll(POLL_TIMEOUT_S, self.batch_limit)
             except Exception as exc:  # kafka-python raises on some broker faults; they pass, the loop must not
                 log.warning("poll failed (%s: %s); retrying", type(exc).__name__, exc)
-                self._readiness = (False, self.clock())
+                self._note_readiness(False)
                 self.stop.wait(1.0)
                 continue
             self.metrics.last_poll.set_to_current_time()  # after it answered: a poll failing for ever is stuck too
             try:
                 recovery.take_changes()
-                self._readiness = (recovery.ready(), self.clock())  # not ready from before a refill starts
+                self._note_readiness(recovery.ready())  # not ready from before a refill starts
                 recovery.refill()
-                self._readiness = (recovery.ready(), self.clock())
+                self._note_readiness(recovery.ready())
             except Exception as exc:  # noqa: BLE001 (a broker call failed midway; what is left is tried again)
                 log.warning("handling the new partitions failed (%s: %s); their readings are read again in 1 s",
                             type(exc).__name__, exc)
-                self._readiness = (False, self.clock())
+                self._note_readiness(False)
                 self.source.rewind(records)
                 self.stop.wait(1.0)
                 continue
@@ -259,7 +263,7 @@ class Daemon:
                 recovery.evict()
                 next_eviction = now + max(1.0, self.config.window.idle_ttl / 10)
             recovery.commit()
-            self._readiness = (recovery.ready(), self.clock())
+            self._note_readiness(recovery.ready())
             if now >= next_gauges:
                 self._update_gauges()
                 next_gauges = now + GAUGE_INTERVAL_S
