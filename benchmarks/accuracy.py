@@ -57,7 +57,7 @@ def main() -> int:
         trained = train(config, series.select(series.timestamps < split), verbose=2)
         forecaster = trained.forecaster
         result["training_seconds"] = round(time.monotonic() - started, 1)
-        result["epochs"] = len(forecaster.metadata["training"]["history"]["loss"])
+        result["epochs"] = len(forecaster.metadata.training["history"]["loss"])
         print(f"trained in {result['training_seconds']:.0f} s, {result['epochs']} epochs", flush=True)
         if args.save:
             Path(args.save).mkdir(parents=True, exist_ok=True)

@@ -19,13 +19,14 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stream_forecaster.records import SAMPLE_PATH, UCI_COLUMNS, open_text  # noqa: E402
+from stream_forecaster.files import SAMPLE_PATH, open_text  # noqa: E402
+from stream_forecaster.messages import UCI_COLUMNS  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "household_power_consumption.zip"
 
 CHILD = r"""
 import json, sys, time
-from stream_forecaster.records import read_uci
+from stream_forecaster.files import read_uci
 from stream_forecaster.window import sliding_windows, split_windows
 
 def status(field):

@@ -43,7 +43,8 @@ n = int(sys.argv[1])
 pipeline = Pipeline(config, Shape(), ListSink(), Metrics(Shape.targets))
 line = b"16/12/2006;17:24:00;4.216;0.418;234.840;18.400;0.000;1.000;17.000"
 for start in range(0, n, 10000):
-    pipeline.process([FakeRecord("in", 0, i, f"sensor-{i:07d}".encode(), line) for i in range(start, min(n, start + 10000))])
+    pipeline.process([FakeRecord("in", 0, i, f"sensor-{i:07d}".encode(), line)
+                      for i in range(start, min(n, start + 10000))])
     if start == 0:  # the batch buffers now exist: from here on, growth is the sensors' own
         gc.collect()
         before, first = rss(), len(pipeline.windows)

@@ -37,20 +37,21 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from throughput import default_forecaster  # noqa: E402
-
 from kafka import KafkaConsumer, TopicPartition  # noqa: E402
 from kafka.structs import OffsetAndMetadata  # noqa: E402
+from throughput import default_forecaster  # noqa: E402
 
 from stream_forecaster.config import load_config  # noqa: E402
 from stream_forecaster.devbroker import DevBroker, free_port  # noqa: E402
-from stream_forecaster.kafka_io import KafkaCheckpoints, KafkaSink, KafkaSource, client_settings, ensure_topics  # noqa: E402,E501
-from stream_forecaster.metrics import Metrics  # noqa: E402
+from stream_forecaster.files import SAMPLE_PATH, open_text  # noqa: E402
+from stream_forecaster.kafka_compat import client_settings  # noqa: E402
+from stream_forecaster.kafka_io import KafkaCheckpoints, KafkaSink, KafkaSource  # noqa: E402
+from stream_forecaster.messages import OutRecord  # noqa: E402
+from stream_forecaster.metrics import Metrics, scrape  # noqa: E402
 from stream_forecaster.pipeline import Pipeline  # noqa: E402
-from stream_forecaster.metrics import scrape  # noqa: E402
-from stream_forecaster.records import SAMPLE_PATH, OutRecord, open_text  # noqa: E402
 from stream_forecaster.recovery import Checkpoint  # noqa: E402
-from stream_forecaster.registry import ModelStore  # noqa: E402
+from stream_forecaster.store import ModelStore  # noqa: E402
+from stream_forecaster.topics import ensure_topics  # noqa: E402
 
 
 def produce(config, keys, lines, minutes: range, ends: dict[int, int]) -> float:

@@ -127,7 +127,8 @@ def child(sensors: int, interval_s: float, days: float, cycles: int, overrides: 
                          "windows": dict(chosen)})
     return {"sensors": sensors, "readings": len(series), "read_s": read_s, "baseline_bytes": baseline,
             "read_peak_bytes": read_peak, "after_read_bytes": after_read,
-            "series_bytes": series.values.nbytes + series.timestamps.nbytes, "cycles": runs, "peak_bytes": _status("VmHWM"), "max_windows": config.model.max_windows}
+            "series_bytes": series.values.nbytes + series.timestamps.nbytes, "cycles": runs,
+            "peak_bytes": _status("VmHWM"), "max_windows": config.model.max_windows}
 
 
 def measure(sensors: int, interval_s: float, days: float, cycles: int, overrides: list[str]) -> dict:
@@ -141,11 +142,12 @@ def report(r: dict) -> None:
     growth = (r["read_peak_bytes"] - r["baseline_bytes"]) / n
     print(f"{r['sensors']:>8,} sensors, {n:,} readings: read {r['read_s']:.1f} s ({r['read_s'] / n * 1e6:.1f} µs a "
           f"reading); memory {r['baseline_bytes'] / 1e6:.0f} MB after the imports, {r['read_peak_bytes'] / 1e6:.0f} MB "
-          f"peak while reading ({growth:.0f} bytes a reading), {r['after_read_bytes'] / 1e6:.0f} MB after it (the series "
-          f"holds {r['series_bytes'] / n:.0f} bytes a reading)")
+          f"peak while reading ({growth:.0f} bytes a reading), {r['after_read_bytes'] / 1e6:.0f} MB after it "
+          f"(the series holds {r['series_bytes'] / n:.0f} bytes a reading)")
     for i, c in enumerate(r["cycles"], 1):
         w = c["windows"]
-        print(f"{'':>10}cycle {i}: {c['outcome']:<9} {w['train']:>9,} + {w['test']:>7,} windows of {w['available']:>11,}"
+        print(f"{'':>10}cycle {i}: {c['outcome']:<9} {w['train']:>9,} + {w['test']:>7,} windows of "
+              f"{w['available']:>11,}"
               f"  sample {c['sample_s']:6.1f} s  train {c['train_s']:7.1f} s  gate and publish {c['rest_s']:6.1f} s"
               f"  cycle {c['seconds']:7.1f} s")
     last = r["cycles"][-1]["seconds"] if r["cycles"] else 0.0

@@ -31,10 +31,10 @@ import throughput  # noqa: E402
 
 from stream_forecaster.config import load_config  # noqa: E402
 from stream_forecaster.devbroker import DevBroker  # noqa: E402
+from stream_forecaster.files import SAMPLE_PATH, open_text  # noqa: E402
 from stream_forecaster.metrics import Metrics  # noqa: E402
 from stream_forecaster.pipeline import Pipeline, _Parsed  # noqa: E402
-from stream_forecaster.records import SAMPLE_PATH, open_text  # noqa: E402
-from stream_forecaster.registry import ModelStore  # noqa: E402
+from stream_forecaster.store import ModelStore  # noqa: E402
 from stream_forecaster.testing import FakeRecord, ListSink  # noqa: E402
 
 
@@ -56,7 +56,8 @@ def ingest(forecaster, messages: int, sensors: int = 1000) -> float:
         lines = [line.rstrip("\n").encode() for line in f if "?" not in line]
     keys = [f"sensor-{i}".encode() for i in range(sensors)]
     # sensor k's m-th reading is line k + m: each sensor moves forward in time (an older reading would be stale)
-    batches = [[FakeRecord("in", 0, i, keys[i % sensors], lines[i % sensors + i // sensors]) for i in range(lo, lo + 5000)]
+    batches = [[FakeRecord("in", 0, i, keys[i % sensors], lines[i % sensors + i // sensors])
+                for i in range(lo, lo + 5000)]
                for lo in range(0, messages, 5000)]
     start = time.perf_counter()
     for batch in batches:
@@ -100,7 +101,8 @@ def main() -> None:
             figures.setdefault("e2e_cpu_us_per_prediction", {})[str(sensors)] = r["cpu_us_per_prediction"]
             rows.append((f"end to end, {sensors:,} sensors", f"{r['readings_per_s']:,.0f} readings/s in, "
                                                              f"{r['predictions_per_s']:,.0f} predictions/s out"))
-            rows.append(("", throughput.cpu_breakdown(r["cpu_us_per_prediction"], figures["model_ceiling_windows_per_s"])))
+            rows.append(("", throughput.cpu_breakdown(r["cpu_us_per_prediction"],
+                                                      figures["model_ceiling_windows_per_s"])))
 
     got, _ = swap.steady_load(1000.0, 100, 10.0 if q else 30.0)
     latencies = np.array([latency for _, latency, _ in got])
@@ -111,8 +113,9 @@ def main() -> None:
     figures["latency_floor_p50_ms"] = float(np.percentile(floor, 50))
     figures["latency_floor_p99_ms"] = float(np.percentile(floor, 99))
     rows.append(("reading-to-published latency at 1,000 readings/s",
-                 f"p50 {figures['latency_p50_ms']:.0f} ms, p99 {figures['latency_p99_ms']:.0f} ms (a bare relay through "
-                 f"the same broker: p50 {figures['latency_floor_p50_ms']:.0f} ms, p99 {figures['latency_floor_p99_ms']:.0f} ms)"))
+                 f"p50 {figures['latency_p50_ms']:.0f} ms, p99 {figures['latency_p99_ms']:.0f} ms "
+                 f"(a bare relay through the same broker: p50 {figures['latency_floor_p50_ms']:.0f} ms, "
+                 f"p99 {figures['latency_floor_p99_ms']:.0f} ms)"))
 
     figures["ingest_msgs_per_s"] = ingest(forecaster, 50_000 if q else 200_000)
     rows.append(("ingest only (parse and buffer)", f"{figures['ingest_msgs_per_s']:,.0f} messages/s"))
@@ -122,8 +125,8 @@ def main() -> None:
     one = memory.measure(n, "one")
     figures["bytes_per_sensor_one_column"] = one["bytes"] / one["sensors"]
     rows.append((f"window state, {n:,} sensors", f"{figures['bytes_per_sensor']:.0f} bytes per sensor "
-                                                  f"({r['columns']} columns; {figures['bytes_per_sensor_one_column']:.0f} "
-                                                  f"with one column)"))
+                                                  f"({r['columns']} columns; "
+                                                  f"{figures['bytes_per_sensor_one_column']:.0f} with one column)"))
 
     ceiling = figures["model_ceiling_windows_per_s"]
     e2e = max(figures["e2e_predictions_per_s"].values())

@@ -34,10 +34,12 @@ from throughput import default_forecaster  # noqa: E402
 
 from stream_forecaster.config import load_config  # noqa: E402
 from stream_forecaster.devbroker import DevBroker, free_port  # noqa: E402
-from stream_forecaster.kafka_io import KafkaSink, KafkaSource, ensure_topics, read_topic  # noqa: E402
+from stream_forecaster.files import SAMPLE_PATH, open_text  # noqa: E402
+from stream_forecaster.kafka_io import KafkaSink, KafkaSource  # noqa: E402
+from stream_forecaster.messages import OutRecord  # noqa: E402
 from stream_forecaster.metrics import scrape  # noqa: E402
-from stream_forecaster.records import SAMPLE_PATH, OutRecord, open_text  # noqa: E402
-from stream_forecaster.registry import ModelStore  # noqa: E402
+from stream_forecaster.store import ModelStore  # noqa: E402
+from stream_forecaster.topics import ensure_topics, read_topic  # noqa: E402
 
 
 def echo(overrides: list[str]) -> None:
@@ -94,7 +96,7 @@ def steady_load(rate: float, sensors: int, seconds: float, swap_at: float | None
                 if swap_at is not None and publish_at is None and i >= total * swap_at:
                     publish_at = time.time()
                     new = default_forecaster(base.replace("model", seed=99))
-                    threading.Thread(target=lambda: store.publish(new.save)).start()
+                    threading.Thread(target=store.publish, args=(new.save,)).start()
                 ahead = start + (i + 1) / rate - time.monotonic()
                 if ahead > 0:
                     time.sleep(ahead)  # pacing the offered load
@@ -108,7 +110,8 @@ def steady_load(rate: float, sensors: int, seconds: float, swap_at: float | None
             got = []
             for record in read_topic(config.kafka, config.kafka.output_topic, threading.Event(), idle_s=30):
                 p = json.loads(record.value)
-                got.append((record.timestamp, record.timestamp - sent[(p["source"]["partition"], p["source"]["offset"])],
+                got.append((record.timestamp,
+                            record.timestamp - sent[(p["source"]["partition"], p["source"]["offset"])],
                             p["model_version"]))
                 if len(got) >= expected:
                     break

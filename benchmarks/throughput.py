@@ -31,11 +31,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stream_forecaster.config import load_config  # noqa: E402
 from stream_forecaster.devbroker import DevBroker, free_port  # noqa: E402
-from stream_forecaster.kafka_io import KafkaSink, ensure_topics  # noqa: E402
+from stream_forecaster.files import SAMPLE_PATH, open_text  # noqa: E402
+from stream_forecaster.inference import usable_cores  # noqa: E402
+from stream_forecaster.kafka_io import KafkaSink  # noqa: E402
+from stream_forecaster.messages import OutRecord  # noqa: E402
 from stream_forecaster.metrics import scrape  # noqa: E402
-from stream_forecaster.model import Forecaster, build_model, use_inference_threads  # noqa: E402
-from stream_forecaster.records import SAMPLE_PATH, OutRecord, open_text  # noqa: E402
-from stream_forecaster.registry import ModelStore  # noqa: E402
+from stream_forecaster.model import Forecaster, build_model, use_tensorflow_threads  # noqa: E402
+from stream_forecaster.store import ModelMetadata, ModelStore  # noqa: E402
+from stream_forecaster.topics import ensure_topics  # noqa: E402
 
 
 def default_forecaster(config) -> Forecaster:
@@ -45,7 +48,7 @@ def default_forecaster(config) -> Forecaster:
             "normalization": {"method": "window"}, "scaled_units": True,
             "intervals": {"quantiles": [0.1, 0.9], "lower": [-1.0] * len(config.data.targets),
                           "upper": [1.0] * len(config.data.targets), "adaptation": 0.005}}
-    return Forecaster(build_model(config.model, config.layers()), meta)
+    return Forecaster(build_model(config.model, config.layers()), ModelMetadata.from_dict(meta))
 
 
 def ceiling(forecaster: Forecaster, seconds: float = 3.0, callers: int = 1) -> dict[int, float]:
@@ -57,10 +60,10 @@ def ceiling(forecaster: Forecaster, seconds: float = 3.0, callers: int = 1) -> d
         forecaster.forecast(windows)
         counts, start = [0] * callers, time.perf_counter()
 
-        def call(i):
-            while time.perf_counter() - start < seconds:
-                forecaster.forecast(windows)
-                counts[i] += batch
+        def call(i):  # run by threads joined within this iteration: no late binding
+            while time.perf_counter() - start < seconds:  # noqa: B023
+                forecaster.forecast(windows)  # noqa: B023
+                counts[i] += batch  # noqa: B023
 
         threads = [threading.Thread(target=call, args=(i,)) for i in range(callers)]
         for t in threads:
@@ -199,7 +202,7 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config(None, environ={})
     if args.ceiling_as_daemon:
-        use_inference_threads()
+        use_tensorflow_threads(usable_cores())  # as the daemon sets TensorFlow up
         print(json.dumps(ceiling(default_forecaster(config), args.ceiling_as_daemon, _cpus())))
         return
     forecaster = default_forecaster(config)
@@ -216,7 +219,8 @@ def main() -> None:
         print(f"  {'sensors':>7} {'readings':>9} {'readings/s':>11} {'predictions/s':>14} {'% of best ceiling':>18}")
         for sensors in args.sensors:
             r = end_to_end(broker, store.path, args.readings, sensors, Path(tmp), args.per_sensor)
-            print(f"  {sensors:>7} {r['readings']:>9,.0f} {r['readings_per_s']:>11,.0f} {r['predictions_per_s']:>14,.0f} "
+            print(f"  {sensors:>7} {r['readings']:>9,.0f} {r['readings_per_s']:>11,.0f} "
+                  f"{r['predictions_per_s']:>14,.0f} "
                   f"{100 * r['predictions_per_s'] / max(rates.values()):>17.0f}%")
             print("          " + cpu_breakdown(r["cpu_us_per_prediction"], max(rates.values())))
 

@@ -2,7 +2,9 @@
 
 User errors (configuration, data, missing model) print one line and exit 2;
 Ctrl-C exits 130 without leaving anything half-written. TensorFlow is imported
-only by the commands that need it, so ``--help`` and config errors are instant.
+only by the commands that need it, after their cheap checks (configuration,
+input files, outputs, model versions), so ``--help`` and those errors are
+instant; its C++ start-up lines are kept off stderr (see :mod:`.logs`).
 """
 
 from __future__ import annotations
@@ -16,14 +18,18 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import __version__, logs
 from .config import Config, load_config
 from .errors import Interrupted, UserError
-from .records import SAMPLE_PATH
-from .registry import ModelStore
+from .files import SAMPLE_PATH
+from .store import ModelStore
+
+if TYPE_CHECKING:
+    from .model import Forecaster
 
 __all__ = ["main"]
 
@@ -43,13 +49,43 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# what `stream-forecaster COMMAND --help` says first: what the command does and its most common use
+DESCRIPTIONS = {
+    "train": "Train a model version on a data file (default: data.path, else the bundled sample) or on the input "
+             "topic, test it on the end of the data it did not learn from, and make it the current version. "
+             "Most common: stream-forecaster train --data readings.csv",
+    "evaluate": "Backtest a stored model one step ahead over every window of a data file, next to the persistence "
+                "and day-before baselines. Most common: stream-forecaster evaluate --data readings.csv (the current "
+                "version; --model picks another).",
+    "run": "The daemon: forecast every reading of kafka.input_topic onto kafka.output_topic, take up new model "
+           "versions as they are published, and serve /metrics, /healthz and /readyz. Most common: "
+           "stream-forecaster run --config config.yaml, once train has written a first version.",
+    "replay": "Produce the data lines of a UCI file into kafka.input_topic as one sensor's readings, at a steady "
+              "rate: for demos, load tests and backfills. Most common: stream-forecaster replay --rate 1000 "
+              "(the bundled sample, to a daemon that runs).",
+    "broker": "Run the embedded development broker at the first of kafka.bootstrap_servers until Ctrl-C, in memory "
+              "only: to try the daemon without a Kafka cluster. Most common: stream-forecaster broker, then run "
+              "and replay in other terminals.",
+    "retrain": "Retrain on the recent history of the input topic on a schedule, and publish a new version only "
+               "when it beats the serving one (the validation gate). Most common: stream-forecaster retrain next "
+               "to the daemon, or retrain --once from cron.",
+    "models": "List the model versions in model_store.path, show one's metadata, make one current, or roll back "
+              "to the previous one; the daemon swaps to the current version by itself. Most common: "
+              "stream-forecaster models list",
+    "demo": "Everything on one machine: a development broker, a model (trained if the store has none), the daemon "
+            "and a replay of the bundled sample's last week, with a live view and a plot at the end. Most common: "
+            "stream-forecaster demo",
+}
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stream-forecaster", description="Streaming one-step-ahead LSTM forecasts for sensor fleets on Kafka.")
+    parser = argparse.ArgumentParser(prog="stream-forecaster",
+                                     description="Streaming one-step-ahead LSTM forecasts for sensor fleets on Kafka.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help)
+        sub = commands.add_parser(name, help=help, description=DESCRIPTIONS[name])
         _common(sub)
         return sub
 
@@ -68,7 +104,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", metavar="PATH", help=data_help)
     evaluate.add_argument("--worst", type=_positive(int), default=5, metavar="N",
                           help="list the N sensors with the lowest skill (multi-sensor data; default 5)")
-    evaluate.add_argument("--model", metavar="VERSION_OR_PATH", help="model version in the store or a version directory (default: current)")
+    evaluate.add_argument("--model", metavar="VERSION_OR_PATH",
+                          help="model version in the store or a version directory (default: current)")
     evaluate.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     evaluate.add_argument("--since", metavar="DATE", type=_date,
                           help="score only forecasts of readings from DATE on (earlier readings still fill windows)")
@@ -79,27 +116,33 @@ def _parser() -> argparse.ArgumentParser:
     command("run", "the daemon: forecast every reading of the input topic")
 
     replay = command("replay", "produce the lines of a UCI file into the input topic")
-    replay.add_argument("--data", metavar="FILE", help="UCI .txt/.zip/.gz (default: data.path, else the bundled sample)")
+    replay.add_argument("--data", metavar="FILE",
+                        help="UCI .txt/.zip/.gz (default: data.path, else the bundled sample)")
     replay.add_argument("--sensor", default="house-1", help="message key, the sensor id (default: house-1)")
     pace = replay.add_mutually_exclusive_group()
-    pace.add_argument("--rate", type=_positive(float), default=100.0, metavar="N", help="messages per second (default 100)")
+    pace.add_argument("--rate", type=_positive(float), default=100.0, metavar="N",
+                      help="messages per second (default 100)")
     pace.add_argument("--max", action="store_true", help="as fast as the broker takes them")
-    replay.add_argument("--skip", type=_positive(int, zero=True), default=0, metavar="N", help="start after the first N data lines")
+    replay.add_argument("--skip", type=_positive(int, zero=True), default=0, metavar="N",
+                        help="start after the first N data lines")
     replay.add_argument("--limit", type=_positive(int, zero=True), metavar="N", help="send at most N lines")
 
     command("broker", "run the embedded development broker until Ctrl-C")
 
-    retrain = command("retrain", "retrain every retrain.interval; publish past the validation gate")
+    retrain = command("retrain", "retrain every retrain.every; publish past the validation gate")
     retrain.add_argument("--once", action="store_true", help="run one cycle and exit (for cron); exit 1 if it failed")
-    retrain.add_argument("--data", metavar="FILE", help="train on this CSV, JSON lines or UCI file instead of the input topic")
+    retrain.add_argument("--data", metavar="FILE",
+                         help="train on this CSV, JSON lines or UCI file instead of the input topic")
 
     models = command("models", "list, show, promote and roll back model versions")
     models.add_argument("action", choices=("list", "show", "promote", "rollback"))
     models.add_argument("version", nargs="?", help="the version, for show and promote")
 
     demo = command("demo", "broker, model, daemon and replay together, with a live view")
-    demo.add_argument("--duration", type=_positive(float), metavar="SECONDS", help="stop after this long (default: when the replay is done)")
-    demo.add_argument("--rate", type=_positive(float), default=200.0, metavar="N", help="replayed readings per second (default 200)")
+    demo.add_argument("--duration", type=_positive(float), metavar="SECONDS",
+                      help="stop after this long (default: when the replay is done)")
+    demo.add_argument("--rate", type=_positive(float), default=200.0, metavar="N",
+                      help="replayed readings per second (default 200)")
     demo.add_argument("--out", default="out", metavar="DIR", help="where the plot goes (default: out)")
     return parser
 
@@ -150,6 +193,25 @@ def _read(path: Path, columns, config: Config):
     return read_file(path, columns, config.data)
 
 
+def _check_input(path: Path) -> Path:
+    """Refuse a data file that cannot be read before TensorFlow loads (seconds) rather than after."""
+    if not path.exists():
+        raise UserError(f"{path}: no such file; give an existing file with --data, or set data.path")
+    if not path.is_file():
+        raise UserError(f"{path}: not a file; give a CSV, JSON lines or UCI file (plain, .gz or .zip)")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read it ({exc.strerror}); check its permissions") from None
+    return path
+
+
+def _load_tensorflow() -> None:
+    """Load TensorFlow once the cheap checks have passed, its C++ start-up lines held back (see logs.quiet_import)."""
+    logs.quiet_import(f"{__package__}.model")
+
+
 def _check_output(path: Path, parent: Path, directory: bool = False) -> None:
     """Refuse an output path that cannot be written before a long backtest rather than after it."""
     if path.exists() and path.is_dir() != directory:
@@ -172,20 +234,22 @@ def _stop_on_signals() -> threading.Event:
 
 def cmd_train(args) -> int:
     config = _config(args)
+    store = ModelStore(config.model_store.path, config.model_store.keep)
+    store.check_writable()
+    path = None if args.from_topic else _check_input(_data_path(args, config))
+    initial = _initial(store, args.initial, config) if args.initial else None
+    _load_tensorflow()
     from .report import format_sensors, format_table
     from .training import train
 
-    store = ModelStore(config.model_store.path, config.model_store.keep)
-    store.check_writable()
-    initial = _initial(store, args.initial, config) if args.initial else None
     stop = _stop_on_signals()
     columns = _union(config.data.features, config.data.targets)
-    if args.from_topic:
+    if path is None:  # --from-topic
         from .retrain import read_topic
 
         series = read_topic(config, columns, stop)
     else:
-        series = _read(_data_path(args, config), columns, config)
+        series = _read(path, columns, config)
     if args.until is not None:
         series = series.select(series.timestamps < args.until)
     log.info("read %s: %d readings of %d sensor(s), %d missing skipped, %d malformed skipped",
@@ -199,7 +263,7 @@ def cmd_train(args) -> int:
                         "model.loss=huber or model.optimizer=adam")
     version = store.publish(trained.forecaster.save)
     summary = trained.test.summary()
-    first, last = trained.forecaster.metadata["data"]["test_range"]
+    first, last = trained.forecaster.metadata.data["test_range"]
     print(f"model version {version} written to {store.directory(version)} (trained in {trained.seconds:.1f} s)")
     print(f"test split: {summary['n']} windows, {first} to {last}")
     print(format_table(summary))
@@ -208,19 +272,21 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _initial(store: ModelStore, version: str, config: Config):
-    """The stored ``version`` to continue training, checked against what the configuration trains."""
-    from .model import Forecaster
-
-    directory, version = store.resolve(version)
-    initial = Forecaster.load(store.verify(directory), version, config.model.jit_compile)
-    mismatch = initial.mismatch(config)
+def _initial(store: ModelStore, version: str, config: Config) -> Forecaster:
+    """The stored ``version`` to continue training, checked against what the configuration trains (before
+    TensorFlow loads)."""
+    directory, _ = store.resolve(version)
+    store.verify(directory)
+    meta = store.metadata(version)
+    mismatch = meta.mismatch(config.data.features, config.data.targets, config.model.sequence_length)
     if mismatch:
-        raise UserError(f"{mismatch}: set data.features, data.targets and model.sequence_length as the model has them")
-    if initial.metadata.get("layers") not in (None, config.layers()):
-        raise UserError(f"model {version} has layers {initial.metadata['layers']}, the configuration asks for "
-                        f"{config.layers()}: set model.units to {initial.metadata['layers'][1:-1]}")
-    return initial
+        raise UserError(f"model {version}: {mismatch}: set data.features, data.targets and model.sequence_length "
+                        "as the model has them")
+    if meta.layers is not None and list(meta.layers) != config.layers():
+        raise UserError(f"model {version} has layers {list(meta.layers)}, the configuration asks for "
+                        f"{config.layers()}: set model.units to {list(meta.layers[1:-1])}")
+    _load_tensorflow()
+    return store.load(version, jit_compile=config.model.jit_compile)
 
 
 def cmd_evaluate(args) -> int:
@@ -230,16 +296,17 @@ def cmd_evaluate(args) -> int:
     if args.csv_dir:
         csv_dir = Path(args.csv_dir).absolute()  # created with its parents: the nearest existing one must be writable
         _check_output(csv_dir, next(p for p in (csv_dir, *csv_dir.parents) if p.exists()), directory=True)
+    path = _check_input(_data_path(args, config))
     store = ModelStore(config.model_store.path, config.model_store.keep)
     directory, version = store.resolve(args.model)
     store.verify(directory)
-    from .model import Forecaster
+    _load_tensorflow()
     from .report import format_sensors, format_table, to_json, worst_sensors, write_csvs, write_plot
     from .training import backtest
     from .window import window_starts
 
-    forecaster = Forecaster.load(directory, version, config.model.jit_compile)
-    series = _read(_data_path(args, config), _union(forecaster.features, forecaster.targets), config)
+    forecaster = store.load(args.model, jit_compile=config.model.jit_compile)
+    series = _read(path, _union(forecaster.features, forecaster.targets), config)
     starts = np.concatenate(window_starts(series.segments, len(series), forecaster.sequence_length))
     predicted_at = series.timestamps[starts + forecaster.sequence_length - 1]
     if args.since is not None:
@@ -269,7 +336,9 @@ def cmd_evaluate(args) -> int:
 def cmd_run(args) -> int:
     from .service import Daemon
 
-    return Daemon(_config(args)).run()
+    config = _config(args)
+    _load_tensorflow()
+    return Daemon(config).run()
 
 
 def cmd_replay(args) -> int:
@@ -291,8 +360,9 @@ def cmd_broker(args) -> int:
     with DevBroker(host or "127.0.0.1", int(port)) as broker:
         print(f"development broker listening on {broker.address} (in memory only); Ctrl-C stops it", flush=True)
         while not stop.wait(0.5):
-            if broker.process.poll() is not None:
-                print(f"the development broker exited with code {broker.process.returncode}", file=sys.stderr)
+            code = broker.exit_code()
+            if code is not None:
+                print(f"the development broker exited with code {code}", file=sys.stderr)
                 return 1
         print("stopping the broker", file=sys.stderr)
     return 0
@@ -301,6 +371,9 @@ def cmd_broker(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
+    config = _config(args)  # its logging settings; the demo adds its broker's address to the rest
+    if ModelStore(config.model_store.path, config.model_store.keep).current() is None:
+        _load_tensorflow()  # the demo trains a first model
     path = args.config if args.config or not Path("config.yaml").is_file() else "config.yaml"
     return run_demo(path, args.overrides, duration=args.duration, rate=args.rate, out_dir=Path(args.out))
 
@@ -308,7 +381,10 @@ def cmd_demo(args) -> int:
 def cmd_retrain(args) -> int:
     from .retrain import Retrainer
 
-    return Retrainer(_config(args), Path(args.data) if args.data else None).run(once=args.once)
+    config = _config(args)
+    data = _check_input(Path(args.data)) if args.data else None
+    _load_tensorflow()
+    return Retrainer(config, data).run(once=args.once)
 
 
 def cmd_models(args) -> int:
@@ -321,7 +397,7 @@ def cmd_models(args) -> int:
 
         print(format_versions(store))
     elif args.action == "show":
-        print(json.dumps(store.metadata(args.version), indent=2, sort_keys=True))
+        print(json.dumps(store.metadata(args.version).to_dict(), indent=2, sort_keys=True))
     elif args.action == "promote":
         if args.version not in store.versions():
             raise UserError(f"no model version {args.version!r}; versions: {', '.join(store.versions()) or 'none'}")
@@ -330,7 +406,8 @@ def cmd_models(args) -> int:
     else:
         previous, current = store.previous(), store.current()
         if current is None:
-            raise UserError(f"nothing to roll back: {store.path} holds no model yet (train one: stream-forecaster train)")
+            raise UserError(f"nothing to roll back: {store.path} holds no model yet "
+                            "(train one: stream-forecaster train)")
         if previous is None:
             raise UserError(f"nothing to roll back to: no version older than {current} in {store.path}")
         store.set_current(previous)
@@ -343,6 +420,7 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "run": cmd_run, "repla
 
 
 def main(argv: list[str] | None = None) -> int:
+    logs.quiet_native()  # before anything loads TensorFlow, which reads the setting once
     args = _parser().parse_args(argv)
     logs.configure()  # until a command has read its configuration
     try:

@@ -12,6 +12,7 @@ allowed.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import types
@@ -42,16 +43,20 @@ __all__ = [
 
 ENV_PREFIX = "STREAM_FORECASTER__"
 
+log = logging.getLogger(__name__)
+
 
 class ConfigError(UserError, ValueError):
     """A user error in the configuration; the CLI prints it and exits 2."""
 
 
-def _spec(default, *, low=None, high=None, low_open=False, high_open=False, choices=None, comma_list=False):
+def _spec(default, *, low=None, high=None, low_open=False, high_open=False, choices=None, comma_list=False,
+          upper=False):
     """A field with a default (copied for lists) and its allowed range (``*_open``: the bound itself is out);
-    ``comma_list``: a single string is a comma-separated list, as Kafka tools write broker lists."""
+    ``comma_list``: a single string is a comma-separated list, as Kafka tools write broker lists; ``upper``:
+    a string is read in upper case (log levels are written either way)."""
     meta = {"low": low, "high": high, "low_open": low_open, "high_open": high_open, "choices": choices,
-            "comma_list": comma_list}
+            "comma_list": comma_list, "upper": upper}
     if isinstance(default, list):
         return field(default_factory=lambda: tuple(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -89,7 +94,7 @@ class DataConfig:
     train_split: float = _spec(0.9, low=0.0, high=1.0, low_open=True, high_open=True)
     on_error: str = _spec("raise", choices=("raise", "skip"))
     normalization: str = _spec("window", choices=("window", "center", "standardize"))
-    interval: Duration = _spec(60.0, low=0.0, high=366 * 86400.0, low_open=True)
+    period: Duration = _spec(60.0, low=0.0, high=366 * 86400.0, low_open=True)  # between a sensor's readings
     time_column: str | None = _spec(None)
     sensor_column: str | None = _spec(None)
 
@@ -114,7 +119,7 @@ class ModelConfig:
     interval_adaptation: float = _spec(0.005, low=0.0, high=1.0)
     sample_weight: str = _spec("spread", choices=("spread", "none"))
     max_windows: int = _spec(200_000, low=0, high=1_000_000_000)
-    preset: str | None = _spec(None, choices=(None, "seed"))
+    preset: str | None = _spec(None, choices=(None, "tutorial"))
     jit_compile: bool = _spec(True)
     inference_threads: int | None = _spec(None, low=1, high=256)
 
@@ -168,7 +173,8 @@ class KafkaConfig:
         """TLS and SASL keys that are set but that ``security_protocol`` does not use (worth a warning)."""
         unused = []
         if self.security_protocol not in ("SSL", "SASL_SSL"):
-            unused += [k for k in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password_file") if getattr(self, k)]
+            unused += [k for k in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password_file")
+                       if getattr(self, k)]
         if not self.security_protocol.startswith("SASL_"):
             unused += [k for k in ("sasl_mechanism", "sasl_username", "sasl_password", "sasl_password_file")
                        if getattr(self, k)]
@@ -192,7 +198,7 @@ class MetricsConfig:
 
 @dataclass(frozen=True)
 class RetrainConfig:
-    interval: Duration = _spec(21600.0, low=1.0)
+    every: Duration = _spec(21600.0, low=1.0)
     history: Duration = _spec(14 * 86400.0, low=60.0)
     max_readings: int = _spec(20_000_000, low=0, high=10_000_000_000)
     warm_start: bool = _spec(True)
@@ -204,7 +210,7 @@ class RetrainConfig:
 
 @dataclass(frozen=True)
 class LoggingConfig:
-    level: str = _spec("INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    level: str = _spec("INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), upper=True)
     format: str = _spec("plain", choices=("plain", "json"))
 
 
@@ -280,7 +286,9 @@ def load_config(
         if not sep:
             raise ConfigError(f"--set {item}: expected section.key=value, e.g. --set model.epochs=3")
         _apply_override(given, origins, dotted.strip(), value, f"--set {dotted.strip()}")
-    in_file = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    _rename_old_keys(raw, origins, source)
+    _rename_old_keys(given, origins, source)
+    in_file = raw["model"] if isinstance(raw.get("model"), dict) else {}
     preset = given.get("model", {}).get("preset", in_file.get("preset"))
     if isinstance(preset, str) and preset in PRESETS:  # an unknown name is reported by the model section's check
         _merge(raw, PRESETS[preset], origins, f"preset {preset}")
@@ -288,10 +296,37 @@ def load_config(
     return _build(raw, origins, source)
 
 
+# Keys and values of earlier releases, still read: (section, old key) -> new key; old preset -> new preset
+RENAMED_KEYS = {("data", "interval"): "period", ("retrain", "interval"): "every"}
+RENAMED_PRESETS = {"seed": "tutorial"}
+
+
+def _rename_old_keys(raw: dict, origins: dict, source: str) -> None:
+    """Read an earlier release's names as today's, with a warning saying what to write instead."""
+    for (section, old), new in RENAMED_KEYS.items():
+        values = raw.get(section)
+        if not isinstance(values, dict) or old not in values:
+            continue
+        where = origins.get((section, old), source)
+        if new in values:
+            raise ConfigError(f"{where}: {section}.{old} and {section}.{new} are both set; "
+                              f"{section}.{old} is the old name of {section}.{new}: keep only {section}.{new}")
+        values[new] = values.pop(old)
+        if (section, old) in origins:
+            origins[(section, new)] = origins.pop((section, old))
+        log.warning("%s: %s.%s is now called %s.%s; please rename it", where, section, old, section, new)
+    model = raw.get("model")
+    if isinstance(model, dict) and isinstance(model.get("preset"), str) and model["preset"] in RENAMED_PRESETS:
+        new = RENAMED_PRESETS[model["preset"]]
+        log.warning("%s: model.preset %s is now called %s; please rename it",
+                    origins.get(("model", "preset"), source), model["preset"], new)
+        model["preset"] = type(model["preset"])(new)  # an --set value stays an override
+
+
 # A preset replaces the keys it names (whatever the file says); environment and --set still win.
 PRESETS = {
     # the two tutorials' model, kept for comparison: the level from one centred column, MSE, 3 epochs
-    "seed": {
+    "tutorial": {
         "data": {"features": ["Global_active_power"], "targets": ["Global_active_power"], "normalization": "center"},
         "model": {"sequence_length": 50, "layers": [1, 50, 100, 1], "dropout": 0.2, "loss": "mse",
                   "optimizer": "rmsprop", "learning_rate": 0.001, "batch_size": 512, "epochs": 3,
@@ -455,6 +490,8 @@ def _coerce(value, hint, meta):
     elif hint is str:
         if not isinstance(value, str) or not value:
             raise ValueError("must be a non-empty string")
+        if meta.get("upper"):
+            value = value.upper()
     _check_range(value, meta)
     return value
 
@@ -480,8 +517,8 @@ def _check_consistency(config: Config, origins: Mapping, source: str) -> None:
     for server in servers or ("",):
         host, _, port = server.rpartition(":")
         if not host or "," in host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
-            raise ConfigError(f"{where('kafka.bootstrap_servers')}: kafka.bootstrap_servers: each must be host:port, e.g. broker:9092 "
-                              f"(got {list(servers)})")
+            raise ConfigError(f"{where('kafka.bootstrap_servers')}: kafka.bootstrap_servers: each must be "
+                              f"host:port, e.g. broker:9092 (got {list(servers)})")
     k = config.kafka
     if k.security_protocol.startswith("SASL_") and not (k.sasl_username and (k.sasl_password or k.sasl_password_file)):
         raise ConfigError(f"{where('kafka.security_protocol')}: kafka.security_protocol: {k.security_protocol} needs "
@@ -495,7 +532,8 @@ def _check_consistency(config: Config, origins: Mapping, source: str) -> None:
     if not model.units:
         raise ConfigError(f"{where('model.units')}: model.units: needs at least one LSTM size, e.g. [50, 100]")
     if model.layers is not None:
-        widths = f"[{len(data.features)}, {', '.join(map(str, model.layers[1:-1] or model.units))}, {len(data.targets)}]"
+        middle = ", ".join(map(str, model.layers[1:-1] or model.units))
+        widths = f"[{len(data.features)}, {middle}, {len(data.targets)}]"
         if len(model.layers) < 3 or (model.layers[0], model.layers[-1]) != (len(data.features), len(data.targets)):
             raise ConfigError(
                 f"{where('model.layers')}: model.layers: {list(model.layers)} must read [inputs, LSTM sizes..., "
@@ -505,7 +543,8 @@ def _check_consistency(config: Config, origins: Mapping, source: str) -> None:
             )
     if data.normalization == "window" and not set(data.targets) <= set(data.features):
         raise ConfigError(f"{where('data.targets')}: data.targets: window normalisation needs every target among "
-                          f"data.features (each window is scaled by its own readings); targets {', '.join(data.targets)}")
+                          "data.features (each window is scaled by its own readings); "
+                          f"targets {', '.join(data.targets)}")
     if model.predict == "change" and not set(data.targets) <= set(data.features):
         raise ConfigError(f"{where('model.predict')}: model.predict: change needs every target among data.features "
                           f"(the change is added to the last reading); targets {', '.join(data.targets)}")
@@ -513,8 +552,8 @@ def _check_consistency(config: Config, origins: Mapping, source: str) -> None:
         raise ConfigError(f"{where('model.predict')}: model.predict: {model.predict} with data.normalization window; "
                           "a window-normalised model predicts the change (or set data.normalization: standardize)")
     if model.intervals and (len(model.intervals) != 2 or not model.intervals[0] < model.intervals[1] < 1.0):
-        raise ConfigError(f"{where('model.intervals')}: model.intervals: two quantiles, lower then upper, each between 0 and 1, "
-                          f"e.g. [0.1, 0.9], or [] for none (got {list(model.intervals)})")
+        raise ConfigError(f"{where('model.intervals')}: model.intervals: two quantiles, lower then upper, each "
+                          f"between 0 and 1, e.g. [0.1, 0.9], or [] for none (got {list(model.intervals)})")
 
 
 def _as_plain(config: Config) -> dict:

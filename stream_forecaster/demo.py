@@ -25,11 +25,11 @@ import numpy as np
 from .config import Config, load_config
 from .devbroker import DevBroker, free_port
 from .errors import Interrupted, UserError
-from .kafka_io import ensure_topics, read_topic
+from .files import SAMPLE_PATH, read_uci
 from .metrics import scrape
-from .records import SAMPLE_PATH, read_uci
-from .registry import ModelStore
 from .replay import replay_file
+from .store import ModelStore
+from .topics import ensure_topics, read_topic
 
 __all__ = ["run_demo"]
 

@@ -74,6 +74,10 @@ class DevBroker:
         self.stop()
         raise UserError(f"the development broker did not listen on {self.address} within {timeout:.0f} s")
 
+    def exit_code(self) -> int | None:
+        """The broker process's exit code once it has ended; None while it runs (or before it started)."""
+        return None if self.process is None else self.process.poll()
+
     def stop(self, timeout: float = 10.0) -> None:
         if self.process and self.process.poll() is None:
             self.process.terminate()

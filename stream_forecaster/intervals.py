@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 __all__ = ["BATCH", "AdaptiveInterval"]
 
@@ -25,7 +26,7 @@ BATCH = 64  # scored forecasts whose misses one update counts in full
 class AdaptiveInterval:
     """Lower and upper offsets per target, in units of each forecast's scale, tracked online."""
 
-    def __init__(self, quantiles: Sequence[float], lower: Sequence[float], upper: Sequence[float], step: float = 0.0):
+    def __init__(self, quantiles: Sequence[float], lower: ArrayLike, upper: ArrayLike, step: float = 0.0):
         self.quantiles = (float(quantiles[0]), float(quantiles[1]))
         self.lower = np.array(lower, dtype=np.float64)
         self.upper = np.array(upper, dtype=np.float64)
@@ -34,8 +35,8 @@ class AdaptiveInterval:
     @classmethod
     def calibrate(cls, quantiles: Sequence[float], residuals: np.ndarray, step: float = 0.0) -> "AdaptiveInterval":
         """Offsets at ``quantiles`` of ``residuals`` ``[n, targets]`` (truth - forecast, in units of the scale)."""
-        return cls(quantiles, np.quantile(residuals, quantiles[0], axis=0), np.quantile(residuals, quantiles[1], axis=0),
-                   step)
+        lower, upper = (np.quantile(residuals, q, axis=0) for q in quantiles[:2])
+        return cls(quantiles, lower, upper, step)
 
     def copy(self) -> "AdaptiveInterval":
         return AdaptiveInterval(self.quantiles, self.lower, self.upper, self.step)

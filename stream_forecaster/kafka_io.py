@@ -1,10 +1,10 @@
-"""Kafka source and sink: the only module that imports kafka-python.
+"""The daemon's Kafka: its source (the input topic in a consumer group), its sink (an idempotent producer) and
+its checkpoints (the state topic).
 
-The pipeline sees plain records (``topic``, ``partition``, ``offset``,
-``timestamp`` in ms, ``key``, ``value``, ``headers``) and a sink with
-``publish(records, stop)``; ``stream_forecaster.testing`` has in-memory
-stand-ins with the same shape. Written for Apache Kafka's documented
-behaviour (see ``devbroker`` for where the development broker differs).
+They implement :mod:`stream_forecaster.seams`; ``stream_forecaster.testing``
+has in-memory stand-ins. Written for Apache Kafka's documented behaviour (see
+``devbroker`` for where the development broker differs); kafka-python is
+reached through :mod:`stream_forecaster.kafka_compat`.
 """
 
 from __future__ import annotations
@@ -12,45 +12,36 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Iterable
-
-from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.admin import NewTopic
-from kafka.errors import (CorruptRecordError, InvalidRecordError, KafkaError, KafkaTimeoutError, MessageSizeTooLargeError,
-                          RecordListTooLargeError, TopicAlreadyExistsError, UnsupportedCodecError)
-from kafka.future import Future
-from kafka.partitioner import DefaultPartitioner
-from kafka.structs import OffsetAndMetadata
+from typing import Callable, Iterable, Iterator, Sequence
 
 from .config import KafkaConfig
-from .errors import UserError
-from .records import OutRecord
+from .kafka_compat import (
+    BrokerUnavailable,
+    ConsumerRebalanceListener,
+    DefaultPartitioner,
+    Future,
+    InvalidRecordError,
+    KafkaConsumer,
+    KafkaError,
+    KafkaProducer,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    OffsetAndMetadata,
+    RecordListTooLargeError,
+    TopicPartition,
+    client_settings,
+    connect,
+    force_close,
+    poll,
+    session_expired,
+)
+from .messages import OutRecord
+from .seams import Offsets
+from .topics import ensure_topics, records_between
 
-__all__ = ["BrokerUnavailable", "KafkaCheckpoints", "KafkaSink", "KafkaSource", "KeyPartitioner", "client_settings",
-           "ensure_topics", "read_history", "read_topic"]
+__all__ = ["KafkaCheckpoints", "KafkaSink", "KafkaSource", "KeyPartitioner"]
 
 log = logging.getLogger(__name__)
-
-
-def client_settings(config: KafkaConfig, client_id: str) -> dict:
-    """kafka-python keyword arguments for connecting, TLS and SASL included."""
-    settings = {
-        "bootstrap_servers": list(config.bootstrap_servers),
-        "security_protocol": config.security_protocol,
-        "client_id": client_id,
-        # back in touch within seconds of a broker's return (kafka-python's defaults wait up to 30 s);
-        # the daemon retries a failed start-up itself, with its own backoff
-        "reconnect_backoff_max_ms": 5000,
-        "bootstrap_timeout_ms": 10000,
-    }
-    if config.security_protocol in ("SSL", "SASL_SSL"):
-        settings.update(ssl_cafile=config.ssl_cafile, ssl_certfile=config.ssl_certfile,
-                        ssl_keyfile=config.ssl_keyfile, ssl_password=config.secret("ssl_password"),
-                        ssl_check_hostname=config.ssl_check_hostname)
-    if config.security_protocol.startswith("SASL_"):
-        settings.update(sasl_mechanism=config.sasl_mechanism or "PLAIN", sasl_plain_username=config.sasl_username,
-                        sasl_plain_password=config.secret("sasl_password"))
-    return settings
 
 
 class _Revocations(ConsumerRebalanceListener):
@@ -74,7 +65,7 @@ class KafkaSource:
         self.on_unreadable = on_unreadable
         self._owned: set[int] = set()
         self._revoked: set[int] = set()
-        self._consumer = _connect(lambda: KafkaConsumer(
+        self._consumer = connect(lambda: KafkaConsumer(
             group_id=group_id or config.group_id,
             enable_auto_commit=False,  # offsets are committed only after the predictions are acknowledged
             auto_offset_reset=config.auto_offset_reset,
@@ -95,7 +86,7 @@ class KafkaSource:
         A record kafka-python cannot decode is skipped (see :func:`_poll`) and
         counted through ``on_unreadable``.
         """
-        batches = _poll(self._consumer, int(timeout_s * 1000), max_records, self.on_unreadable)
+        batches = poll(self._consumer, int(timeout_s * 1000), max_records, self.on_unreadable)
         return [record for records in batches.values() for record in records]
 
     def rewind(self, records) -> None:
@@ -128,13 +119,15 @@ class KafkaSource:
 
     def committed(self, partition: int) -> int | None:
         # bounded, so a stop during an outage is not held up by a coordinator that never answers
-        return self._consumer.committed(TopicPartition(self.topic, partition), timeout_ms=self.config.session_timeout_ms)
+        tp = TopicPartition(self.topic, partition)
+        return self._consumer.committed(tp, timeout_ms=self.config.session_timeout_ms)
 
     def beginning(self, partition: int) -> int:
         tp = TopicPartition(self.topic, partition)
         return self._consumer.beginning_offsets([tp])[tp]
 
-    def read_range(self, partition: int, start: int, end: int, stop: threading.Event, patience_s: float = 30.0):
+    def read_range(self, partition: int, start: int, end: int, stop: threading.Event,
+                   patience_s: float = 30.0) -> Iterator:
         """Records ``start <= offset < end`` of one partition, read by a separate, group-less consumer.
 
         Ends early, logged, when nothing new comes for ``patience_s``: the log
@@ -150,11 +143,11 @@ class KafkaSource:
                             "(a truncated log?); windows refilled from what there was",
                             partition, position, patience_s, end)
 
-            yield from _records_between(reader, tp, start, end, stop, patience_s, stalled)
+            yield from records_between(reader, tp, start, end, stop, patience_s, stalled)
         finally:
             reader.close(autocommit=False, timeout_ms=5000)
 
-    def commit(self, offsets: dict[tuple[str, int], int]) -> bool:
+    def commit(self, offsets: Offsets) -> bool:
         """Commit ``{(topic, partition): next offset to read}``; False if the group had moved on.
 
         A failed commit (this member was dropped from the group, the broker is
@@ -185,80 +178,11 @@ class KafkaSource:
         return total if known else None
 
     def assigned(self) -> bool:
-        """Partitions are assigned and the group coordinator answered within the session timeout.
-
-        kafka-python keeps the heartbeat clock privately; without it, assignment alone is the answer.
-        """
-        heartbeat = getattr(getattr(self._consumer, "_coordinator", None), "heartbeat", None)
-        if heartbeat is not None and heartbeat.session_timeout_expired():
-            return False
-        return bool(self._consumer.assignment())
+        """Partitions are assigned and the group coordinator answered within the session timeout."""
+        return not session_expired(self._consumer) and bool(self._consumer.assignment())
 
     def close(self) -> None:
         self._consumer.close(autocommit=False, timeout_ms=5000)
-
-
-# what unpacking a fetched batch raises for a record it cannot decode
-_UNDECODABLE = (CorruptRecordError, UnsupportedCodecError, UnicodeDecodeError)
-
-
-def _poll(consumer, timeout_ms: int, max_records: int | None = None, on_unreadable=None) -> dict:
-    """``consumer.poll``, stepping over a record kafka-python cannot decode (logged, counted, left in the topic).
-
-    A batch failing its CRC or a header key that is not UTF-8 makes the poll raise;
-    kafka-python 3.0 then keeps the partition's exhausted records in line and the
-    next poll spins on them for ever (100 % CPU, deaf to its timeout). Moving the
-    position past the record lets it drop them.
-    """
-    try:
-        return consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
-    except _UNDECODABLE as exc:
-        # the partition whose records were being unpacked when it raised (still in line, as no other can be)
-        stuck = getattr(getattr(consumer, "_fetcher", None), "_next_partition_records", None)
-        tp = getattr(stuck, "topic_partition", None) if stuck else None
-        offset = consumer.position(tp, timeout_ms=1000) if tp in consumer.assignment() else None
-        if offset is None:
-            raise  # not a record of ours (a fetch's error code, say): the caller retries
-        log.error("%s[%d]: the record at offset %d cannot be read (%s: %s); skipped, it stays in the topic",
-                  tp.topic, tp.partition, offset, type(exc).__name__, exc)
-        consumer.seek(tp, offset + 1)
-        if on_unreadable:
-            on_unreadable()
-        return {}
-
-
-def _records_between(reader, tp, start: int, end: int, stop: threading.Event | None = None,
-                     patience_s: float = 30.0, stalled=None):
-    """Records ``start <= offset < end`` of ``tp``, assigned to ``reader`` (fewer where compaction removed some).
-
-    Ends early when ``stop`` is set, or after ``patience_s`` without progress
-    (calling ``stalled(position)``): a log can end short of an offset read
-    elsewhere (an unclean leader election truncated it).
-    """
-    reader.seek(tp, start)
-    position, moved = start, time.monotonic()
-    while position < end and not (stop is not None and stop.is_set()):
-        for records in _poll(reader, 500).values():
-            yield from (r for r in records if r.offset < end)
-        now = reader.position(tp, timeout_ms=1000)
-        if now is not None and now > position:
-            position, moved = now, time.monotonic()
-        elif time.monotonic() - moved > patience_s:
-            if stalled is not None:
-                stalled(position)
-            return
-
-
-class BrokerUnavailable(UserError, RuntimeError):
-    """No broker could be reached to set up a client; try again later, or fix ``kafka.bootstrap_servers``."""
-
-
-def _connect(factory, what: str, config: KafkaConfig):
-    try:
-        return factory()
-    except KafkaError as exc:  # NoBrokersAvailable and friends, raised while bootstrapping
-        raise BrokerUnavailable(f"cannot set up the {what}: {type(exc).__name__}: {exc} (kafka.bootstrap_servers "
-                                f"{','.join(config.bootstrap_servers)}: is a broker running there?)") from None
 
 
 class KeyPartitioner(DefaultPartitioner):
@@ -302,25 +226,29 @@ class KafkaSink:
     # refused for what the record is, not for the broker's state: sending it again can never succeed
     REFUSED = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidRecordError)
 
-    def __init__(self, config: KafkaConfig, client_id: str = "stream-forecaster", on_retry=None, on_recreate=None,
-                 on_refused=None):
+    def __init__(self, config: KafkaConfig, client_id: str = "stream-forecaster",
+                 on_retry: Callable[[int], None] | None = None, on_recreate: Callable[[], None] | None = None,
+                 on_refused: Callable[[], None] | None = None, new_producer: Callable[[], KafkaProducer] | None = None):
+        """``new_producer`` makes each producer (a new one replaces one that keeps failing): by default a
+        kafka-python producer per ``config``; ``on_*`` count retries, replacements and refused records."""
         self._config, self._client_id = config, client_id
+        self._new_producer = new_producer or self._kafka_producer
         self._producer = self._new_producer()
         self._on_retry, self._on_recreate, self._on_refused = on_retry, on_recreate, on_refused
 
-    def _new_producer(self):
+    def _kafka_producer(self) -> KafkaProducer:
         # max_block_ms: a send waiting for metadata (a topic gone with a restarted broker) gives up soon
         # and is retried here, instead of blocking the loop for kafka-python's default minute
         # batch_size: a poll batch's forecasts go out in a few large requests (each new batch wakes the
         # sender thread, which cost 9 % of the daemon at the 16 KiB default)
         # max_request_size: a dead letter carries up to max_message_bytes and its headers
-        return _connect(lambda: KafkaProducer(acks="all", enable_idempotence=True, linger_ms=5, max_block_ms=5000,
+        return connect(lambda: KafkaProducer(acks="all", enable_idempotence=True, linger_ms=5, max_block_ms=5000,
                                               batch_size=256 * 1024, partitioner=KeyPartitioner(),
                                               max_request_size=max(1 << 20, self._config.max_message_bytes + 65536),
                                               **client_settings(self._config, self._client_id)), "producer",
                         self._config)
 
-    def publish(self, records: Iterable[OutRecord], stop: threading.Event | None = None,
+    def publish(self, records: Sequence[OutRecord], stop: threading.Event | None = None,
                 backoff_s: float = 0.5, max_backoff_s: float = 10.0) -> bool:
         """Send ``records`` and wait for their acknowledgements, resending failures with backoff.
 
@@ -379,7 +307,8 @@ class KafkaSink:
         """``(record, future)`` for each record. Once a send timed out (no metadata for its topic, a full
         buffer), the rest of that topic fails at once instead of each blocking ``max_block_ms``: a round
         then takes seconds, not hours, and a stop is heard between rounds."""
-        sent, timed_out = [], {}
+        sent: list = []
+        timed_out: dict[str, Exception] = {}
         for record in records:
             if record.topic in timed_out:
                 future = Future().failure(timed_out[record.topic])
@@ -399,14 +328,7 @@ class KafkaSink:
             log.warning("%s; trying again after the next failed round", exc)
             return False
         old, self._producer = self._producer, new
-        try:
-            old.close(timeout=0)
-        except Exception:  # noqa: BLE001 (the old producer is broken anyway)
-            # kafka-python 3.0 flushes first and raises while batches are incomplete, before it stops its
-            # sender thread: stop it here, or its thread, sockets and batches live on (and may still deliver)
-            sender = getattr(old, "_sender", None)
-            if sender is not None:
-                sender.force_close()
+        force_close(old)
         if self._on_recreate:
             self._on_recreate()
         return True
@@ -426,25 +348,6 @@ class KafkaSink:
         self._producer.close(timeout=timeout_s)
 
 
-def ensure_topics(config: KafkaConfig, topics: Iterable[str], partitions: int = 1, topic_configs: dict | None = None,
-                  replication_factor: int = 1) -> None:
-    """Create the topics that do not exist yet (for development and tests; production provisions its own,
-    the daemon's state topic excepted)."""
-    admin = _connect(lambda: KafkaAdminClient(**client_settings(config, "stream-forecaster-admin")), "admin client",
-                     config)
-    try:
-        existing = set(admin.list_topics())
-        new = [NewTopic(t, partitions, replication_factor, topic_configs=topic_configs or {})
-               for t in dict.fromkeys(topics) if t and t not in existing]
-        if new:
-            try:
-                admin.create_topics(new)
-            except TopicAlreadyExistsError:
-                pass
-    finally:
-        admin.close()
-
-
 class KafkaCheckpoints:
     """Each input partition's latest refill checkpoint, in a compacted topic: record key and partition are the
     input partition's number, so the latest one is the last record of its partition.
@@ -454,7 +357,7 @@ class KafkaCheckpoints:
     was created has no checkpoints, and refills fall back to ``window.rebuild_messages``.
     """
 
-    def __init__(self, config: KafkaConfig, sink: "KafkaSink"):
+    def __init__(self, config: KafkaConfig, sink: KafkaSink):
         self.topic = config.state_topic or f"{config.group_id}-state"
         self._config, self._sink = config, sink
         reader = self._reader()
@@ -480,7 +383,7 @@ class KafkaCheckpoints:
             reader.close(autocommit=False, timeout_ms=5000)
 
     def _reader(self):
-        return _connect(lambda: KafkaConsumer(enable_auto_commit=False,
+        return connect(lambda: KafkaConsumer(enable_auto_commit=False,
                                               **client_settings(self._config, "stream-forecaster-state")),
                         "state reader", self._config)
 
@@ -537,7 +440,7 @@ class KafkaCheckpoints:
         try:
             reader.assign([tp])
             end = reader.end_offsets([tp])[tp]
-            for r in _records_between(reader, tp, offset, end):
+            for r in records_between(reader, tp, offset, end):
                 if r.key and r.key.startswith(prefix) and dict(r.headers or ()).get("snapshot") == tag:
                     chunks[int(r.key[len(prefix):])] = r.value or b""
                     if len(chunks) == count:
@@ -567,7 +470,7 @@ class KafkaCheckpoints:
             while stop > first:
                 start = max(first, end - back)
                 found = None
-                for record in _records_between(reader, tp, start, stop):
+                for record in records_between(reader, tp, start, stop):
                     if record.key == key:
                         found = record
                 if found is not None:
@@ -577,68 +480,3 @@ class KafkaCheckpoints:
         finally:
             reader.close(autocommit=False, timeout_ms=5000)
 
-def read_topic(config: KafkaConfig, topic: str, stop: threading.Event, idle_s: float | None = None):
-    """Yield every record of ``topic`` from the beginning, without a consumer group.
-
-    Ends when ``stop`` is set, or after ``idle_s`` seconds without a new record.
-    For the demo and tests; the daemon reads through :class:`KafkaSource`.
-    """
-    consumer = KafkaConsumer(enable_auto_commit=False, **client_settings(config, "stream-forecaster-reader"))
-    try:
-        partitions = None
-        while partitions is None and not stop.is_set():
-            partitions = consumer.partitions_for_topic(topic)
-            if partitions is None:
-                stop.wait(0.2)  # the topic does not exist yet
-        if partitions is None:
-            return
-        consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
-        consumer.seek_to_beginning()
-        last = time.monotonic()
-        while not stop.is_set():
-            batch = consumer.poll(timeout_ms=200)
-            for records in batch.values():
-                yield from records
-                last = time.monotonic()
-            if idle_s is not None and time.monotonic() - last > idle_s:
-                return
-    finally:
-        consumer.close(autocommit=False, timeout_ms=5000)
-
-
-def read_history(config: KafkaConfig, group_id: str, since_ms: int, stop: threading.Event,
-                 max_records: int | None = None):
-    """Yield the input topic's records from ``since_ms`` (message time) up to its end offsets when called, at
-    most the last ``max_records`` of them (shared evenly between the partitions).
-
-    Partitions are assigned, not subscribed, under ``group_id``: the retrainer
-    never joins or moves the daemon's group, and commits nothing. The start is
-    looked up by time (``offsets_for_times``); a partition with nothing that
-    recent gives nothing; the end is
-    fixed when reading starts, so a topic under steady load still ends.
-    """
-    consumer = _connect(lambda: KafkaConsumer(group_id=group_id, enable_auto_commit=False,
-                                              **client_settings(config, "stream-forecaster-retrain")),
-                        "history reader", config)
-    try:
-        partitions = consumer.partitions_for_topic(config.input_topic)
-        if not partitions:
-            raise UserError(f"topic {config.input_topic!r} does not exist or has no partitions (kafka.input_topic)")
-        assigned = [TopicPartition(config.input_topic, p) for p in sorted(partitions)]
-        consumer.assign(assigned)
-        starts = consumer.offsets_for_times({tp: since_ms for tp in assigned})
-        ends = consumer.end_offsets(assigned)
-        share = max(1, max_records // len(assigned)) if max_records else None
-        for tp in assigned:
-            found = starts.get(tp)
-            if found is not None:
-                consumer.seek(tp, found.offset if share is None else max(found.offset, ends[tp] - share))
-            else:  # no message at or after since_ms (Kafka answers -1): nothing of this partition is recent
-                consumer.seek_to_end(tp)
-        remaining = {tp for tp in assigned if consumer.position(tp) < ends[tp]}
-        while remaining and not stop.is_set():
-            for tp, records in _poll(consumer, 1000).items():
-                yield from (r for r in records if r.offset < ends[tp])
-            remaining = {tp for tp in remaining if consumer.position(tp) < ends[tp]}
-    finally:
-        consumer.close(autocommit=False, timeout_ms=5000)

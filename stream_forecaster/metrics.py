@@ -9,11 +9,20 @@ Prometheus at fleet scale.
 
 from __future__ import annotations
 
+import functools
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -29,11 +38,11 @@ class Metrics:
 
     def __init__(self, targets: Sequence[str], labelled_sensors: Sequence[str] = (),
                  registry: CollectorRegistry | None = None):
-        self.registry = registry if registry is not None else CollectorRegistry()
+        self.registry = registry if registry is not None else new_registry()
         r = self.registry
         readings = Counter("stream_forecaster_readings", "Input messages by outcome: accepted, missing "
-                           "('?' or a feature absent), invalid, ignored (UCI header lines), stale (not newer than the sensor's "
-                           "last reading: a repeat, or late)", ["outcome"], registry=r)
+                           "('?' or a feature absent), invalid, ignored (UCI header lines), stale (not newer than "
+                           "the sensor's last reading: a repeat, or late)", ["outcome"], registry=r)
         self.accepted, self.missing = readings.labels("accepted"), readings.labels("missing")
         self.invalid, self.ignored = readings.labels("invalid"), readings.labels("ignored")
         self.stale = readings.labels("stale")
@@ -61,7 +70,8 @@ class Metrics:
                                       ["sensor", "target"], registry=r)
         self.labelled_sensors = frozenset(labelled_sensors)
         self.inference_seconds = Histogram("stream_forecaster_batch_inference_seconds",
-                                           "Time to forecast one chunk of a batch (up to 1,024 windows)", buckets=_LATENCY_BUCKETS, registry=r)
+                                           "Time to forecast one chunk of a batch (up to 1,024 windows)",
+                                           buckets=_LATENCY_BUCKETS, registry=r)
         self.latency_seconds = Histogram("stream_forecaster_reading_to_published_seconds",
                                          "From a reading's Kafka timestamp to its prediction acknowledged",
                                          buckets=_LATENCY_BUCKETS, registry=r)
@@ -96,17 +106,17 @@ class Metrics:
         """Rolling gauges read from :class:`~stream_forecaster.scoring.RollingErrors` at scrape time."""
         for i, target in enumerate(targets):
             if coverage is not None:
-                self.interval_coverage.labels(target).set_function(lambda i=i: coverage.mae(i))
+                self.interval_coverage.labels(target).set_function(functools.partial(coverage.mae, i))
             for name, errors in (("model", model), ("persistence", baseline)):
-                self.rolling_mae.labels(target, name).set_function(lambda e=errors, i=i: e.mae(i))
-                self.rolling_rmse.labels(target, name).set_function(lambda e=errors, i=i: e.rmse(i))
+                self.rolling_mae.labels(target, name).set_function(functools.partial(errors.mae, i))
+                self.rolling_rmse.labels(target, name).set_function(functools.partial(errors.rmse, i))
 
 
 class RetrainMetrics:
     """The retrainer's metrics, all prefixed ``stream_forecaster_retrain_``."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
-        self.registry = registry if registry is not None else CollectorRegistry()
+        self.registry = registry if registry is not None else new_registry()
         r = self.registry
         runs = Counter("stream_forecaster_retrain_runs", "Retraining cycles by outcome: published, rejected "
                        "(by the validation gate), failed", ["outcome"], registry=r)
@@ -120,8 +130,17 @@ class RetrainMetrics:
 
 
 def new_registry() -> CollectorRegistry:
-    """An empty registry: the daemon serves it before the metrics that need its model exist."""
-    return CollectorRegistry()
+    """A registry holding only the process's own metrics, for the daemon or the retrainer to add theirs to.
+
+    ``process_*`` (resident memory, CPU seconds, open files, start time; read
+    from /proc at each scrape, so absent off Linux) and ``python_info``: a
+    memory leak or a stuck CPU shows on /metrics without a node exporter. The
+    daemon serves it before the metrics that need its model exist.
+    """
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    return registry
 
 
 class MetricsServer:

@@ -1,10 +1,10 @@
 """The stacked LSTM: build, train, forecast, save and load.
 
 The only module that imports TensorFlow and Keras. A :class:`Forecaster` is a
-Keras model plus the metadata needed to use it (features, targets, window
-length, normalisation), and :meth:`Forecaster.forecast` is the one inference
-path: the offline backtest and the streaming daemon both call it, so the same
-window gives the same number in both.
+Keras model plus its :class:`~stream_forecaster.store.ModelMetadata` (features,
+targets, window length, normalisation), and :meth:`Forecaster.forecast` is the
+one inference path: the offline backtest and the streaming daemon both call it,
+so the same window gives the same number in both.
 """
 
 from __future__ import annotations
@@ -12,154 +12,60 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
 import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter off stderr
+from .logs import quiet_native
+
+quiet_native()  # before TensorFlow loads, whoever imports this module first: it reads the level once
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from .config import ModelConfig  # noqa: E402
-from .errors import Interrupted, UserError  # noqa: E402
+from .errors import Interrupted  # noqa: E402
+from .files import strict_json  # noqa: E402
+from .inference import batch_shapes, compiled_pieces, plain_pieces  # noqa: E402
 from .intervals import AdaptiveInterval  # noqa: E402
-from .records import strict_json  # noqa: E402
+from .store import METADATA_FILE, MODEL_FILE, ModelMetadata, ModelStoreError  # noqa: E402
 
 __all__ = [
-    "MODEL_FILE",
-    "ModelLoadError",
-    "METADATA_FILE",
     "Forecaster",
+    "ModelLoadError",
     "Scaler",
     "build_model",
     "clone_model",
-    "scale_windows",
     "compile_model",
     "fit",
     "library_versions",
-    "use_inference_threads",
+    "scale_windows",
+    "use_tensorflow_threads",
 ]
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.keras"
-METADATA_FILE = "metadata.json"
-_executor: ThreadPoolExecutor | None = None
-_executor_threads = 1
-_executor_lock = threading.Lock()
 
+def use_tensorflow_threads(count: int) -> None:
+    """Let TensorFlow run ``count`` calls at once, each on one core, instead of one call spread over all cores.
 
-def _inference_threads() -> tuple[ThreadPoolExecutor, int]:
-    global _executor
-    with _executor_lock:
-        if _executor is None:
-            _executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
-        return _executor, _executor_threads
-
-
-def use_inference_threads(count: int | None = None) -> None:
-    """Forecast on ``count`` threads (None: one per CPU this process may use), each using one core,
-    instead of one call spread over all cores.
-
-    For the daemon, whose main thread parses and sends while the model computes:
-    TensorFlow's default splits every op of a call over all cores, and each op
-    then waits for the core the main thread holds; independent one-core calls
-    fill whatever is free (6,700 against 4,800 predictions/s measured on 2 cores).
-    Call it before a model is built or loaded: TensorFlow fixes its pools when it starts.
+    For the daemon, whose main thread parses and sends while the model computes
+    (see :class:`~stream_forecaster.inference.InferenceRunner`): TensorFlow's
+    default splits every op of a call over all cores, and each op then waits for
+    the core the main thread holds; independent one-core calls fill whatever is
+    free. Call it before a model is built or loaded: TensorFlow fixes its pools
+    when it starts.
     """
-    global _executor, _executor_threads
-    if count is None:
-        count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     try:
         tf.config.threading.set_intra_op_parallelism_threads(1)
         tf.config.threading.set_inter_op_parallelism_threads(count)
     except RuntimeError:  # TensorFlow is running already (a daemon inside a test): calls still overlap
         log.info("TensorFlow has started: its thread pools stay as they are")
-    with _executor_lock:
-        previous, _executor = _executor, ThreadPoolExecutor(count, thread_name_prefix="inference")
-        _executor_threads = count
-    if previous is not None:
-        previous.shutdown(wait=False)  # its queued forecasts still finish
 
 
-_MAX_CHUNK = 4096  # windows per compiled call (a power of _BASE); bounds the memory of one call
-_BASE = 4  # batch shapes are its powers: 7 shapes to compile (powers of two made 13, and a swap took 9 s)
-
-
-def _shapes(largest: int) -> list[int]:
-    """The batch shapes up to ``largest`` windows, smallest first."""
-    shapes = [1]
-    while shapes[-1] * _BASE <= min(largest, _MAX_CHUNK):
-        shapes.append(shapes[-1] * _BASE)
-    return shapes
-
-
-def _pieces(n: int) -> list[int]:
-    """``n`` windows as a sum of batch shapes, largest first: no padding, at most 3 of a shape but the largest."""
-    pieces = []
-    for size in reversed(_shapes(_MAX_CHUNK)):
-        pieces += [size] * (n // size)
-        n %= size
-    return pieces
-
-
-def _plain_pieces(n: int) -> list[int]:
-    return [min(_MAX_CHUNK, n - start) for start in range(0, n, _MAX_CHUNK)]
-
-
-_CALL_COST = 7  # a compiled call's fixed cost, in windows (about 1 ms against 0.14 ms a window on one core)
-
-
-def _parts(pieces: list[int], threads: int) -> list[int]:
-    """Window counts of up to ``threads`` consecutive runs of ``pieces``, of about equal cost.
-
-    A small batch cut into several calls then finishes in the time of its
-    largest run instead of all of them one after the other (latency at light load).
-    """
-    total = sum(size + _CALL_COST for size in pieces)
-    parts, run, cost = [], 0, 0
-    for size in pieces:
-        if run and len(parts) < threads - 1 and cost + (size + _CALL_COST) / 2 > total / threads * (len(parts) + 1):
-            parts.append(run)
-            run = 0
-        run += size
-        cost += size + _CALL_COST
-    return parts + [run]
-
-
-def _gather(futures: list[Future]) -> Future:
-    """One future of ``(predictions, scales, longest seconds)`` over futures of ``(predictions, scales, seconds)``."""
-    if len(futures) == 1:
-        return futures[0]
-    gathered: Future = Future()
-    left = [len(futures)]
-    lock = threading.Lock()
-
-    def one_done(_):
-        with lock:
-            left[0] -= 1
-            if left[0]:
-                return
-        try:
-            results = [f.result() for f in futures]
-        except BaseException as exc:  # noqa: BLE001 (handed on to whoever waits on the gathered future)
-            gathered.set_exception(exc)
-            return
-        gathered.set_result((np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results]),
-                             max(r[2] for r in results)))
-
-    for f in futures:
-        f.add_done_callback(one_done)
-    return gathered
-
-
-class ModelLoadError(UserError):
+class ModelLoadError(ModelStoreError):
     """A model version that is present but cannot be used."""
 
 
@@ -206,14 +112,17 @@ def build_model(config: ModelConfig, layers: Sequence[int] | None = None) -> ker
     Every LSTM but the last returns sequences so the next one can read them;
     dropout follows each LSTM; a linear Dense layer gives the outputs.
     """
+    widths = layers or config.layers
+    if widths is None:
+        raise ValueError("no layer widths: pass Config.layers(), which follows the data's columns")
     keras.utils.set_random_seed(config.seed)
-    width_in, *lstm_sizes, width_out = layers or config.layers
-    layers: list = [keras.Input(shape=(config.sequence_length - 1, width_in), name="window")]
+    width_in, *lstm_sizes, width_out = widths
+    stack: list = [keras.Input(shape=(config.sequence_length - 1, width_in), name="window")]
     for i, units in enumerate(lstm_sizes):
-        layers.append(keras.layers.LSTM(units, return_sequences=i < len(lstm_sizes) - 1))
-        layers.append(keras.layers.Dropout(config.dropout))
-    layers.append(keras.layers.Dense(width_out, activation="linear", name="forecast"))
-    model = keras.Sequential(layers, name="stacked_lstm")
+        stack.append(keras.layers.LSTM(units, return_sequences=i < len(lstm_sizes) - 1))
+        stack.append(keras.layers.Dropout(config.dropout))
+    stack.append(keras.layers.Dense(width_out, activation="linear", name="forecast"))
+    model = keras.Sequential(stack, name="stacked_lstm")
     compile_model(model, config)
     return model
 
@@ -373,54 +282,47 @@ class Forecaster:
     the global one.
     """
 
-    def __init__(self, model: keras.Model, metadata: dict, version: str | None = None, jit_compile: bool = True):
+    def __init__(self, model: keras.Model, metadata: ModelMetadata, version: str | None = None,
+                 jit_compile: bool = True):
         self.model = model
         self.metadata = metadata
         self.version = version
-        self.features: tuple[str, ...] = tuple(metadata["features"])
-        self.targets: tuple[str, ...] = tuple(metadata["targets"])
-        self.sequence_length: int = int(metadata["sequence_length"])
-        norm = metadata["normalization"]
-        self.normalization: str = norm.get("method") or "standardize"  # versions before methods were recorded
+        self.features, self.targets = metadata.features, metadata.targets
+        self.sequence_length = metadata.sequence_length
+        self.normalization = metadata.method
         self.windowed = self.normalization == "window"
         # where each target's last reading sits among the features (None when a target is not a feature)
         self._last = ([self.features.index(t) for t in self.targets]
                       if set(self.targets) <= set(self.features) else None)
-        if self.windowed:
-            self.feature_scaler = self.target_scaler = None
-        else:
-            self.feature_scaler = Scaler.from_dict(norm["features"])
-            self.target_scaler = Scaler.from_dict(norm["targets"])
-        self._change = self.windowed or metadata.get("predict") == "change"  # the output is the step from the last reading
+        # the global normalisations' scalers; None for window normalisation
+        self.feature_scaler: Scaler | None = None
+        self.target_scaler: Scaler | None = None
+        if not self.windowed:
+            self.feature_scaler = Scaler.from_dict(metadata.normalization["features"])
+            self.target_scaler = Scaler.from_dict(metadata.normalization["targets"])
+        self._change = self.windowed or metadata.predict == "change"  # the output is the step from the last reading
         # Versions written before scales were recorded give min_step and offsets in data units
-        to_scale = 1.0 if self.windowed or metadata.get("scaled_units") else 1.0 / self.target_scaler.scale
-        self._min_step = np.asarray(metadata["min_step"], np.float64) * to_scale if metadata.get("min_step") else None
-        intervals = metadata.get("intervals") or {}
-        self.interval = AdaptiveInterval(
-            intervals["quantiles"], np.asarray(intervals["lower"]) * to_scale, np.asarray(intervals["upper"]) * to_scale,
+        to_scale = (1.0 if self.target_scaler is None or metadata.scaled_units
+                    else 1.0 / self.target_scaler.scale)
+        self._min_step = np.asarray(metadata.min_step, np.float64) * to_scale if metadata.min_step else None
+        intervals = metadata.intervals or {}
+        self.prediction_interval = AdaptiveInterval(
+            intervals["quantiles"], np.asarray(intervals["lower"]) * to_scale,
+            np.asarray(intervals["upper"]) * to_scale,
             intervals.get("adaptation", 0.0)) if intervals else None
-        self.interval_quantiles: tuple[float, ...] = self.interval.quantiles if self.interval else ()
+        self.interval_quantiles: tuple[float, ...] = (self.prediction_interval.quantiles
+                                                      if self.prediction_interval else ())
         spec = tf.TensorSpec([None, self.sequence_length - 1, len(self.features)], tf.float32)
         # One traced graph for any batch size: no per-call retracing, no model.predict overhead.
         self._graph = tf.function(lambda x: self.model(x, training=False), input_signature=[spec])
         # XLA fuses each LSTM step's kernels: 1.4x (large batches) to 3x (one window) the plain graph on CPU.
-        # It compiles once per batch shape, so batches are cut into a few shapes (see _pieces).
+        # It compiles once per batch shape, so batches are cut into a few shapes (see inference.compiled_pieces).
         self._xla = tf.function(lambda x: self.model(x, training=False), input_signature=[spec],
                                 jit_compile=True) if jit_compile else None
 
-    def mismatch(self, config) -> str | None:
-        """How this model's columns and window differ from what ``config`` asks for, or None if they agree."""
-        d, m = config.data, config.model
-        have = (self.features, self.targets, self.sequence_length)
-        wanted = (tuple(d.features), tuple(d.targets), m.sequence_length)
-        if have == wanted:
-            return None
-        return (f"model {self.version} reads {', '.join(have[0])} -> {', '.join(have[1])} with windows of {have[2]}; "
-                f"the configuration asks for {', '.join(wanted[0])} -> {', '.join(wanted[1])} with {wanted[2]}")
-
     def warm_up(self, largest: int = 1) -> None:
         """Trace and compile the call for every batch shape up to ``largest`` windows, so no real batch waits."""
-        for size in _shapes(largest):
+        for size in batch_shapes(largest):
             self.forecast(np.zeros((size, self.sequence_length - 1, len(self.features)), dtype=np.float32))
 
     def forecast(self, windows: np.ndarray) -> np.ndarray:
@@ -433,30 +335,40 @@ class Forecaster:
         expected = (self.sequence_length - 1, len(self.features))
         if windows.ndim != 3 or windows.shape[1:] != expected:
             raise ValueError(f"expected windows of shape [n, {expected[0]}, {expected[1]}], got {windows.shape}")
-        if self.windowed:
+        target_scaler = self.target_scaler
+        if self.feature_scaler is None or target_scaler is None:  # window normalisation
             inputs, spread = scale_windows(windows)
             scale = spread[:, self._last]
         else:
             inputs = self.feature_scaler.transform(windows)
-            scale = np.broadcast_to(self.target_scaler.scale.astype(np.float64), (len(windows), len(self.targets)))
+            scale = np.broadcast_to(target_scaler.scale.astype(np.float64), (len(windows), len(self.targets)))
         out = np.empty((len(windows), len(self.targets)), dtype=np.float32)
         start = 0
-        for size in self._calls(len(windows)):
+        for size in self.calls(len(windows)):
             out[start:start + size] = self._call(inputs[start:start + size])
             start += size
-        if self._last is None:  # a level model of targets it does not read
-            return self.target_scaler.inverse(out), scale
+        if self._last is None:  # a level model of targets it does not read (global normalisation only)
+            assert target_scaler is not None
+            return target_scaler.inverse(out), scale
         last = windows[:, -1, self._last].astype(np.float64)
-        step = out.astype(np.float64) if self._change else (self.target_scaler.inverse(out) - last) / scale
+        if self._change:
+            step = out.astype(np.float64)
+        else:
+            assert target_scaler is not None  # window normalisation always predicts the step
+            step = (target_scaler.inverse(out) - last) / scale
         if self._min_step is not None:
             # a forecast step smaller than min_step is noise more often than not: keep the last reading
             step[np.abs(step) < self._min_step] = 0.0
         with np.errstate(over="ignore", invalid="ignore"):  # readings near float32's limit: not finite, published null
             return (last + step * scale).astype(np.float32), scale
 
-    def _calls(self, n: int) -> list[int]:
+    def with_metadata(self, **changes) -> "Forecaster":
+        """This model with its metadata changed (calibration, the retrainer's gate)."""
+        return Forecaster(self.model, self.metadata.replace(**changes), self.version, self._xla is not None)
+
+    def calls(self, n: int) -> list[int]:
         """The window counts of the compiled calls that forecast ``n`` windows."""
-        return _pieces(n) if self._xla is not None else _plain_pieces(n)
+        return compiled_pieces(n) if self._xla is not None else plain_pieces(n)
 
     def _call(self, chunk: np.ndarray) -> np.ndarray:
         if self._xla is not None:
@@ -475,35 +387,13 @@ class Forecaster:
         calibrated on the validation slice after training and tracked online
         (:class:`~stream_forecaster.intervals.AdaptiveInterval`).
         """
-        return None if self.interval is None else self.interval.bounds(predictions, scale)
-
-    def forecast_async(self, windows: np.ndarray) -> Future:
-        """:meth:`forecast_scaled` on an inference thread: a future of ``(predictions, scale, seconds it took)``.
-
-        Leave ``windows`` untouched until the result is in. TensorFlow releases
-        the GIL while it computes, so the caller's Python work (parsing the next
-        readings, publishing the last forecasts) runs meanwhile. The threads
-        (one unless :func:`use_inference_threads` says more) serve every forecaster.
-        A batch cut into several calls is shared among them in consecutive runs:
-        26 windows took 6.6 ms on one thread and 5.4 ms on two (latency at light load).
-        """
-        def timed(part):
-            started = time.perf_counter()
-            predictions, scale = self.forecast_scaled(part)
-            return predictions, scale, time.perf_counter() - started
-
-        executor, threads = _inference_threads()
-        futures, start = [], 0
-        for size in _parts(self._calls(len(windows)), threads):
-            futures.append(executor.submit(timed, windows[start:start + size]))
-            start += size
-        return _gather(futures)
+        return None if self.prediction_interval is None else self.prediction_interval.bounds(predictions, scale)
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write the Keras file and the metadata into an existing directory."""
         directory = Path(directory)
         self.model.save(directory / MODEL_FILE)
-        (directory / METADATA_FILE).write_text(strict_json(self.metadata, indent=2, sort_keys=True) + "\n")
+        (directory / METADATA_FILE).write_text(strict_json(self.metadata.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, directory: str | os.PathLike, version: str | None = None, jit_compile: bool = True) -> "Forecaster":
@@ -514,7 +404,7 @@ class Forecaster:
         """
         directory = Path(directory)
         try:
-            metadata = json.loads((directory / METADATA_FILE).read_text())
+            metadata = ModelMetadata.from_dict(json.loads((directory / METADATA_FILE).read_text()))
             model = keras.models.load_model(directory / MODEL_FILE, compile=False, safe_mode=True)
             return cls(model, metadata, version, jit_compile)
         except Exception as exc:  # Keras raises many kinds on a damaged file; all mean "unusable"

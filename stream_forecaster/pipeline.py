@@ -8,19 +8,20 @@ rate and forwarded to the dead-letter topic, and the batch goes on.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
 from .config import Config
+from .inference import InferenceRunner
+from .messages import HEADER, MAX_KEY_BYTES, MISSING, Invalid, MessageParser, OutRecord, encode_prediction, format_time
 from .metrics import Metrics
-from .records import HEADER, MAX_KEY_BYTES, MISSING, Invalid, MessageParser, OutRecord, encode_prediction, format_time
 from .scoring import PendingForecasts, RollingErrors
+from .seams import Clock, Forecaster, Offsets, Record, Sink
 from .window import SensorWindows
 
 __all__ = ["Pipeline", "Stopped"]
@@ -50,12 +51,12 @@ class Stopped(Exception):
 class _RateLimitedLog:
     """At most ``limit`` warnings per ``period`` seconds, then one line saying how many were held back."""
 
-    def __init__(self, what: str, limit: int = 10, period: float = 10.0):
-        self.what, self.limit, self.period = what, limit, period
-        self._start, self._count, self._held = time.monotonic(), 0, 0
+    def __init__(self, what: str, clock: Clock, limit: int = 10, period: float = 10.0):
+        self.what, self.clock, self.limit, self.period = what, clock, limit, period
+        self._start, self._count, self._held = clock(), 0, 0
 
     def warning(self, message: str, *args) -> None:
-        now = time.monotonic()
+        now = self.clock()
         if now - self._start >= self.period:
             if self._held:
                 log.warning("%d more %s in the last %.0f s were not logged", self._held, self.what, self.period)
@@ -68,15 +69,23 @@ class _RateLimitedLog:
 
 
 class Pipeline:
-    """Per-sensor windows and forecasts over a stream of Kafka records."""
+    """Per-sensor windows and forecasts over a stream of Kafka records.
 
-    def __init__(self, config: Config, forecaster, sink, metrics: Metrics, stop: threading.Event | None = None):
+    ``runner`` computes the forecasts (the daemon's :class:`InferenceRunner`;
+    by default one of its own, on one thread); ``clock`` paces the rate-limited
+    warnings.
+    """
+
+    def __init__(self, config: Config, forecaster: Forecaster, sink: Sink, metrics: Metrics,
+                 stop: threading.Event | None = None, runner: InferenceRunner | None = None,
+                 clock: Clock = time.monotonic):
         self.forecaster = forecaster
         self.sink, self.metrics = sink, metrics
         self.stop = stop or threading.Event()
+        self.runner = runner or InferenceRunner(1)
         self.output_topic = config.kafka.output_topic
         self.dead_letter_topic = config.kafka.dead_letter_topic
-        self.interval = config.data.interval
+        self.period = config.data.period
         features, targets = forecaster.features, forecaster.targets
         self.columns = tuple(dict.fromkeys(features + targets))
         self.feature_index = [self.columns.index(c) for c in features]
@@ -91,11 +100,11 @@ class Pipeline:
         # 1 where a truth fell inside its interval; its rolling "MAE" is the interval's coverage
         self.inside = RollingErrors(config.metrics.rolling_window, len(targets))
         metrics.bind_rolling(targets, self.model_errors, self.baseline_errors, self.inside)
-        self._invalid_log = _RateLimitedLog("invalid messages")
-        self._stale_log = _RateLimitedLog("stale readings")
+        self._invalid_log = _RateLimitedLog("invalid messages", clock)
+        self._stale_log = _RateLimitedLog("stale readings", clock)
         self._batch = np.empty((0, forecaster.sequence_length - 1, len(features)), dtype=np.float32)
 
-    def refill(self, partition: int, records, evictions: Sequence[tuple[int, int]] = ()) -> int:
+    def refill(self, partition: int, records: Iterable[Record], evictions: Sequence[tuple[int, int]] = ()) -> int:
         """Refill ``partition``'s windows from readings whose forecasts were already published: nothing is
         published or scored.
 
@@ -109,7 +118,7 @@ class Pipeline:
         readings replayed.
         """
         evictions = sorted(evictions)
-        replayed, chunk = 0, []
+        replayed, chunk = 0, []  # type: int, list[Record]
 
         def ingest():
             nonlocal replayed
@@ -137,9 +146,9 @@ class Pipeline:
             full = np.stack([self.windows.window(s) for s in part])
             windows = full if self._all_features else full[:, :, self.feature_index]
             predictions, scale = self.forecaster.forecast_scaled(windows)
-            bounds = self.forecaster.bounds(predictions, scale) or (None, None)
+            lower, upper = self.forecaster.bounds(predictions, scale) or (None, None)
             # persistence's forecast is the newest reading
-            self.pending.put(part, predictions, full[:, -1, self.target_index], *bounds, scale)
+            self.pending.put(part, predictions, full[:, -1, self.target_index], lower, upper, scale)
         self.metrics.rebuilt.inc(replayed)
         self.metrics.active_sensors.set(len(self.windows))
         return replayed
@@ -171,7 +180,7 @@ class Pipeline:
         self.metrics.active_sensors.set(len(self.windows))
         return len(slots)
 
-    def swap_model(self, forecaster) -> None:
+    def swap_model(self, forecaster: Forecaster) -> None:
         """Serve ``forecaster`` from the next batch on; windows and pending forecasts carry over.
 
         The caller has checked that features, targets and window length match.
@@ -181,7 +190,7 @@ class Pipeline:
         self.forecaster = forecaster
         self.pending.forget_intervals()
 
-    def process(self, records: Sequence) -> dict[tuple[str, int], int]:
+    def process(self, records: Sequence[Record]) -> Offsets:
         """Handle one poll batch; return ``{(topic, partition): next offset}`` to commit.
 
         The batch is parsed in chunks; each chunk's windows go to the model as
@@ -193,14 +202,14 @@ class Pipeline:
             first = len(parsed.window_of)
             self._ingest(records, lo, min(len(records), lo + CHUNK), parsed)
             if len(parsed.window_of) > first:
-                forecasts.append((first, self.forecaster.forecast_async(self._batch[first:len(parsed.window_of)])))
-        # the forecasts, their intervals and scales ([4, windows, targets]), filled as each chunk is published
-        predictions = np.full((4, len(parsed.window_of), len(self.forecaster.targets)), np.nan, dtype=np.float32)
-        self._publish(records, parsed, forecasts, predictions)
+                windows = self._batch[first:len(parsed.window_of)]
+                forecasts.append((first, self.runner.forecast_async(self.forecaster, windows)))
+        predictions = self._collect(forecasts, len(parsed.window_of))
+        self._publish(records, parsed, predictions)
         self._score(parsed.accepted, parsed.window_of, predictions, parsed.gaps)
         self.metrics.batch_size.observe(len(records))
         self.metrics.active_sensors.set(len(self.windows))
-        offsets: dict[tuple[str, int], int] = {}
+        offsets: Offsets = {}
         for r in records:
             offsets[(r.topic, r.partition)] = max(offsets.get((r.topic, r.partition), 0), r.offset + 1)
         return offsets
@@ -219,7 +228,7 @@ class Pipeline:
             # earlier chunks' windows stay valid: the model holds views of the old buffer
             self._batch = np.empty((max(len(records), len(window_of) + hi - lo),) + self._batch.shape[1:],
                                    dtype=np.float32)
-        windows, gap = self.windows, 1.5 * self.interval  # a reading further on skipped one (a '?', or lost)
+        windows, gap = self.windows, 1.5 * self.period  # a reading further on skipped one (a '?', or lost)
         missing = ignored = stale = 0
         count = len(accepted)
         for i in range(lo, hi):
@@ -263,36 +272,41 @@ class Pipeline:
             m.stale.inc(stale)
             m.accepted.inc(len(accepted) - count)
 
-    def _publish(self, records, parsed: "_Parsed", forecasts, predictions: np.ndarray) -> None:
-        """Send the dead letters and each forecast as soon as its chunk is computed; wait for every ack."""
+    def _collect(self, forecasts: list, n: int) -> np.ndarray:
+        """The forecasts, their interval bounds and scales (``[4, n, targets]``, NaN where none) as each chunk's
+        future completes."""
+        predictions = np.full((4, n, len(self.forecaster.targets)), np.nan, dtype=np.float32)
+        for start, future in forecasts:
+            chunk, scale, seconds = future.result()
+            self.metrics.inference_seconds.observe(seconds)
+            end = start + len(chunk)
+            predictions[0, start:end], predictions[3, start:end] = chunk, scale
+            bounds = self.forecaster.bounds(chunk, scale)
+            if bounds is not None:
+                predictions[1:3, start:end] = bounds
+        return predictions
+
+    def _publish(self, records: Sequence[Record], parsed: _Parsed, predictions: np.ndarray) -> None:
+        """Send the dead letters and a forecast of each full window; return once every one is acknowledged."""
         version = self.forecaster.version
         targets = self.forecaster.targets
         accepted, window_of = parsed.accepted, parsed.window_of
-
-        def prediction_records():
-            for start, future in forecasts:
-                chunk, scale, seconds = future.result()
-                self.metrics.inference_seconds.observe(seconds)
-                predictions[0, start:start + len(chunk)] = chunk
-                predictions[3, start:start + len(chunk)] = scale
-                bounds = self.forecaster.bounds(chunk, scale)
-                if bounds is not None:
-                    predictions[1:3, start:start + len(chunk)] = bounds
-                for k in range(start, start + len(chunk)):
-                    i, _, reading = accepted[window_of[k]]
-                    record = records[i]
-                    when = None
-                    if reading.timestamp is not None:
-                        when = format_time(reading.timestamp + self.interval, reading.aware)
-                    # the same reading always gets the same id, so at-least-once repeats are recognisable downstream
-                    ident = f"{reading.sensor}@{when}" if when else f"{reading.sensor}@{record.partition}/{record.offset}"
-                    value = encode_prediction(ident, reading.sensor, when, predictions[0, k], targets, version,
-                                              record.partition, record.offset,
-                                              None if bounds is None else (bounds[0][k - start], bounds[1][k - start]))
-                    yield OutRecord(self.output_topic, record.key, value,
-                                    [("prediction_id", ident.encode()), ("model_version", (version or "").encode())])
-
-        if not self.sink.publish(itertools.chain(parsed.dead_letters, prediction_records()), self.stop):
+        banded = self.forecaster.prediction_interval is not None
+        out = list(parsed.dead_letters)
+        for k, a in enumerate(window_of):
+            i, _, reading = accepted[a]
+            record = records[i]
+            when = None
+            if reading.timestamp is not None:
+                when = format_time(reading.timestamp + self.period, reading.aware)
+            # the same reading always gets the same id, so at-least-once repeats are recognisable downstream
+            ident = f"{reading.sensor}@{when}" if when else f"{reading.sensor}@{record.partition}/{record.offset}"
+            value = encode_prediction(ident, reading.sensor, when, predictions[0, k], targets, version,
+                                      record.partition, record.offset,
+                                      (predictions[1, k], predictions[2, k]) if banded else None)
+            out.append(OutRecord(self.output_topic, record.key, value,
+                                 [("prediction_id", ident.encode()), ("model_version", (version or "").encode())]))
+        if not self.sink.publish(out, self.stop):
             raise Stopped()
         now_ms = time.time() * 1000
         for a in window_of:
@@ -311,7 +325,8 @@ class Pipeline:
             # cut to max_message_bytes, the key to MAX_KEY_BYTES, the input's headers to HEADER_BUDGET (the
             # whole message stays at `source`). A header without a value (null in Kafka) goes on empty:
             # kafka-python cannot send it.
-            headers, size = [], 0
+            headers: list[tuple[str, bytes]] = []
+            size = 0
             for k, v in record.headers or []:
                 # each header also costs its lengths on the wire: a million empty ones are megabytes
                 size += len(k.encode("utf-8", "surrogateescape")) + len(v or b"") + 10
@@ -372,8 +387,8 @@ class Pipeline:
         if banded.any():
             lower, upper, scale, seen = lower[banded], upper[banded], scale[banded], seen[banded]
             self.inside.add((lower <= seen) & (seen <= upper))
-            if self.forecaster.interval is not None:  # the live coverage steers the next intervals
-                self.forecaster.interval.update(seen < lower, seen > upper, scale)
+            if self.forecaster.prediction_interval is not None:  # the live coverage steers the next intervals
+                self.forecaster.prediction_interval.update(seen < lower, seen > upper, scale)
         self.baseline_errors.add(baseline[scored].astype(np.float64) - truth[scored])
         m = self.metrics
         m.scored.inc(len(error))

@@ -40,28 +40,21 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 from .config import Config
+from .seams import Checkpoints, Clock, Offsets, Source
 
-__all__ = ["Checkpoint", "Checkpoints", "PartitionState", "Recovery"]
+if TYPE_CHECKING:
+    from .metrics import Metrics
+    from .pipeline import Pipeline
+
+__all__ = ["Checkpoint", "PartitionState", "Recovery"]
 
 log = logging.getLogger(__name__)
 
 MAX_EVICTIONS = 1000  # kept in a checkpoint, the newest; more would only matter for windows spanning months
 MARKS_PER_TTL = 100  # eviction runs at most idle_ttl / this late
-
-
-class Checkpoints(Protocol):
-    """Where each input partition's latest checkpoint is kept (the state topic, or a test's memory)."""
-
-    def write(self, checkpoints: dict[int, str], stop: threading.Event) -> bool: ...
-
-    def read(self, partition: int) -> str | None: ...
-
-    def write_snapshot(self, partition: int, at: int, data: bytes) -> dict | None: ...
-
-    def read_snapshot(self, partition: int, ref: dict) -> bytes | None: ...
 
 
 @dataclass(frozen=True)
@@ -123,8 +116,8 @@ class Recovery:
     Without ``checkpoints`` (no state topic), every refill falls back to ``window.rebuild_messages``.
     """
 
-    def __init__(self, config: Config, source, pipeline, metrics, stop: threading.Event,
-                 checkpoints: Checkpoints | None = None, clock=time.monotonic):
+    def __init__(self, config: Config, source: Source, pipeline: Pipeline, metrics: Metrics, stop: threading.Event,
+                 checkpoints: Checkpoints | None = None, clock: Clock = time.monotonic):
         self.source, self.pipeline, self.metrics, self.stop, self.clock = source, pipeline, metrics, stop, clock
         self.checkpoints = checkpoints
         self.topic = config.kafka.input_topic
@@ -203,7 +196,7 @@ class Recovery:
         self.metrics.rebuilding.set(self.refilling())
 
     def _restore(self, partition: int, snapshot: dict) -> bool:
-        data = self.checkpoints.read_snapshot(partition, snapshot)
+        data = self.checkpoints.read_snapshot(partition, snapshot) if self.checkpoints is not None else None
         if data is None:
             log.warning("partition %d: the snapshot at offset %d is gone; replaying every window's readings instead",
                         partition, snapshot["at"])
@@ -233,7 +226,7 @@ class Recovery:
 
     # -- progress and commits --------------------------------------------------------------------------------
 
-    def processed(self, offsets: dict[tuple[str, int], int]) -> None:
+    def processed(self, offsets: Offsets) -> None:
         """Note how far each partition was read (``{(topic, partition): next offset}``) and when."""
         now = self.clock()
         for (_, partition), offset in offsets.items():
@@ -250,32 +243,33 @@ class Recovery:
         A failed commit is tried again on the next call: an idle partition would
         never commit again, and a clean stop would repeat its batch.
         """
-        due = {p: s for p, s in self.partitions.items() if s.processed is not None
+        due = {p: (s, s.processed) for p, s in self.partitions.items() if s.processed is not None
                and not (s.refilling or s.checking)
                and (s.dirty or s.committed is None or s.processed != s.committed.committed)}
         if not due:
             return True
         starts = self.pipeline.windows.refill_starts(list(due))
         made, now = {}, self.clock()
-        for partition, state in due.items():
+        for partition, (state, processed) in due.items():
             if (self.checkpoints is not None and self.snapshot_interval
                     and now - state.snapshot_time >= self.snapshot_interval):
                 state.snapshot_time = now
-                snapshot = self.checkpoints.write_snapshot(partition, state.processed, self.pipeline.snapshot(partition))
+                snapshot = self.checkpoints.write_snapshot(partition, processed, self.pipeline.snapshot(partition))
                 state.snapshot = snapshot or state.snapshot
-            start = min(starts.get(partition, state.processed), state.processed)
+            start = min(starts.get(partition, processed), processed)
             # kept while a refill may need them: one from the oldest window reading, or one from the snapshot
             after = state.snapshot["at"] if state.snapshot else start
             state.evictions = [e for e in state.evictions if e[1] > start or e[0] >= after][-MAX_EVICTIONS:]
-            made[partition] = Checkpoint(state.processed, start, tuple(state.evictions), state.snapshot)
+            made[partition] = Checkpoint(processed, start, tuple(state.evictions), state.snapshot)
         if self.checkpoints is not None:
-            written = {p: c.encode(due[p].committed) for p, c in made.items()}
+            written = {p: c.encode(due[p][0].committed) for p, c in made.items()}
             if not self.checkpoints.write(written, self.stop):
                 return False
         if not self.source.commit({(self.topic, p): c.committed for p, c in made.items()}):
             return False
         for partition, checkpoint in made.items():
-            due[partition].committed, due[partition].dirty = checkpoint, False
+            state = due[partition][0]
+            state.committed, state.dirty = checkpoint, False
         return True
 
     # -- eviction --------------------------------------------------------------------------------------------

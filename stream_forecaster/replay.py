@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import sys
 import threading
 import time
 from pathlib import Path
 
+from . import logs
 from .config import KafkaConfig
 from .errors import UserError
+from .files import open_text
 from .kafka_io import KafkaSink
-from .records import OutRecord, UciLineParser, open_text
+from .messages import OutRecord, UciLineParser
 
 __all__ = ["replay_file", "replay_lines"]
 
@@ -37,7 +40,7 @@ def _is_data(line: str) -> bool:
 def replay_lines(config: KafkaConfig, lines, sensor: str, *, rate: float | None = None, total: int | None = None,
                  stop: threading.Event | None = None, progress: bool = True) -> int:
     stop = stop or threading.Event()
-    sink = KafkaSink(config, client_id="stream-forecaster-replay")
+    sink = _sink(config)
     failures: list[Exception] = []
     key = sensor.encode()
     started = last_shown = time.monotonic()
@@ -63,6 +66,21 @@ def replay_lines(config: KafkaConfig, lines, sensor: str, *, rate: float | None 
     if failures:
         raise UserError(f"{len(failures)} of {sent} messages were not acknowledged: {failures[0]}")
     return sent
+
+
+def _sink(config: KafkaConfig) -> KafkaSink:
+    """The replay's producer; kafka-python's retry lines while it bootstraps are held back.
+
+    The command fails in one line instead, the first error kafka-python logged
+    (refused, timed out, a TLS or SASL failure) in it as the cause.
+    """
+    with logs.held("kafka") as records:
+        try:
+            return KafkaSink(config, client_id="stream-forecaster-replay")
+        except UserError as exc:
+            errors = [r for r in records if r.levelno >= logging.ERROR]
+            cause = f" (kafka-python: {errors[0].getMessage()})" if errors else ""
+            raise type(exc)(f"{exc}{cause}") from None  # the same kind: BrokerUnavailable stays one
 
 
 def _show(sent: int, total: int | None, seconds: float, end: str = "") -> None:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from .errors import UserError
-from .records import iso_time, strict_json
+from .files import iso_time, strict_json
 
 __all__ = ["format_sensors", "format_table", "format_versions", "to_json", "worst_sensors", "write_csvs",
            "write_plot"]
@@ -74,12 +74,12 @@ def format_versions(store) -> str:
         except Exception as exc:  # a damaged version is listed, not fatal to the listing
             rows.append(("*" if version == current else "", version, f"unreadable: {exc}", "", "", "", ""))
             continue
-        data, test, gate = meta.get("data", {}), meta.get("test", {}), meta.get("gate", {})
+        data, test, gate = meta.data, meta.test, meta.gate or {}
         train_range = " .. ".join(data.get("train_range", ["?", "?"]))
         gate_text = gate.get("decision", "manual (train)")
         if gate.get("current") is not None:
             gate_text += f" ({gate['metric']} {gate['candidate']:.4g} vs {gate['current']:.4g})"
-        rows.append(("*" if version == current else "", version, meta.get("created", "?"), train_range,
+        rows.append(("*" if version == current else "", version, meta.created or "?", train_range,
                      _num(test.get("rmse")), _num(test.get("persistence_rmse")), gate_text))
     if len(rows) == 1:
         return f"no model versions in {store.path}"

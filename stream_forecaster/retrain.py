@@ -1,7 +1,7 @@
 """The retrainer: refreshed weights on recent readings, published only past a validation gate.
 
 Runs as its own process (training must never stall inference), one cycle every
-``retrain.interval`` on a monotonic clock, or once (``--once``, for cron). A
+``retrain.every`` on a monotonic clock, or once (``--once``, for cron). A
 cycle reads the most recent ``retrain.history`` of readings, from the input
 topic with the daemon's own parser, or from a file; trains a candidate (from
 the current weights or from scratch) on at most ``model.max_windows``
@@ -23,14 +23,19 @@ import time
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .config import Config, DataConfig
 from .errors import Interrupted, UserError
+from .files import Series, read_series
+from .messages import MISSING, MessageParser, Reading
 from .metrics import MetricsServer, RetrainMetrics
-from .records import MISSING, MessageParser, Reading, Series, read_series
-from .registry import ModelStore
+from .store import IncompatibleModel, ModelStore
+
+if TYPE_CHECKING:
+    from .model import Forecaster
 
 __all__ = ["Outcome", "Retrainer", "read_file", "read_topic", "series_from_records"]
 
@@ -168,7 +173,7 @@ def read_file(path, columns, data: DataConfig) -> Series:
 def read_topic(config: Config, columns, stop: threading.Event) -> Series:
     """The last ``retrain.history`` of readings of the input topic, at most ``retrain.max_readings`` of them, per
     sensor, by the daemon's rules."""
-    from .kafka_io import read_history  # noqa: PLC0415 (only topic-fed training needs Kafka)
+    from .topics import read_history  # noqa: PLC0415 (only topic-fed training needs Kafka)
 
     k, r = config.kafka, config.retrain
     since_ms = max(0, int((time.time() - r.history) * 1000))  # Kafka takes no time before 1970
@@ -197,8 +202,9 @@ class Retrainer:
         server = None
         if not once:
             m = self.config.metrics
-            server = MetricsServer(self.metrics.registry, m.host, self.config.retrain.metrics_port, lambda: True).start()
-            log.info("retrainer: every %.0f s, metrics on http://%s:%d/metrics", self.config.retrain.interval,
+            port = self.config.retrain.metrics_port
+            server = MetricsServer(self.metrics.registry, m.host, port, lambda: True).start()
+            log.info("retrainer: every %.0f s, metrics on http://%s:%d/metrics", self.config.retrain.every,
                      m.host, server.port)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self.request_stop)
@@ -213,7 +219,7 @@ class Retrainer:
                     return 0
                 if once:
                     return 1 if outcome.outcome == "failed" else 0
-                if self.stop.wait(max(0.0, started + self.config.retrain.interval - time.monotonic())):
+                if self.stop.wait(max(0.0, started + self.config.retrain.every - time.monotonic())):
                     return 0
         finally:
             if server is not None:
@@ -250,26 +256,25 @@ class Retrainer:
             return read_file(self.data_path, self.columns, self.config.data)
         return read_topic(self.config, self.columns, self.stop)
 
-    def _current(self):
-        from .model import Forecaster  # noqa: PLC0415
-
+    def _current(self) -> Forecaster | None:
         version = self.store.current()
         if version is None:
             return None
-        current = Forecaster.load(self.store.verify(self.store.directory(version)), version,
-                                  self.config.model.jit_compile)
-        mismatch = current.mismatch(self.config)
-        if mismatch:
-            log.warning("%s: training from scratch and not comparing", mismatch)
+        d = self.config.data
+        try:
+            return self.store.load(version, expect=(d.features, d.targets, self.config.model.sequence_length),
+                                   jit_compile=self.config.model.jit_compile)
+        except IncompatibleModel as exc:
+            log.warning("%s, as the configuration asks: training from scratch and not comparing", exc)
             return None
-        return current
 
-    def _fits(self, current) -> bool:
+    def _fits(self, current: Forecaster | None) -> bool:
         """Whether ``current``'s network is the configured one, so training may start from its weights."""
         if current is None:
             return False
         m = self.config.model
-        built = (current.metadata.get("layers"), current.metadata.get("predict"), current.normalization)
+        layers = current.metadata.layers
+        built = (list(layers) if layers else None, current.metadata.predict, current.normalization)
         wanted = (self.config.layers(), m.predict, self.config.data.normalization)
         if built != wanted:
             log.info("current model %s has layers %s predicting the %s with %s normalisation, the configuration asks "
@@ -299,15 +304,15 @@ class Retrainer:
             return Outcome("rejected", verdict, None, candidate, current_error, persistence)
         reason = ("candidate beats persistence (no current model)" if current is None
                   else "candidate beats persistence and the current model")
-        trained.forecaster.metadata["gate"] = {
+        published = trained.forecaster.with_metadata(gate={
             "decision": "published", "reason": reason, "metric": metric,
             "candidate": candidate, "current": current_error, "current_version": current.version if current else None,
             "persistence": persistence, "min_improvement": self.config.retrain.min_improvement,
             "test_windows": int(len(trained.test_starts)),
-        }
+        })
         if self.stop.is_set():
             raise Interrupted("stopped before publishing")
-        version = self.store.publish(trained.forecaster.save)
+        version = self.store.publish(published.save)
         return Outcome("published", reason, version, candidate, current_error, persistence)
 
     def _gate(self, candidate: float, current: float | None, persistence: float) -> str | None:

@@ -17,10 +17,12 @@ import time
 
 from . import __version__
 from .config import Config
-from .metrics import Metrics, MetricsServer, new_registry
+from .inference import InferenceRunner
+from .metrics import CollectorRegistry, Metrics, MetricsServer, new_registry
 from .pipeline import CHUNK, Pipeline, Stopped
 from .recovery import Recovery
-from .registry import ModelStore, ModelStoreError
+from .seams import Checkpoints, Clock, Forecaster, Sink, Source, Wait
+from .store import ModelStore, ModelStoreError
 
 __all__ = ["Daemon", "ModelWatcher"]
 
@@ -38,13 +40,13 @@ class ModelWatcher:
     between two models.
     """
 
-    def __init__(self, store: ModelStore, serving, interval: float, stop: threading.Event, metrics: Metrics,
-                 jit_compile: bool = True):
-        self.store, self.interval, self.stop, self.metrics = store, interval, stop, metrics
+    def __init__(self, store: ModelStore, serving: Forecaster, poll_interval: float, stop: threading.Event,
+                 metrics: Metrics, jit_compile: bool = True):
+        self.store, self.poll_interval, self.stop, self.metrics = store, poll_interval, stop, metrics
         self.jit_compile = jit_compile
         self.serving = serving
         self._seen = serving.version
-        self._ready = None
+        self._ready: Forecaster | None = None
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="model-watcher", daemon=True)
 
@@ -53,11 +55,11 @@ class ModelWatcher:
         return self
 
     def _run(self) -> None:
-        while not self.stop.wait(self.interval):
+        while not self.stop.wait(self.poll_interval):
             try:
                 self.check()
             except Exception:  # noqa: BLE001 (the thread must outlive any surprise, or hot swaps end for good)
-                log.exception("checking the model store failed; trying again in %.0f s", self.interval)
+                log.exception("checking the model store failed; trying again in %.0f s", self.poll_interval)
 
     def check(self) -> None:
         """Load the current version if it is new; refuse it (logged, counted) if it does not fit."""
@@ -69,16 +71,9 @@ class ModelWatcher:
         if version is None or version == self._seen:
             return
         self._seen = version
-        from .model import Forecaster  # noqa: PLC0415
-
+        served = (self.serving.features, self.serving.targets, self.serving.sequence_length)
         try:
-            directory = self.store.verify(self.store.directory(version))
-            candidate = Forecaster.load(directory, version, self.jit_compile)
-            served = (self.serving.features, self.serving.targets, self.serving.sequence_length)
-            offered = (candidate.features, candidate.targets, candidate.sequence_length)
-            if offered != served:
-                raise ValueError(f"it maps {offered[0]} -> {offered[1]} with windows of {offered[2]}, "
-                                 f"the daemon serves {served[0]} -> {served[1]} with windows of {served[2]}")
+            candidate = self.store.load(version, expect=served, jit_compile=self.jit_compile)
             candidate.warm_up(CHUNK)
         except Exception as exc:  # a bad version must never take the daemon down
             self.metrics.swap_refused.inc()
@@ -87,7 +82,7 @@ class ModelWatcher:
         with self._lock:
             self._ready = candidate
 
-    def take(self):
+    def take(self) -> Forecaster | None:
         """The loaded new forecaster, once, or None."""
         with self._lock:
             ready, self._ready = self._ready, None
@@ -99,23 +94,35 @@ class ModelWatcher:
 class Daemon:
     """``stream-forecaster run``: Kafka in, forecasts out, metrics on HTTP.
 
-    ``source`` and ``sink`` default to Kafka; tests may pass the fakes of
-    :mod:`stream_forecaster.testing` instead, and a ``clock`` of their own.
-    Partition ownership, refills, commits and eviction live in
+    ``source``, ``sink`` and ``checkpoints`` default to Kafka, ``forecaster``
+    to the model store's current version (hot-swapped as the store moves on);
+    tests may pass the fakes of :mod:`stream_forecaster.testing` instead (a
+    forecaster given is served as it is: no TensorFlow). ``registry`` is the
+    Prometheus registry the metrics go to. ``stop`` ends the daemon when set;
+    ``clock`` times readiness, eviction and snapshots; ``wait(seconds)`` is how
+    it pauses before a retry (True: stop was set meanwhile), ``retry_s`` how
+    long. Partition ownership, refills, commits and eviction live in
     :class:`~stream_forecaster.recovery.Recovery`.
     """
 
-    def __init__(self, config: Config, source=None, sink=None, registry=None, clock=time.monotonic):
+    def __init__(self, config: Config, source: Source | None = None, sink: Sink | None = None,
+                 registry: CollectorRegistry | None = None, clock: Clock = time.monotonic,
+                 stop: threading.Event | None = None, wait: Wait | None = None, retry_s: float = 1.0,
+                 checkpoints: Checkpoints | None = None, forecaster: Forecaster | None = None):
         self.config = config
-        self.stop = threading.Event()
+        self.stop = stop or threading.Event()
         self.clock = clock
+        self.wait: Wait = wait or self.stop.wait
+        self.retry_s = retry_s
         self.store = ModelStore(config.model_store.path, config.model_store.keep)
         self.source, self.sink = source, sink
-        self.metrics = None
+        self.checkpoints = checkpoints  # where refill checkpoints are kept (the state topic)
+        self.forecaster = forecaster
+        self.metrics: Metrics | None = None
         self._registry = registry if registry is not None else new_registry()
+        self.runner: InferenceRunner | None = None
         self.pipeline: Pipeline | None = None
         self.recovery: Recovery | None = None
-        self.checkpoints = None  # where refill checkpoints are kept (the state topic)
         self.batch_limit = min(500, config.kafka.max_poll_records)  # grows once batches are timed
         self.watcher: ModelWatcher | None = None
         self.server: MetricsServer | None = None
@@ -147,28 +154,33 @@ class Daemon:
 
     def initialize(self) -> bool:
         """Load the model, start the endpoint and the Kafka clients; False if stopped first."""
-        from .model import use_inference_threads  # noqa: PLC0415 (TensorFlow loads only once it is needed)
+        self.runner = self.runner or InferenceRunner(self.config.model.inference_threads)
+        if self.forecaster is None:
+            from .model import use_tensorflow_threads  # noqa: PLC0415 (TensorFlow loads only once it is needed)
 
-        use_inference_threads(self.config.model.inference_threads)
+            use_tensorflow_threads(self.runner.threads)
         if self.server is None:
             # at once: while it waits for a first model, /healthz says the process lives and /readyz says 503
             m = self.config.metrics
             self.server = MetricsServer(self._registry, m.host, m.port, self.ready).start()
-        forecaster = self._wait_for_model()
+        forecaster = self.forecaster or self._wait_for_model()
         if forecaster is None:
             return False
-        self.metrics = self.metrics or Metrics(forecaster.targets, self.config.metrics.labelled_sensors,
-                                               self._registry)
+        metrics = self.metrics = self.metrics or Metrics(forecaster.targets, self.config.metrics.labelled_sensors,
+                                                         self._registry)
         # read at each scrape, like /readyz: a loop stuck in a batch must not leave a stale 1 behind
-        self.metrics.ready.set_function(lambda: 1 if self.ready() else 0)
-        self._show_model(forecaster)
-        if not self._connect():
+        metrics.ready.set_function(lambda: 1 if self.ready() else 0)
+        self._show_model(metrics, forecaster)
+        clients = self._connect(metrics)
+        if clients is None:
             return False
-        self.pipeline = Pipeline(self.config, forecaster, self.sink, self.metrics, self.stop)
-        self.recovery = Recovery(self.config, self.source, self.pipeline, self.metrics, self.stop, self.checkpoints,
+        self.source, self.sink, self.checkpoints = clients
+        self.pipeline = Pipeline(self.config, forecaster, self.sink, metrics, self.stop, self.runner, self.clock)
+        self.recovery = Recovery(self.config, self.source, self.pipeline, metrics, self.stop, self.checkpoints,
                                  self.clock)
-        self.watcher = ModelWatcher(self.store, forecaster, self.config.model_store.poll_interval, self.stop,
-                                    self.metrics, self.config.model.jit_compile).start()
+        if self.forecaster is None:
+            self.watcher = ModelWatcher(self.store, forecaster, self.config.model_store.poll_interval, self.stop,
+                                        metrics, self.config.model.jit_compile).start()
         k = self.config.kafka
         log.info("stream-forecaster %s running: model version %s (%s -> %s), brokers %s, "
                  "topics %s -> %s, dead letters %s, metrics on http://%s:%d/metrics",
@@ -178,72 +190,73 @@ class Daemon:
         log.info("effective configuration: %s", json.dumps(self.config.redacted(), sort_keys=True))
         return True
 
-    def _connect(self) -> bool:
-        """Set up the Kafka clients, retrying with backoff while no broker answers; False if stopped."""
-        if self.source is not None:  # a test's fakes
-            self.checkpoints = getattr(self.source, "checkpoints", None)
-            return True
-        from .kafka_io import BrokerUnavailable, KafkaCheckpoints, KafkaSink, KafkaSource  # noqa: PLC0415
+    def _connect(self, metrics: Metrics) -> tuple[Source, Sink, Checkpoints | None] | None:
+        """The source, sink and checkpoints: those given, else Kafka's, set up with backoff while no broker
+        answers; None if stopped first."""
+        if self.source is not None and self.sink is not None:  # a test's fakes
+            return self.source, self.sink, self.checkpoints
+        from .kafka_compat import BrokerUnavailable  # noqa: PLC0415 (kafka-python loads only once it is needed)
+        from .kafka_io import KafkaCheckpoints, KafkaSink, KafkaSource  # noqa: PLC0415
 
-        backoff = 1.0
+        backoff = self.retry_s
+        sink, checkpoints = self.sink, self.checkpoints
         while not self.stop.is_set():
             try:
-                if self.sink is None:
-                    self.sink = KafkaSink(self.config.kafka, on_retry=self.metrics.publish_retries.inc,
-                                          on_recreate=self.metrics.producer_recreations.inc,
-                                          on_refused=self.metrics.refused_records.inc)
-                if self.checkpoints is None:
-                    self.checkpoints = KafkaCheckpoints(self.config.kafka, self.sink)
-                self.source = KafkaSource(self.config.kafka, on_unreadable=self.metrics.invalid.inc)
-                return True
+                if sink is None:  # kept as soon as made: shutdown closes it even if the rest never comes
+                    sink = self.sink = KafkaSink(self.config.kafka, on_retry=metrics.publish_retries.inc,
+                                                 on_recreate=metrics.producer_recreations.inc,
+                                                 on_refused=metrics.refused_records.inc)
+                if checkpoints is None and isinstance(sink, KafkaSink):  # the state topic is written by its producer
+                    checkpoints = KafkaCheckpoints(self.config.kafka, sink)
+                source = self.source or KafkaSource(self.config.kafka, on_unreadable=metrics.invalid.inc)
+                return source, sink, checkpoints
             except BrokerUnavailable as exc:
                 log.warning("%s; retrying in %.0f s", exc, backoff)
-                self.stop.wait(backoff)
-                backoff = min(30.0, backoff * 2)
-        return False
+                self.wait(backoff)
+                backoff = min(30.0 * self.retry_s, backoff * 2)
+        return None
 
-    def _wait_for_model(self):
-        from .model import Forecaster  # noqa: PLC0415 (TensorFlow loads only once a model is there)
-
+    def _wait_for_model(self) -> Forecaster | None:
         told = False
         while not self.stop.is_set():
             version = self.store.current()
             if version is not None:
-                directory = self.store.verify(self.store.directory(version))
-                forecaster = Forecaster.load(directory, version, self.config.model.jit_compile)
+                forecaster = self.store.load(version, jit_compile=self.config.model.jit_compile)
                 forecaster.warm_up(CHUNK)
                 return forecaster
             if not told:
                 log.warning("no model in %s yet: waiting for one (train with `stream-forecaster train`)",
                             self.store.path)
                 told = True
-            self.stop.wait(self.config.model_store.poll_interval)
+            self.wait(self.config.model_store.poll_interval)
         return None
 
     def loop(self) -> None:
+        source, pipeline, recovery, metrics = self.source, self.pipeline, self.recovery, self.metrics
+        if source is None or pipeline is None or recovery is None or metrics is None:
+            raise RuntimeError("Daemon.loop() runs after initialize()")
         next_gauges = next_eviction = 0.0
-        recovery = self.recovery
         while not self.stop.is_set():
-            self._swap_if_ready()
+            self._swap_if_ready(pipeline, metrics)
             try:
-                records = self.source.poll(POLL_TIMEOUT_S, self.batch_limit)
+                records = source.poll(POLL_TIMEOUT_S, self.batch_limit)
             except Exception as exc:  # kafka-python raises on some broker faults; they pass, the loop must not
                 log.warning("poll failed (%s: %s); retrying", type(exc).__name__, exc)
                 self._note_readiness(False)
-                self.stop.wait(1.0)
+                self.wait(self.retry_s)
                 continue
-            self.metrics.last_poll.set_to_current_time()  # after it answered: a poll failing for ever is stuck too
+            metrics.last_poll.set_to_current_time()  # after it answered: a poll failing for ever is stuck too
             try:
                 recovery.take_changes()
                 self._note_readiness(recovery.ready())  # not ready from before a refill starts
                 recovery.refill()
                 self._note_readiness(recovery.ready())
             except Exception as exc:  # noqa: BLE001 (a broker call failed midway; what is left is tried again)
-                log.warning("handling the new partitions failed (%s: %s); their readings are read again in 1 s",
-                            type(exc).__name__, exc)
+                log.warning("handling the new partitions failed (%s: %s); their readings are read again in %.0f s",
+                            type(exc).__name__, exc, self.retry_s)
                 self._note_readiness(False)
-                self.source.rewind(records)
-                self.stop.wait(1.0)
+                source.rewind(records)
+                self.wait(self.retry_s)
                 continue
             if self.stop.is_set():
                 # a refill cut short by the stop left windows without their latest readings
@@ -251,7 +264,7 @@ class Daemon:
             if records:
                 started = time.monotonic()
                 try:
-                    offsets = self.pipeline.process(records)
+                    offsets = pipeline.process(records)
                 except Stopped:
                     log.warning("stopping before the last batch was acknowledged; it is not committed "
                                 "and will be read again")
@@ -265,7 +278,7 @@ class Daemon:
             recovery.commit()
             self._note_readiness(recovery.ready())
             if now >= next_gauges:
-                self._update_gauges()
+                self._update_gauges(source, metrics)
                 next_gauges = now + GAUGE_INTERVAL_S
 
     def _size_batches(self, n: int, seconds: float) -> None:
@@ -280,32 +293,34 @@ class Daemon:
             fitting = int(n * budget / seconds)
             self.batch_limit = max(1, min(k.max_poll_records, fitting, 2 * max(n, self.batch_limit)))
 
-    def _swap_if_ready(self) -> None:
-        new = self.watcher.take()
+    def _swap_if_ready(self, pipeline: Pipeline, metrics: Metrics) -> None:
+        new = self.watcher.take() if self.watcher is not None else None
         if new is None:
             return
-        old = self.pipeline.forecaster.version
-        self.pipeline.swap_model(new)
-        self.metrics.swapped.inc()
-        self._show_model(new)
+        old = pipeline.forecaster.version
+        pipeline.swap_model(new)
+        metrics.swapped.inc()
+        self._show_model(metrics, new)
         log.info("now serving model version %s (was %s)", new.version, old)
 
-    def _show_model(self, forecaster) -> None:
-        self.metrics.model_version.set(_version_number(forecaster.version))
+    @staticmethod
+    def _show_model(metrics: Metrics, forecaster: Forecaster) -> None:
+        metrics.model_version.set(_version_number(forecaster.version))
         try:
-            created = dt.datetime.fromisoformat(forecaster.metadata["created"]).timestamp()
-        except (KeyError, TypeError, ValueError):
+            created = dt.datetime.fromisoformat(forecaster.metadata.created or "").timestamp()
+        except ValueError:
             created = 0.0  # unknown: an alert on model age fires, which is what an unknown age deserves
-        self.metrics.model_created.set(created)
+        metrics.model_created.set(created)
 
-    def _update_gauges(self) -> None:
+    @staticmethod
+    def _update_gauges(source: Source, metrics: Metrics) -> None:
         try:
-            lag = self.source.lag()
+            lag = source.lag()
         except Exception as exc:  # noqa: BLE001 (a gauge is not worth the daemon; the next tick tries again)
             log.warning("consumer lag unknown (%s: %s)", type(exc).__name__, exc)
             lag = None
         if lag is not None:
-            self.metrics.consumer_lag.set(lag)
+            metrics.consumer_lag.set(lag)
 
     def shutdown(self) -> None:
         if self.source is not None:
@@ -316,6 +331,8 @@ class Daemon:
             self.sink.close()
         if self.server is not None:
             self.server.stop()
+        if self.runner is not None:
+            self.runner.close()
         log.info("stopped")
 
 

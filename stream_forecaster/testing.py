@@ -1,18 +1,31 @@
-"""In-memory stand-ins for the Kafka source and sink, for tests of the pipeline and daemon.
+"""In-memory stand-ins for every seam of :mod:`stream_forecaster.seams`: sources, a sink, checkpoints, a
+forecaster that needs no TensorFlow, and a clock that moves only when told.
 
 Shipped with the package (as bytewax ships its testing helpers) so users can
-test their own configurations without a broker.
+test their own configurations without a broker or a model::
+
+    topic = MemoryTopic("readings", partitions=2)
+    topic.append(0, b"sensor-1", b'{"value": 4.2}')
+    stop, sink = threading.Event(), ListSink()
+    Daemon(config, source=LogSource(topic, stop_when_done=stop), sink=sink, stop=stop,
+           checkpoints=topic.checkpoints).run()
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterator, Sequence
 
-from .records import OutRecord
+import numpy as np
 
-__all__ = ["FakeRecord", "ListSink", "ListSource", "LogSource", "MemoryCheckpoints", "MemoryTopic"]
+from .intervals import AdaptiveInterval
+from .messages import OutRecord
+from .seams import Offsets
+from .store import ModelMetadata
+
+__all__ = ["FakeRecord", "ListSink", "ListSource", "LogSource", "ManualClock", "MemoryCheckpoints", "MemoryTopic",
+           "StubForecaster"]
 
 
 @dataclass(frozen=True)
@@ -30,16 +43,22 @@ class FakeRecord:
 
 class ListSource:
     """Hands out ``batches`` one per poll, then sets ``stop_when_done`` if given; records commits, after
-    refusing the first ``refuse_commits`` (as when the group coordinator moves)."""
+    refusing the first ``refuse_commits`` (as when the group coordinator moves).
+
+    Every partition of the batches is assigned at the first :meth:`take_changes`,
+    with nothing committed; :meth:`read_range` reads the batches' records as a log.
+    """
 
     def __init__(self, batches: Sequence[Sequence[FakeRecord]], stop_when_done: threading.Event | None = None,
                  refuse_commits: int = 0):
         self.batches = [list(b) for b in batches]
+        self._log = sorted({(r.partition, r.offset): r for b in self.batches for r in b}.items())
         self.commits: list[dict] = []
         self.refuse_commits = refuse_commits
         self.closed = False
         self._stop = stop_when_done
-        self._changes = (set(), {r.partition for b in self.batches for r in b} or {0}, set())
+        assigned = {r.partition for b in self.batches for r in b} or {0}
+        self._changes: tuple[set[int], set[int], set[int]] = (set(), assigned, set())
 
     def poll(self, timeout_s: float, max_records: int | None = None) -> list:
         if self.batches:
@@ -48,7 +67,7 @@ class ListSource:
             self._stop.set()
         return []
 
-    def commit(self, offsets) -> bool:
+    def commit(self, offsets: Offsets) -> bool:
         if self.refuse_commits:
             self.refuse_commits -= 1
             return False
@@ -65,13 +84,20 @@ class ListSource:
     def assigned(self) -> bool:
         return True
 
-    def take_changes(self):
-        """The partitions of every batch are assigned once, at the first call, with nothing committed."""
+    def take_changes(self) -> tuple[set[int], set[int], set[int]]:
         changes, self._changes = self._changes, (set(), set(), set())
         return changes
 
-    def committed(self, partition):
+    def committed(self, partition: int) -> int | None:
         return None
+
+    def beginning(self, partition: int) -> int:
+        return min((o for p, o in (k for k, _ in self._log) if p == partition), default=0)
+
+    def read_range(self, partition: int, start: int, end: int, stop: threading.Event) -> Iterator[FakeRecord]:
+        for (p, offset), record in self._log:
+            if p == partition and start <= offset < end and not stop.is_set():
+                yield record
 
     def close(self) -> None:
         self.closed = True
@@ -90,7 +116,8 @@ class MemoryCheckpoints:
         return True
 
     def read(self, partition: int) -> str | None:
-        return (self.written.get(partition) or [None])[-1]
+        written = self.written.get(partition)
+        return written[-1] if written else None
 
     def write_snapshot(self, partition: int, at: int, data: bytes) -> dict | None:
         self.snapshots.append(data)
@@ -124,7 +151,7 @@ class LogSource:
         self.topic, self.batch, self._stop = topic, batch, stop_when_done
         self.checkpoints = topic.checkpoints
         self.positions = {p: topic.commits.get(p, 0) for p in range(len(topic.logs))}
-        self._changes = (set(), set(self.positions), set())
+        self._changes: tuple[set[int], set[int], set[int]] = (set(), set(self.positions), set())
         self.closed = False
 
     def poll(self, timeout_s: float, max_records: int | None = None) -> list:
@@ -148,10 +175,10 @@ class LogSource:
     def beginning(self, partition: int) -> int:
         return 0
 
-    def read_range(self, partition: int, start: int, end: int, stop: threading.Event):
+    def read_range(self, partition: int, start: int, end: int, stop: threading.Event) -> Iterator[FakeRecord]:
         yield from self.topic.logs[partition][start:end]
 
-    def commit(self, offsets) -> bool:
+    def commit(self, offsets: Offsets) -> bool:
         for (_, partition), offset in offsets.items():
             self.topic.commits[partition] = offset
         return True
@@ -179,8 +206,7 @@ class ListSink:
     attempts: int = 0
     closed: bool = False
 
-    def publish(self, records: Iterable[OutRecord], stop: threading.Event | None = None) -> bool:
-        records = list(records)
+    def publish(self, records: Sequence[OutRecord], stop: threading.Event | None = None) -> bool:
         while True:
             self.attempts += 1
             if self.failures == 0:
@@ -192,3 +218,72 @@ class ListSink:
 
     def close(self) -> None:
         self.closed = True
+
+
+class StubForecaster:
+    """A forecaster without TensorFlow: each target's last reading plus ``step`` times the window's spread.
+
+    Its scale is what the real model's window normalisation gives (each
+    column's standard deviation over the window), so intervals, scoring and
+    metrics see the same kind of numbers. ``interval`` (an
+    :class:`~stream_forecaster.intervals.AdaptiveInterval`) publishes bounds.
+    ``windows_seen`` counts the windows forecast.
+    """
+
+    def __init__(self, features: Sequence[str], targets: Sequence[str], sequence_length: int,
+                 version: str | None = "1", step: float = 0.0, interval: AdaptiveInterval | None = None,
+                 created: str | None = None):
+        self.features, self.targets = tuple(features), tuple(targets)
+        missing = set(self.targets) - set(self.features)
+        if missing:
+            raise ValueError(f"the stub forecasts from each target's last reading: {sorted(missing)} must be features")
+        self.sequence_length, self.version, self.step = sequence_length, version, step
+        self.prediction_interval = interval
+        self.metadata = ModelMetadata(self.features, self.targets, sequence_length, {"method": "window"},
+                                      created=created)
+        self._last = [self.features.index(t) for t in self.targets]
+        self.windows_seen = 0
+        self._lock = threading.Lock()
+
+    def forecast_scaled(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        windows = np.asarray(windows, dtype=np.float32)
+        expected = (self.sequence_length - 1, len(self.features))
+        if windows.ndim != 3 or windows.shape[1:] != expected:
+            raise ValueError(f"expected windows of shape [n, {expected[0]}, {expected[1]}], got {windows.shape}")
+        with self._lock:
+            self.windows_seen += len(windows)
+        scale = windows[:, :, self._last].astype(np.float64).std(axis=1)
+        return (windows[:, -1, self._last] + self.step * scale).astype(np.float32), scale
+
+    def bounds(self, predictions: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        return None if self.prediction_interval is None else self.prediction_interval.bounds(predictions, scale)
+
+    def calls(self, n: int) -> list[int]:
+        return [n] if n else []
+
+    def warm_up(self, largest: int = 1) -> None:
+        pass
+
+
+class ManualClock:
+    """A monotonic clock that moves only when told; :meth:`wait` moves it instead of sleeping.
+
+    Pass it as a daemon's ``clock`` and its :meth:`wait` as ``wait``: retries
+    and backoffs then take no time, and a test sees exactly how long they
+    would have waited (``waited``).
+    """
+
+    def __init__(self, start: float = 0.0, stop: threading.Event | None = None):
+        self.now, self.stop = start, stop
+        self.waited: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def wait(self, seconds: float) -> bool:
+        self.waited.append(seconds)
+        self.advance(seconds)
+        return self.stop is not None and self.stop.is_set()

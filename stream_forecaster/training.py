@@ -11,15 +11,17 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from .config import Config
 from .errors import UserError
+from .files import Series, iso_time
 from .intervals import AdaptiveInterval
 from .model import Forecaster, Scaler, build_model, clone_model, fit, library_versions
-from .records import Series, iso_time
 from .scoring import Scores, score
+from .store import ModelMetadata
 from .window import sliding_windows, split_windows, window_starts
 
 __all__ = ["Backtest", "TrainingError", "backtest", "choose_windows", "train"]
@@ -61,7 +63,7 @@ class Backtest:
 
     def summary(self) -> dict:
         model, base = self.model, self.baseline
-        result = {
+        result: dict[str, Any] = {
             "n": model.n,
             "rmse": model.rmse,
             "mae": model.mae,
@@ -94,14 +96,17 @@ class Backtest:
 
     def per_sensor(self) -> dict[str, dict]:
         """Each sensor's n, RMSE, MAE and skills against persistence (over all targets)."""
-        count = np.bincount(self.sensor, minlength=len(self.sensor_names))
+        sensor = self.sensor
+        if sensor is None:
+            return {}
+        count = np.bincount(sensor, minlength=len(self.sensor_names))
         cells = count * len(self.targets)
         truth = self.truth.astype(np.float64)
 
         def sums(predicted):
             error = predicted.astype(np.float64) - truth
-            return (np.bincount(self.sensor, np.square(error).sum(axis=1), len(count)),
-                    np.bincount(self.sensor, np.abs(error).sum(axis=1), len(count)))
+            return (np.bincount(sensor, np.square(error).sum(axis=1), len(count)),
+                    np.bincount(sensor, np.abs(error).sum(axis=1), len(count)))
 
         (model_sq, model_abs), (base_sq, base_abs) = sums(self.predicted), sums(self.persistence)
         out = {}
@@ -147,8 +152,9 @@ def backtest(forecaster: Forecaster, series: Series, starts: np.ndarray | None =
     last = starts + length - 1  # row of each predicted reading
     truth = series.values[last][:, target_index]
     bounds = None
-    if forecaster.interval is not None:
-        bounds = forecaster.interval.replay(predicted, scale, truth, np.argsort(series.timestamps[last], kind="stable"))
+    if forecaster.prediction_interval is not None:
+        order = np.argsort(series.timestamps[last], kind="stable")
+        bounds = forecaster.prediction_interval.replay(predicted, scale, truth, order)
     return Backtest(
         targets=forecaster.targets,
         timestamps=series.timestamps[last],
@@ -294,7 +300,7 @@ class Trained:
 
     def diverged(self) -> str | None:
         """Why this model must not be published (its training loss is not finite), or None."""
-        losses = self.forecaster.metadata["training"]["history"].get("loss", [])
+        losses = self.forecaster.metadata.training["history"].get("loss", [])
         if not losses or not all(np.isfinite(losses)):
             return f"the training loss is not finite ({losses[-1:] or 'none'})"
         return None
@@ -343,9 +349,10 @@ def train(config: Config, series: Series, initial: Forecaster | None = None,
                        _spread_weights(validation_spread, validation_starts, series.segments))
         if not len(train_starts):
             raise TrainingError(f"{series.source}: every training window's targets are constant; nothing to learn")
-        normalization = {"method": "window"}
+        normalization: dict[str, Any] = {"method": "window"}
     else:
-        scaler = Scaler.fit(series.values[train_rows], method) if initial is None else _scaler_of(initial, series.columns)
+        scaler = (Scaler.fit(series.values[train_rows], method) if initial is None
+                  else _scaler_of(initial, series.columns))
         values = scaler.transform(series.values)
         normalization = {"method": method, "features": scaler.subset(feature_index).to_dict(),
                          "targets": scaler.subset(target_index).to_dict()}
@@ -354,15 +361,15 @@ def train(config: Config, series: Series, initial: Forecaster | None = None,
     history = fit(model, windows, train_starts, validation_starts, feature_index, target_index, spec, verbose, stop,
                   scaled=windowed, weights=weights)
     ts, last = series.timestamps, spec.sequence_length - 1
-    metadata = {
-        "features": list(data.features),
-        "targets": list(data.targets),
-        "sequence_length": spec.sequence_length,
-        "layers": config.layers(),
-        "predict": spec.predict,
-        "normalization": normalization,
-        "scaled_units": True,  # min_step and the interval's offsets are in units of each forecast's scale
-        "data": {
+    metadata = ModelMetadata(
+        features=tuple(data.features),
+        targets=tuple(data.targets),
+        sequence_length=spec.sequence_length,
+        layers=tuple(config.layers()),
+        predict=spec.predict,
+        normalization=normalization,
+        scaled_units=True,
+        data={
             **series.summary(),
             "sensors": len(series.segments),
             "train_windows": len(train_starts),
@@ -374,7 +381,7 @@ def train(config: Config, series: Series, initial: Forecaster | None = None,
             "test_range": [iso_time(ts[test_starts + last].min()), iso_time(ts[test_starts + last].max())],
             **({"sampled_from": chosen.available, "max_windows": spec.max_windows} if chosen.sampled else {}),
         },
-        "training": {
+        training={
             "warm_start_from": initial.version if initial is not None else None,
             "loss": spec.loss,
             "optimizer": spec.optimizer,
@@ -388,37 +395,38 @@ def train(config: Config, series: Series, initial: Forecaster | None = None,
             "preset": spec.preset,
             "history": history,
         },
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "libraries": library_versions(),
-    }
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        libraries=library_versions(),
+    )
     validation = None
     if len(validation_starts):
         validation = backtest(Forecaster(model, metadata, jit_compile=spec.jit_compile), series, validation_starts)
     if set(data.targets) <= set(data.features) and spec.min_step != 0:
         if spec.min_step is not None:
-            metadata["min_step"] = [spec.min_step] * len(data.targets)
+            metadata = metadata.replace(min_step=(spec.min_step,) * len(data.targets))
         elif validation is not None:
-            metadata["min_step"] = _calibrate_min_step(validation)
+            metadata = metadata.replace(min_step=tuple(_calibrate_min_step(validation)))
         else:
             log.warning("model.min_step is chosen on the validation slice, and there is none (model.validation_split "
                         "is 0 or the data too short): no forecast step is held (give model.min_step)")
-    if validation is not None and "min_step" in metadata:  # the interval is calibrated on what will be published
+    if validation is not None and metadata.min_step is not None:  # the interval is calibrated on what will be published
         validation = backtest(Forecaster(model, metadata, jit_compile=spec.jit_compile), series, validation_starts)
     if spec.intervals and validation is None:
         log.warning("model.intervals are measured on the validation slice, and there is none "
                     "(model.validation_split is 0 or the data too short): the model publishes no interval")
-    if spec.intervals and validation is not None:
+    if spec.intervals and validation is not None and validation.scale is not None:
         varying = (validation.scale > 0).all(axis=1)
         residuals = (validation.truth[varying] - validation.predicted[varying]) / validation.scale[varying]
         if len(residuals):
-            metadata["intervals"] = {
+            metadata = metadata.replace(intervals={
                 **AdaptiveInterval.calibrate(spec.intervals, residuals, spec.interval_adaptation).to_dict(),
                 "from_windows": len(residuals),
-            }
+            })
     forecaster = Forecaster(model, metadata, jit_compile=spec.jit_compile)
     test = backtest(forecaster, series, test_starts)
-    metadata["training"]["seconds"] = round(time.monotonic() - started, 3)
-    metadata["test"] = {k: v for k, v in test.summary().items() if k != "model_version"}
+    forecaster = forecaster.with_metadata(
+        training={**metadata.training, "seconds": round(time.monotonic() - started, 3)},
+        test={k: v for k, v in test.summary().items() if k != "model_version"})
     return Trained(forecaster, test, test_starts, time.monotonic() - started)
 
 
@@ -432,9 +440,10 @@ def _calibrate_min_step(validation: Backtest) -> list[float]:
     both goals at once.
     """
     chosen = []
+    scales = validation.scale if validation.scale is not None else np.ones_like(validation.truth)
     for t in range(len(validation.targets)):
         truth, forecast, last, scale = (a[:, t].astype(np.float64) for a in
-                                        (validation.truth, validation.predicted, validation.persistence, validation.scale))
+                                        (validation.truth, validation.predicted, validation.persistence, scales))
         with np.errstate(divide="ignore", invalid="ignore"):
             step = np.where(scale > 0, np.abs(forecast - last) / scale, 0.0)
         base_mae, base_rmse = np.abs(truth - last).mean(), np.sqrt(np.square(truth - last).mean())
@@ -444,7 +453,7 @@ def _calibrate_min_step(validation: Backtest) -> list[float]:
             cost = np.abs(truth - held).mean() / base_mae + np.sqrt(np.square(truth - held).mean()) / base_rmse
             if best is None or cost < best[0]:
                 best = (cost, float(threshold))
-        chosen.append(best[1])
+        chosen.append(best[1] if best is not None else 0.0)
     return chosen
 
 
@@ -497,7 +506,10 @@ def _rows_of(starts: np.ndarray, length: int, n_rows: int) -> np.ndarray:
 def _scaler_of(forecaster: Forecaster, columns) -> Scaler:
     """The forecaster's normalisation laid out over ``columns`` (features and targets)."""
     mean, scale = np.zeros(len(columns), np.float32), np.ones(len(columns), np.float32)
-    for names, scaler in ((forecaster.targets, forecaster.target_scaler), (forecaster.features, forecaster.feature_scaler)):
+    for names, scaler in ((forecaster.targets, forecaster.target_scaler),
+                          (forecaster.features, forecaster.feature_scaler)):
+        if scaler is None:
+            raise TrainingError(f"model {forecaster.version} is window-normalised: it has no global scaling to keep")
         for name, m, s in zip(names, scaler.mean, scaler.scale):
             i = columns.index(name)
             mean[i], scale[i] = m, s

@@ -53,7 +53,8 @@ def split_windows(segments: Sequence[int], n_rows: int, length: int, train_fract
         validation = int(split * validation_fraction)
         for part, chosen in zip(parts, (starts[:split - validation], starts[split - validation:split], starts[split:])):
             part.append(chosen)
-    return tuple(np.concatenate(p) if p else np.empty(0, dtype=np.int64) for p in parts)
+    train, validate, test = (np.concatenate(p) if p else np.empty(0, dtype=np.int64) for p in parts)
+    return train, validate, test
 
 
 class SensorWindows:

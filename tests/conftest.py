@@ -1,17 +1,54 @@
-"""Shared fixtures: small UCI files written on the fly, tiny model configs."""
+"""Shared fixtures (small UCI files written on the fly, tiny model configs) and the two test tiers.
+
+The unit tier (``./dev test -m unit``) is the modules in :data:`UNIT_MODULES`,
+less any test marked ``integration``: no TensorFlow, no broker, no process
+started, which :func:`unit_tier_stays_light` enforces. Everything else is
+marked ``integration``.
+"""
 
 from __future__ import annotations
 
 import gzip
 import itertools
+import multiprocessing.process
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from stream_forecaster.config import load_config
-from stream_forecaster.records import SAMPLE_PATH
+from stream_forecaster.files import SAMPLE_PATH
 
-HEADER = "Date;Time;Global_active_power;Global_reactive_power;Voltage;Global_intensity;Sub_metering_1;Sub_metering_2;Sub_metering_3"
+HEADER = ("Date;Time;Global_active_power;Global_reactive_power;Voltage;Global_intensity;"
+          "Sub_metering_1;Sub_metering_2;Sub_metering_3")
+
+
+UNIT_MODULES = {"test_config", "test_daemon_fakes", "test_first_minutes", "test_inference", "test_intervals",
+                "test_messages", "test_readers", "test_store", "test_window"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        unit = item.module.__name__ in UNIT_MODULES and item.get_closest_marker("integration") is None
+        item.add_marker("unit" if unit else "integration")
+
+
+@pytest.fixture(autouse=True)
+def unit_tier_stays_light(request, monkeypatch):
+    """A unit test that starts a process, or imports TensorFlow, fails: it belongs in the integration tier."""
+    if request.node.get_closest_marker("unit") is None:
+        yield
+        return
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a unit test started a process: mark it integration")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
+    had_tensorflow = "tensorflow" in sys.modules
+    yield
+    assert had_tensorflow or "tensorflow" not in sys.modules, "a unit test imported TensorFlow: mark it integration"
 
 
 def sample_lines(n: int, start: int = 0) -> list[str]:
@@ -53,6 +90,7 @@ def make_forecaster(features=("Global_active_power",), targets=("Global_active_p
     import numpy as np
 
     from stream_forecaster.model import Forecaster, Scaler, build_model
+    from stream_forecaster.store import ModelMetadata
 
     spec = load_config(None, [f"data.features={list(features)}", f"data.targets={list(targets)}",
                               f"model.layers={[len(features), *hidden, len(targets)]}",
@@ -61,12 +99,13 @@ def make_forecaster(features=("Global_active_power",), targets=("Global_active_p
     meta = {
         "features": list(features), "targets": list(targets), "sequence_length": sequence_length,
         "normalization": {
-            "features": Scaler(np.full(len(features), 1.0, np.float32), np.full(len(features), 0.5, np.float32)).to_dict(),
+            "features": Scaler(np.full(len(features), 1.0, np.float32),
+                               np.full(len(features), 0.5, np.float32)).to_dict(),
             "targets": Scaler(np.full(len(targets), target_mean, np.float32),
                               np.full(len(targets), 0.8, np.float32)).to_dict(),
         },
     }
-    return Forecaster(build_model(spec), meta, version)
+    return Forecaster(build_model(spec), ModelMetadata.from_dict(meta), version)
 
 
 @pytest.fixture(scope="session")
@@ -92,7 +131,7 @@ def offline_forecasts(forecaster, lines: list[str]):
     """The values of UCI ``lines`` and the forecaster's prediction after each full window, computed offline."""
     import numpy as np
 
-    from stream_forecaster.records import UciLineParser
+    from stream_forecaster.messages import UciLineParser
 
     parser = UciLineParser(list(forecaster.features))
     values = np.array([parser.parse(line)[1] for line in lines], dtype=np.float32)
@@ -115,8 +154,8 @@ def daemon_overrides(address: str, names: dict, store_path, **extra: str) -> lis
 
 def daemon_setup(address: str, names: dict, tmp_path: Path, partitions: int, **extra: str):
     """A tiny model published in a fresh store and this test's topics created: ``(config, overrides, store)``."""
-    from stream_forecaster.kafka_io import ensure_topics
-    from stream_forecaster.registry import ModelStore
+    from stream_forecaster.store import ModelStore
+    from stream_forecaster.topics import ensure_topics
 
     store = ModelStore(tmp_path / "models")
     store.publish(make_forecaster(sequence_length=6).save)

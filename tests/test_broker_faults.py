@@ -12,14 +12,14 @@ import signal
 import threading
 
 import pytest
-
 from conftest import make_forecaster
 from daemon import DaemonProcess, wait_for
+from test_recovery import SENSORS, Output, check_forecasts, expected_ids, produce
+
 from stream_forecaster.config import load_config
 from stream_forecaster.devbroker import DevBroker, free_port
-from stream_forecaster.kafka_io import ensure_topics
-from stream_forecaster.registry import ModelStore
-from test_recovery import SENSORS, Output, check_forecasts, expected_ids, produce
+from stream_forecaster.store import ModelStore
+from stream_forecaster.topics import ensure_topics
 
 L = 6
 
@@ -32,7 +32,8 @@ def setup(tmp_path):
     store.publish(make_forecaster(sequence_length=L).save)
     port = free_port()
     overrides = [f"kafka.bootstrap_servers=127.0.0.1:{port}", "kafka.session_timeout_ms=6000",
-                 f"model_store.path={store.path}", "model.sequence_length=6", "data.features=[Global_active_power]", "model.layers=[1, 8, 1]"]
+                 f"model_store.path={store.path}", "model.sequence_length=6", "data.features=[Global_active_power]",
+                 "model.layers=[1, 8, 1]"]
     config = load_config(None, overrides, environ={})
     lines = {s: [l for l in sample_lines(200, start=700 * i) if "?" not in l][:60] for i, s in enumerate(SENSORS)}
     return config, overrides, store, lines, port

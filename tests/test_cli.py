@@ -9,16 +9,16 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import sample_lines, write_uci
-from stream_forecaster.cli import main
-from stream_forecaster.model import Forecaster
-from stream_forecaster.registry import ModelStore
-from stream_forecaster.training import backtest
-from stream_forecaster.records import read_uci
 
-TINY = ["--set", "model.sequence_length=10", "--set", "data.features=[Global_active_power]", "--set", "model.layers=[1, 8, 1]", "--set", "model.batch_size=64",
-        "--set", "model.epochs=1"]
+from stream_forecaster.cli import main
+from stream_forecaster.files import read_uci
+from stream_forecaster.model import Forecaster
+from stream_forecaster.store import ModelStore
+from stream_forecaster.training import backtest
+
+TINY = ["--set", "model.sequence_length=10", "--set", "data.features=[Global_active_power]",
+        "--set", "model.layers=[1, 8, 1]", "--set", "model.batch_size=64", "--set", "model.epochs=1"]
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def test_train_then_evaluate(tmp_path, data_file, capsys):
     assert "model version 1 written" in out and "persistence" in out
     store = ModelStore(tmp_path / "models")
     assert store.current() == "1"
-    meta = store.metadata("1")
+    meta = store.metadata("1").to_dict()
     assert meta["data"]["missing"] == 1 and meta["data"]["rows"] == 2999
     assert meta["data"]["test_windows"] == 2990 - int(2990 * 0.9)
     assert meta["test"]["n"] == meta["data"]["test_windows"]
@@ -71,7 +71,8 @@ def test_train_then_evaluate(tmp_path, data_file, capsys):
 def test_multi_feature_multi_target(tmp_path, data_file, capsys):
     args = ["--set", "data.features=[Global_active_power, Voltage, Global_intensity]",
             "--set", "data.targets=[Global_active_power, Sub_metering_3]", "--set", "model.layers=[3, 6, 6, 2]",
-            "--set", "model.predict=level", "--set", "data.normalization=standardize", "--set", "data.normalization=standardize"]
+            "--set", "model.predict=level", "--set", "data.normalization=standardize",
+            "--set", "data.normalization=standardize"]
     assert main(["train", "--data", str(data_file), "--quiet", *TINY[:2], *TINY[4:], *args, *store_args(tmp_path)]) == 0
     capsys.readouterr()
     assert main(["evaluate", "--data", str(data_file), "--json", *store_args(tmp_path)]) == 0
@@ -123,7 +124,8 @@ def test_replay_without_a_broker_is_a_one_line_error(data_file, capsys):
     with socket.socket() as free:  # a port nothing listens on
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
-    assert main(["replay", "--data", str(data_file), "--max", "--set", f"kafka.bootstrap_servers=127.0.0.1:{port}"]) == 2
+    assert main(["replay", "--data", str(data_file), "--max",
+                 "--set", f"kafka.bootstrap_servers=127.0.0.1:{port}"]) == 2
     err = capsys.readouterr().err
     assert f"127.0.0.1:{port}: is a broker running there?" in err and "Traceback" not in err
 
@@ -150,7 +152,8 @@ def test_ctrl_c_after_the_last_epoch_still_writes_nothing(tmp_path, data_file, m
     import stream_forecaster.training as training
 
     calibrate = training._calibrate_min_step
-    monkeypatch.setattr(training, "_calibrate_min_step", lambda v: (signal.raise_signal(signal.SIGINT), calibrate(v))[1])
+    monkeypatch.setattr(training, "_calibrate_min_step",
+                        lambda v: (signal.raise_signal(signal.SIGINT), calibrate(v))[1])
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         code = main(["train", "--data", str(data_file), "--quiet", *TINY, "--set", "model.min_step=null",
@@ -164,8 +167,9 @@ def test_ctrl_c_after_the_last_epoch_still_writes_nothing(tmp_path, data_file, m
 
 def test_a_diverged_training_writes_nothing_and_says_what_to_change(tmp_path, data_file, capsys):
     code = main(["train", "--data", str(data_file), "--quiet", *TINY, "--set", "model.optimizer=sgd",
-                 "--set", "model.learning_rate=10", "--set", "model.loss=mse", "--set", "model.predict=level", "--set", "data.normalization=standardize",
-                 "--set", "data.normalization=center", *store_args(tmp_path)])
+                 "--set", "model.learning_rate=10", "--set", "model.loss=mse", "--set", "model.predict=level",
+                 "--set", "data.normalization=standardize", "--set", "data.normalization=center",
+                 *store_args(tmp_path)])
     assert code == 2 and "the training loss is not finite" in capsys.readouterr().err
     assert ModelStore(tmp_path / "models").versions() == []
 
@@ -180,7 +184,7 @@ def test_without_a_validation_slice_a_given_min_step_still_holds_and_the_lack_of
         tmp_path, data_file, capsys):
     assert main(["train", "--data", str(data_file), "--quiet", *TINY, "--set", "model.validation_split=0",
                  "--set", "model.min_step=5", "--set", "model.intervals=[0.1, 0.9]", *store_args(tmp_path)]) == 0
-    meta = ModelStore(tmp_path / "models").metadata("1")
+    meta = ModelStore(tmp_path / "models").metadata("1").to_dict()
     assert meta["min_step"] == [5.0] and "intervals" not in meta
     assert "the model publishes no interval" in capsys.readouterr().err
 
@@ -194,7 +198,7 @@ def test_change_model_with_intervals_trained_before_a_date_and_scored_after_it(t
             *TINY, "--set", "model.epochs=2", *store_args(tmp_path)]
     assert main(["train", "--data", str(data), "--quiet", "--until", cut, *args]) == 0
     capsys.readouterr()
-    meta = ModelStore(tmp_path / "models").metadata("1")
+    meta = ModelStore(tmp_path / "models").metadata("1").to_dict()
     assert meta["predict"] == "change"
     assert len(meta["min_step"]) == 1 and meta["min_step"][0] >= 0  # chosen on the validation slice (null)
     assert meta["data"]["last"] < cut  # nothing at or after the cut was read
@@ -255,7 +259,8 @@ def test_hostile_yaml_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, sour
     assert says in one_line_error(capsys, "models")
 
 
-@pytest.mark.parametrize("args, says", [(["models", "list"], "not a directory"), (["models", "rollback"], "not a directory"),
+@pytest.mark.parametrize("args, says", [(["models", "list"], "not a directory"),
+                                        (["models", "rollback"], "not a directory"),
                                         (["evaluate"], "not a directory"), (["train", "--quiet"], "not writable")])
 def test_a_store_path_that_is_a_file_is_one_line_and_exit_2(tmp_path, capsys, args, says):
     (tmp_path / "models").write_text("not a directory")

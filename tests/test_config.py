@@ -110,7 +110,7 @@ def test_set_overrides_parse_yaml_and_beat_the_file(tmp_path):
 
 def test_a_section_with_every_key_commented_out_still_takes_overrides_and_presets(tmp_path):
     path = write(tmp_path, "model:\n  # epochs: 3\nkafka:\ndata:\n")
-    config = load_config(path, ["model.epochs=4", "model.preset=seed"],
+    config = load_config(path, ["model.epochs=4", "model.preset=tutorial"],
                          environ={"STREAM_FORECASTER__KAFKA__GROUP_ID": "g"})
     assert (config.model.epochs, config.kafka.group_id, config.data.normalization) == (4, "g", "center")
 
@@ -200,8 +200,8 @@ def test_durations(text, expected):
 
 
 def test_durations_in_config():
-    config = load_config(None, ["retrain.interval=2h", "retrain.history=3d"], environ={})
-    assert config.retrain.interval == 7200.0 and config.retrain.history == 3 * 86400.0
+    config = load_config(None, ["retrain.every=2h", "retrain.history=3d"], environ={})
+    assert config.retrain.every == 7200.0 and config.retrain.history == 3 * 86400.0
 
 
 def test_replace_checks_values():
@@ -213,7 +213,8 @@ def test_replace_checks_values():
 
 def all_keys():
     import dataclasses
-    return [f"{s.name}.{f.name}" for s in dataclasses.fields(Config) for f in dataclasses.fields(getattr(Config(), s.name))]
+    return [f"{s.name}.{f.name}" for s in dataclasses.fields(Config)
+            for f in dataclasses.fields(getattr(Config(), s.name))]
 
 
 def test_every_key_is_commented_in_config_yaml_and_documented_in_readme():
@@ -238,15 +239,38 @@ def test_exponent_without_a_dot_is_a_number():
 
 def test_seed_preset_replaces_the_keys_it_names_and_set_still_wins():
     shipped = Path(__file__).resolve().parents[1] / "config.yaml"
-    seed = load_config(shipped, ["model.preset=seed"], environ={})
+    seed = load_config(shipped, ["model.preset=tutorial"], environ={})
     assert (seed.model.layers, seed.model.loss, seed.model.optimizer, seed.model.predict) == \
         ((1, 50, 100, 1), "mse", "rmsprop", "level")
     assert (seed.data.features, seed.data.normalization, seed.model.epochs) == (("Global_active_power",), "center", 3)
     assert seed.model_store == load_config(shipped, environ={}).model_store  # other sections untouched
-    tuned = load_config(shipped, ["model.preset=seed", "model.epochs=5"], environ={})
+    tuned = load_config(shipped, ["model.preset=tutorial", "model.epochs=5"], environ={})
     assert tuned.model.epochs == 5
-    with pytest.raises(ConfigError, match="model.preset: must be one of None, seed"):
-        load_config(shipped, ["model.preset=tutorial"], environ={})
+    with pytest.raises(ConfigError, match="model.preset: must be one of None, tutorial"):
+        load_config(shipped, ["model.preset=tutorials"], environ={})
+
+
+def test_an_earlier_releases_names_are_read_as_todays_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "old.yaml"
+    path.write_text("data:\n  interval: 5m\nmodel:\n  preset: seed\n")
+    config = load_config(path, ["retrain.interval=2h"], environ={})
+    assert (config.data.period, config.retrain.every, config.model.predict) == (300.0, 7200.0, "level")
+    assert config == load_config(None, ["data.period=5m", "model.preset=tutorial", "retrain.every=2h"], environ={})
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert ("data.interval is now called data.period" in warned
+            and "retrain.interval is now called retrain.every" in warned)
+    assert "model.preset seed is now called tutorial" in warned
+    assert load_config(path, ["data.period=1m"], environ={}).data.period == 60.0  # --set still wins over the file
+    path.write_text("data:\n  interval: 5m\n  period: 1m\n")
+    with pytest.raises(ConfigError, match="data.interval and data.period are both set"):
+        load_config(path, environ={})
+
+
+def test_log_levels_are_read_in_any_case():
+    assert load_config(None, ["logging.level=info"], environ={}).logging.level == "INFO"
+    assert load_config(None, environ={"STREAM_FORECASTER__LOGGING__LEVEL": "Debug"}).logging.level == "DEBUG"
+    with pytest.raises(ConfigError, match="logging.level: must be one of"):
+        load_config(None, ["logging.level=loud"], environ={})
 
 
 def test_change_needs_the_targets_among_the_features():
@@ -257,8 +281,8 @@ def test_change_needs_the_targets_among_the_features():
 
 @pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "36501d", "1.0e+300"])
 def test_a_duration_must_be_finite_and_at_most_a_century(value):
-    with pytest.raises(ConfigError, match="retrain.interval: a duration must be finite and at most 100 years"):
-        load_config(None, [f"retrain.interval={value}"], environ={})
+    with pytest.raises(ConfigError, match="retrain.every: a duration must be finite and at most 100 years"):
+        load_config(None, [f"retrain.every={value}"], environ={})
 
 
 def test_brokers_may_be_given_comma_separated_as_kafka_tools_write_them():

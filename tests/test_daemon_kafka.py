@@ -11,13 +11,13 @@ import urllib.request
 
 import numpy as np
 import pytest
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-
 from conftest import daemon_setup, offline_forecasts, sample_lines
 from daemon import DaemonProcess, wait_for
-from stream_forecaster.kafka_io import read_topic
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from stream_forecaster.messages import UciLineParser
 from stream_forecaster.model import Forecaster
-from stream_forecaster.records import UciLineParser
+from stream_forecaster.topics import read_topic
 
 L = 6
 SENSORS = ("house-a", "house-b", "house-c", "house-d")

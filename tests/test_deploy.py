@@ -19,7 +19,8 @@ from stream_forecaster.metrics import Metrics, RetrainMetrics
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(PROMTOOL is None and not os.environ.get("CI"),
-                                    reason="promtool is not installed (./dev test installs it: apt-get install prometheus)")
+                                    reason="promtool is not installed "
+                                           "(./dev test installs it: apt-get install prometheus)")
 
 
 def promtool(*args, input=None) -> str:

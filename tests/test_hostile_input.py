@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 import math
 
+from conftest import make_forecaster
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import make_forecaster
 from stream_forecaster.config import load_config
+from stream_forecaster.messages import HEADER, MISSING, Invalid, MessageParser, Reading
 from stream_forecaster.metrics import Metrics
 from stream_forecaster.pipeline import Pipeline
-from stream_forecaster.records import HEADER, MISSING, Invalid, MessageParser, Reading
 from stream_forecaster.testing import FakeRecord, ListSink
 
 L = 6
@@ -91,7 +91,8 @@ def test_running_loop_counts_every_message_and_forecasts_the_valid_ones(stream, 
     forecaster = FORECASTER
     metrics = Metrics(forecaster.targets)
     sink = ListSink()
-    config = load_config(None, ["model.sequence_length=6", "data.features=[Global_active_power]", "model.layers=[1, 8, 1]", "kafka.dead_letter_topic=dead"],
+    config = load_config(None, ["model.sequence_length=6", "data.features=[Global_active_power]",
+                                "model.layers=[1, 8, 1]", "kafka.dead_letter_topic=dead"],
                          environ={})
     pipeline = Pipeline(config, forecaster, sink, metrics)
     records = [FakeRecord("in", 0, i, k, v) for i, (k, v, _) in enumerate(stream)]

@@ -6,13 +6,13 @@ import json
 import threading
 
 import pytest
-
 from conftest import make_forecaster, sample_lines
+
 from stream_forecaster.config import load_config
 from stream_forecaster.metrics import Metrics
 from stream_forecaster.model import Forecaster
-from stream_forecaster.registry import CHECKSUM_FILE, POINTER_FILE, ModelStore
 from stream_forecaster.service import Daemon, ModelWatcher
+from stream_forecaster.store import CHECKSUM_FILE, POINTER_FILE, ModelStore
 from stream_forecaster.testing import FakeRecord, ListSink, ListSource
 
 L = 6
@@ -92,15 +92,15 @@ def test_other_sequence_length_is_refused(store, caplog):
 
 
 def test_daemon_swaps_between_batches_without_dropping_or_repeating(store, tmp_path):
-    config = load_config(None, [f"model_store.path={store.path}", "kafka.input_topic=in", "model.sequence_length=6", "data.features=[Global_active_power]", "model.layers=[1, 8, 1]",
+    config = load_config(None, [f"model_store.path={store.path}", "kafka.input_topic=in", "model.sequence_length=6",
+                                "data.features=[Global_active_power]", "model.layers=[1, 8, 1]",
                                 "metrics.port=0", "model_store.poll_interval=3600s"], environ={})
     lines = sample_lines(40)
     records = [FakeRecord("in", 0, i, b"s", line.encode()) for i, line in enumerate(lines)]
     stop = threading.Event()
     batches = [records[:15], records[15:30], records[30:]]
     source, sink = ListSource(batches, stop_when_done=stop), ListSink()
-    daemon = Daemon(config, source=source, sink=sink)
-    daemon.stop = stop
+    daemon = Daemon(config, source=source, sink=sink, stop=stop)
 
     class PublishAfterFirstBatch:
         """Publishes version 2 once the first batch was handled, then lets the watcher look."""
@@ -146,8 +146,7 @@ def test_while_it_waits_for_a_first_model_the_daemon_is_alive_but_not_ready(tmp_
     stop = threading.Event()
     records = [FakeRecord("in", 0, i, b"s", line.encode()) for i, line in enumerate(sample_lines(L))]
     source, sink = ListSource([records], stop_when_done=stop), ListSink()
-    daemon = Daemon(config, source=source, sink=sink)
-    daemon.stop = stop
+    daemon = Daemon(config, source=source, sink=sink, stop=stop)
     runner = threading.Thread(target=daemon.run)
     runner.start()
 
@@ -187,7 +186,6 @@ def test_a_refused_commit_is_tried_again_and_at_the_latest_at_a_clean_stop(store
     stop = threading.Event()
     records = [FakeRecord("in", 0, i, b"s", line.encode()) for i, line in enumerate(sample_lines(L))]
     source = ListSource([records], stop_when_done=stop, refuse_commits=1)  # the coordinator moved, once
-    daemon = Daemon(config, source=source, sink=ListSink())
-    daemon.stop = stop
+    daemon = Daemon(config, source=source, sink=ListSink(), stop=stop)
     assert daemon.run() == 0
     assert source.commits == [{("in", 0): L}]  # the published batch is not read again after the stop

@@ -6,11 +6,13 @@ from hypothesis import strategies as st
 from kafka import KafkaProducer
 from kafka.partitioner import DefaultPartitioner
 
+from stream_forecaster import kafka_io
 from stream_forecaster.config import load_config
 from stream_forecaster.devbroker import free_port
-from stream_forecaster import kafka_io
-from stream_forecaster.kafka_io import KafkaSink, KafkaSource, KeyPartitioner, ensure_topics, read_history, read_topic
-from stream_forecaster.records import OutRecord
+from stream_forecaster.kafka_compat import BrokerUnavailable
+from stream_forecaster.kafka_io import KafkaSink, KafkaSource, KeyPartitioner
+from stream_forecaster.messages import OutRecord
+from stream_forecaster.topics import ensure_topics, read_history, read_topic
 
 
 class Cluster:
@@ -53,14 +55,19 @@ def test_memory_is_bounded_and_unkeyed_records_still_spread():
 
 def test_a_producer_that_cannot_be_replaced_yet_is_kept_and_replaced_later(broker, kafka_names):
     config = load_config(None, [f"kafka.bootstrap_servers={broker.address}"], environ={})
-    recreated = []
-    sink = KafkaSink(config.kafka, on_recreate=lambda: recreated.append(1))
+    nowhere = dataclasses.replace(config.kafka, bootstrap_servers=(f"127.0.0.1:{free_port()}",))
+    recreated, broker_gone = [], [False]
+
+    def new_producer():  # a producer for the broker, or for an address where none answers while it is "gone"
+        return KafkaSink(nowhere if broker_gone[0] else config.kafka)._producer
+
+    sink = KafkaSink(config.kafka, on_recreate=lambda: recreated.append(1), new_producer=new_producer)
     try:
         working = sink._producer
-        sink._config = dataclasses.replace(config.kafka, bootstrap_servers=(f"127.0.0.1:{free_port()}",))
+        broker_gone[0] = True
         sink._recreate()  # no broker answers there: a long outage must not end the daemon
         assert sink._producer is working and recreated == []
-        sink._config = config.kafka
+        broker_gone[0] = False
         sink._recreate()
         assert sink._producer is not working and recreated == [1]
         ensure_topics(config.kafka, [kafka_names["output"]])
@@ -73,7 +80,8 @@ def test_a_producer_that_cannot_be_replaced_yet_is_kept_and_replaced_later(broke
 
 def test_a_refill_range_past_the_end_of_the_log_ends_once_nothing_comes(broker, kafka_names, caplog):
     """As after an unclean leader election: the committed offset lies beyond what the log still holds."""
-    config = load_config(None, [f"kafka.bootstrap_servers={broker.address}", f"kafka.input_topic={kafka_names['input']}",
+    config = load_config(None, [f"kafka.bootstrap_servers={broker.address}",
+                                f"kafka.input_topic={kafka_names['input']}",
                                 f"kafka.group_id={kafka_names['group']}", "kafka.session_timeout_ms=6000"], environ={})
     ensure_topics(config.kafka, [kafka_names["input"]])
     sink = KafkaSink(config.kafka)
@@ -92,7 +100,8 @@ def test_history_reads_from_the_first_recent_reading_and_nothing_of_a_partition_
         broker, kafka_names, monkeypatch):
     """Broker deviation met here: for a time after every message the development broker answers offset 0
     (timestamp -1), where Apache Kafka answers -1, which kafka-python gives as None; None is forced below."""
-    config = load_config(None, [f"kafka.bootstrap_servers={broker.address}", f"kafka.input_topic={kafka_names['input']}"],
+    config = load_config(None, [f"kafka.bootstrap_servers={broker.address}",
+                                f"kafka.input_topic={kafka_names['input']}"],
                          environ={})
     ensure_topics(config.kafka, [kafka_names["input"]])
     sink = KafkaSink(config.kafka)
@@ -107,7 +116,8 @@ def test_history_reads_from_the_first_recent_reading_and_nothing_of_a_partition_
 
 
 def test_history_reads_at_most_the_most_recent_records_shared_between_the_partitions(broker, kafka_names):
-    config = load_config(None, [f"kafka.bootstrap_servers={broker.address}", f"kafka.input_topic={kafka_names['input']}"],
+    config = load_config(None, [f"kafka.bootstrap_servers={broker.address}",
+                                f"kafka.input_topic={kafka_names['input']}"],
                          environ={})
     ensure_topics(config.kafka, [kafka_names["input"]], partitions=2)
     sink = KafkaSink(config.kafka)
@@ -161,7 +171,8 @@ class _RawHeaderKey(str):
 
 
 def test_an_undecodable_record_is_skipped_counted_and_the_records_around_it_are_read(broker, kafka_names):
-    config = load_config(None, [f"kafka.bootstrap_servers={broker.address}", f"kafka.input_topic={kafka_names['input']}",
+    config = load_config(None, [f"kafka.bootstrap_servers={broker.address}",
+                                f"kafka.input_topic={kafka_names['input']}",
                                 f"kafka.group_id={kafka_names['group']}", "kafka.session_timeout_ms=6000"], environ={})
     ensure_topics(config.kafka, [kafka_names["input"]])
     producer = KafkaProducer(bootstrap_servers=broker.address)
@@ -205,7 +216,8 @@ class ScriptedProducer:
         pass
 
 
-def scripted_sink(outcome, stop_after_retries):
+def scripted_sink(outcome, stop_after_retries, new_producer=None):
+    """A sink on ScriptedProducers (``new_producer`` makes the replacements); stopped after that many retries."""
     stop, retries = threading.Event(), []
 
     def on_retry(n):
@@ -213,10 +225,9 @@ def scripted_sink(outcome, stop_after_retries):
         if len(retries) >= stop_after_retries:
             stop.set()
 
-    sink = KafkaSink.__new__(KafkaSink)
-    sink._config, sink._client_id = load_config(None, environ={}).kafka, "test"
-    sink._producer = ScriptedProducer(outcome)
-    sink._on_retry, sink._on_recreate, sink._on_refused = on_retry, None, None
+    first = [ScriptedProducer(outcome)]
+    sink = KafkaSink(load_config(None, environ={}).kafka, "test", on_retry=on_retry,
+                     new_producer=lambda: first.pop() if first else new_producer())
     return sink, stop
 
 
@@ -232,9 +243,11 @@ def test_a_topic_without_metadata_costs_one_blocked_send_per_round_not_one_per_r
 def test_records_in_flight_are_not_sent_twice_on_a_producer_that_could_not_be_replaced():
     from kafka.errors import KafkaConnectionError
 
+    def no_broker():
+        raise BrokerUnavailable("no broker")
+
     sink, stop = scripted_sink(lambda value: KafkaConnectionError("down") if value == b"fails" else None,
-                               stop_after_retries=3)
-    sink._new_producer = lambda: (_ for _ in ()).throw(kafka_io.BrokerUnavailable("no broker"))
+                               stop_after_retries=3, new_producer=no_broker)
     assert not sink.publish([OutRecord("out", b"k", b"fails"), OutRecord("out", b"k", b"in flight")], stop,
                             backoff_s=0.01)
     assert sink._producer.sent.count(b"in flight") == 1 and sink._producer.sent.count(b"fails") == 3
@@ -251,9 +264,8 @@ def test_a_replaced_producer_stops_its_sender_even_with_batches_it_could_not_del
         producer._accumulator.append(TopicPartition("out", 0), int(time.time() * 1000), b"k", b"v", [])
         return producer
 
-    sink, _ = scripted_sink(lambda value: None, stop_after_retries=1)
-    sink._producer, sink._new_producer = stranded(), stranded
-    old = sink._producer
+    sink, _ = scripted_sink(lambda value: None, stop_after_retries=1, new_producer=stranded)
+    sink._producer = old = stranded()
     try:
         assert sink._recreate()
         old._sender.join(10)
@@ -263,7 +275,8 @@ def test_a_replaced_producer_stops_its_sender_even_with_batches_it_could_not_del
 
 
 def test_the_state_topic_is_created_per_input_partition_and_gives_back_checkpoints_and_snapshots(broker, kafka_names):
-    config = load_config(None, [f"kafka.bootstrap_servers={broker.address}", f"kafka.input_topic={kafka_names['input']}",
+    config = load_config(None, [f"kafka.bootstrap_servers={broker.address}",
+                                f"kafka.input_topic={kafka_names['input']}",
                                 f"kafka.group_id={kafka_names['group']}"], environ={})
     ensure_topics(config.kafka, [kafka_names["input"]], partitions=3)
     sink = KafkaSink(config.kafka)

@@ -9,15 +9,15 @@ import subprocess
 
 import numpy as np
 import pytest
-
 from conftest import make_forecaster, offline_forecasts, sample_lines
 from daemon import DaemonProcess
 from kafka_shim import KafkaShim
+
 from stream_forecaster.config import load_config
 from stream_forecaster.devbroker import DevBroker, free_port
-from stream_forecaster.kafka_io import ensure_topics
 from stream_forecaster.model import Forecaster
-from stream_forecaster.registry import ModelStore
+from stream_forecaster.store import ModelStore
+from stream_forecaster.topics import ensure_topics
 
 L = 6
 KCAT = shutil.which("kcat") or shutil.which("kafkacat")
@@ -48,7 +48,8 @@ def test_kcat_produces_readings_and_reads_predictions(shimmed_broker, tmp_path, 
     store.publish(make_forecaster(sequence_length=L).save)
     overrides = [f"kafka.bootstrap_servers={shimmed_broker}", "kafka.input_topic=readings",
                  "kafka.output_topic=predictions", "kafka.group_id=kcat-test", "kafka.session_timeout_ms=6000",
-                 f"model_store.path={store.path}", "model.sequence_length=6", "data.features=[Global_active_power]", "model.layers=[1, 8, 1]"]
+                 f"model_store.path={store.path}", "model.sequence_length=6", "data.features=[Global_active_power]",
+                 "model.layers=[1, 8, 1]"]
     config = load_config(None, overrides, environ={})
     ensure_topics(config.kafka, ["readings", "predictions"], partitions=2)
     lines = {"meter-1": sample_lines(12), "meter-2": sample_lines(9, start=3000)}

@@ -1,4 +1,4 @@
-import itertools
+import functools
 
 import numpy as np
 import pytest
@@ -6,8 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stream_forecaster.config import load_config
-from stream_forecaster.model import (_CALL_COST, _MAX_CHUNK, Forecaster, Scaler, _parts, _pieces, _shapes,
-                                     build_model, use_inference_threads)
+from stream_forecaster.inference import InferenceRunner
+from stream_forecaster.model import Forecaster, Scaler, build_model
+from stream_forecaster.store import ModelMetadata
 
 keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
@@ -16,7 +17,8 @@ tf = pytest.importorskip("tensorflow")
 def spec(layers, sequence_length=8, features=None, targets=None):
     features = features or [f"f{i}" for i in range(layers[0])]
     targets = targets or [f"t{i}" for i in range(layers[-1])]
-    return load_config(None, ["model.predict=level", "data.normalization=standardize", f"model.layers={list(layers)}", f"model.sequence_length={sequence_length}",
+    return load_config(None, ["model.predict=level", "data.normalization=standardize", f"model.layers={list(layers)}",
+                              f"model.sequence_length={sequence_length}",
                               f"data.features={features}", f"data.targets={targets}"], environ={}).model
 
 
@@ -40,8 +42,12 @@ def test_default_is_the_seed_architecture_over_every_column_and_the_preset_is_th
     model = build_model(default.model, default.layers())
     assert [type(l).__name__ for l in model.layers] == ["LSTM", "Dropout", "LSTM", "Dropout", "Dense"]
     assert model.input_shape == (None, 49, 7)
-    seed = build_model(load_config(None, ["model.preset=seed"], environ={}).model)
+    seed = build_model(load_config(None, ["model.preset=tutorial"], environ={}).model)
     assert seed.input_shape == (None, 49, 1) and seed.loss == "mse"
+
+
+def forecaster_of(model, meta: dict, version=None, jit_compile=True) -> Forecaster:
+    return Forecaster(model, ModelMetadata.from_dict(meta), version, jit_compile)
 
 
 def metadata(features, targets, sequence_length, rng):
@@ -59,7 +65,7 @@ def test_forecast_normalises_in_and_out():
     rng = np.random.default_rng(0)
     model = build_model(spec([2, 4, 3], sequence_length=5))
     meta = metadata(["a", "b"], ["x", "y", "z"], 5, rng)
-    forecaster = Forecaster(model, meta)
+    forecaster = forecaster_of(model, meta)
     windows = rng.normal(size=(9, 4, 2)).astype(np.float32)
     scaled = (windows - forecaster.feature_scaler.mean) / forecaster.feature_scaler.scale
     expected = model(scaled, training=False).numpy() * 2.0 + 3.0
@@ -68,14 +74,15 @@ def test_forecast_normalises_in_and_out():
 
 def test_forecast_rejects_wrong_window_shape():
     rng = np.random.default_rng(0)
-    forecaster = Forecaster(build_model(spec([1, 4, 1], sequence_length=5)), metadata(["a"], ["x"], 5, rng))
+    forecaster = forecaster_of(build_model(spec([1, 4, 1], sequence_length=5)), metadata(["a"], ["x"], 5, rng))
     with pytest.raises(ValueError, match=r"\[n, 4, 1\]"):
         forecaster.forecast(np.zeros((2, 5, 1)))
 
 
 def test_save_load_round_trip_gives_identical_predictions(tmp_path):
     rng = np.random.default_rng(1)
-    forecaster = Forecaster(build_model(spec([2, 5, 4, 2], sequence_length=6)), metadata(["a", "b"], ["x", "y"], 6, rng))
+    forecaster = forecaster_of(build_model(spec([2, 5, 4, 2], sequence_length=6)),
+                               metadata(["a", "b"], ["x", "y"], 6, rng))
     windows = rng.normal(size=(17, 5, 2)).astype(np.float32)
     forecaster.save(tmp_path)
     loaded = Forecaster.load(tmp_path, version="9")
@@ -96,7 +103,7 @@ def test_change_forecast_adds_the_scaled_step_to_the_last_reading_of_the_target(
     rng = np.random.default_rng(1)
     model = build_model(spec([2, 4, 1], sequence_length=5))
     meta = {**metadata(["a", "x"], ["x"], 5, rng), "predict": "change"}
-    forecaster = Forecaster(model, meta)
+    forecaster = forecaster_of(model, meta)
     windows = rng.normal(size=(6, 4, 2)).astype(np.float32)
     scaled = (windows - forecaster.feature_scaler.mean) / forecaster.feature_scaler.scale
     step = model(scaled, training=False).numpy()
@@ -107,25 +114,25 @@ def test_bounds_add_the_stored_error_quantiles():
     rng = np.random.default_rng(2)
     meta = {**metadata(["a"], ["x", "y"], 5, rng),
             "intervals": {"quantiles": [0.1, 0.9], "lower": [-1.0, -0.5], "upper": [2.0, 0.25]}}
-    forecaster = Forecaster(build_model(spec([1, 4, 2], sequence_length=5)), meta)
+    forecaster = forecaster_of(build_model(spec([1, 4, 2], sequence_length=5)), meta)
     predictions = rng.normal(size=(3, 2)).astype(np.float32)
     scale = np.full_like(predictions, 2.0)  # the global normalisation's: a version of before gives data units
     lower, upper = forecaster.bounds(predictions, scale)
     np.testing.assert_allclose(lower, predictions + [-1.0, -0.5], rtol=1e-6)
     np.testing.assert_allclose(upper, predictions + [2.0, 0.25], rtol=1e-6)
     assert forecaster.interval_quantiles == (0.1, 0.9)
-    assert Forecaster(build_model(spec([1, 4, 2], sequence_length=5)), metadata(["a"], ["x", "y"], 5, rng)).bounds(
+    assert forecaster_of(build_model(spec([1, 4, 2], sequence_length=5)), metadata(["a"], ["x", "y"], 5, rng)).bounds(
         predictions, scale) is None
 
 
 def test_min_step_keeps_the_last_reading_when_the_forecast_moves_less():
     rng = np.random.default_rng(3)
     meta = metadata(["x", "a"], ["x"], 5, rng)
-    free = Forecaster(build_model(spec([2, 4, 1], sequence_length=5)), meta)
+    free = forecaster_of(build_model(spec([2, 4, 1], sequence_length=5)), meta)
     windows = rng.normal(loc=3.0, size=(50, 4, 2)).astype(np.float32)
     raw, last = free.forecast(windows), windows[:, -1, [0]]
     threshold = float(np.median(np.abs(raw - last)))
-    held = Forecaster(free.model, {**meta, "min_step": [threshold]}).forecast(windows)
+    held = forecaster_of(free.model, {**meta, "min_step": [threshold]}).forecast(windows)
     small = np.abs(raw - last) < threshold
     assert small.any() and (~small).any()
     np.testing.assert_array_equal(held[small], last[small])
@@ -149,49 +156,10 @@ def test_min_step_calibration_holds_small_noisy_steps_and_keeps_real_ones():
     assert np.sqrt(np.square(truth - held).mean()) < 0.5 * np.sqrt(np.square(truth - last).mean())
 
 
-@given(st.integers(min_value=0, max_value=3 * _MAX_CHUNK + 5))
-def test_batches_are_cut_into_few_shapes_without_padding(n):
-    pieces = _pieces(n)
-    assert sum(pieces) == n
-    assert set(pieces) <= set(_shapes(_MAX_CHUNK)) and len(_shapes(_MAX_CHUNK)) <= 7
-    assert pieces == sorted(pieces, reverse=True)
-    assert all(pieces.count(p) < 4 for p in pieces if p < _MAX_CHUNK)
-
-
-@given(st.integers(min_value=0, max_value=2 * _MAX_CHUNK), st.integers(min_value=1, max_value=8))
-def test_a_batch_is_shared_among_the_threads_in_runs_of_whole_calls(n, threads):
-    pieces = _pieces(n)
-    parts = _parts(pieces, threads)
-    assert sum(parts) == n and len(parts) <= threads and (n == 0 or all(parts))
-    bounds, run = set(), 0
-    for size in pieces:
-        run += size
-        bounds.add(run)
-    assert set(itertools.accumulate(parts)) <= bounds | {0}  # no call is split
-    if threads > 1 and len(pieces) > 1:
-        assert len(parts) > 1  # a batch of several calls never waits on one thread
-    cost = sum(size + _CALL_COST for size in pieces)
-    biggest = max(pieces, default=0) + _CALL_COST
-    assert all(_cost(part) <= cost / threads + biggest for part in _runs(pieces, parts))
-
-
-def _runs(pieces, parts):
-    it = iter(pieces)
-    for part in parts:
-        run = []
-        while sum(run) < part:
-            run.append(next(it))
-        yield run
-
-
-def _cost(run):
-    return sum(size + _CALL_COST for size in run)
-
-
 def test_a_failed_part_fails_the_whole_forecast():
     rng = np.random.default_rng(6)
-    forecaster = Forecaster(build_model(spec([1, 4, 1], sequence_length=5)), metadata(["a"], ["x"], 5, rng))
-    use_inference_threads(2)
+    forecaster = forecaster_of(build_model(spec([1, 4, 1], sequence_length=5)), metadata(["a"], ["x"], 5, rng))
+    runner = InferenceRunner(2)
     try:
         forecaster.warm_up(16)
 
@@ -202,15 +170,15 @@ def test_a_failed_part_fails_the_whole_forecast():
 
         original, forecaster._call = forecaster._call, broken
         with pytest.raises(tf.errors.InternalError, match="device lost"):
-            forecaster.forecast_async(rng.normal(size=(17, 4, 1)).astype(np.float32)).result()  # 16 | 1
+            runner.forecast_async(forecaster, rng.normal(size=(17, 4, 1)).astype(np.float32)).result()  # 16 | 1
     finally:
-        use_inference_threads(1)
+        runner.close()
 
 
 def test_xla_forecasts_match_the_plain_graph_at_every_batch_size():
     rng = np.random.default_rng(3)
     model, meta = build_model(spec([2, 5, 4, 2], sequence_length=6)), metadata(["a", "b"], ["x", "y"], 6, rng)
-    xla, plain = Forecaster(model, meta), Forecaster(model, meta, jit_compile=False)
+    xla, plain = forecaster_of(model, meta), forecaster_of(model, meta, jit_compile=False)
     for n in (1, 3, 37, 300):
         windows = rng.normal(size=(n, 5, 2)).astype(np.float32)
         np.testing.assert_allclose(xla.forecast(windows), plain.forecast(windows), rtol=1e-5, atol=1e-5)
@@ -220,31 +188,16 @@ def test_xla_forecasts_match_the_plain_graph_at_every_batch_size():
 def test_a_failing_xla_compile_falls_back_to_the_plain_graph(caplog):
     rng = np.random.default_rng(4)
     model, meta = build_model(spec([1, 4, 1], sequence_length=5)), metadata(["a"], ["x"], 5, rng)
-    forecaster = Forecaster(model, meta)
+    forecaster = forecaster_of(model, meta)
 
     def unavailable(_):
         raise tf.errors.UnimplementedError(None, None, "XLA is not built into this TensorFlow")
 
     forecaster._xla = unavailable  # as on a platform without XLA
     windows = rng.normal(size=(4, 4, 1)).astype(np.float32)
-    expected = Forecaster(model, meta, jit_compile=False).forecast(windows)
+    expected = forecaster_of(model, meta, jit_compile=False).forecast(windows)
     np.testing.assert_allclose(forecaster.forecast(windows), expected, rtol=1e-6)
     assert forecaster._xla is None and "XLA cannot compile" in caplog.text
-
-
-def test_forecasts_on_several_inference_threads_come_back_in_order():
-    rng = np.random.default_rng(5)
-    forecaster = Forecaster(build_model(spec([1, 4, 1], sequence_length=5)), metadata(["a"], ["x"], 5, rng))
-    use_inference_threads(3)
-    try:
-        chunks = [rng.normal(size=(n, 4, 1)).astype(np.float32) for n in (64, 1, 17, 256, 5)]
-        futures = [forecaster.forecast_async(c) for c in chunks]
-        for chunk, future in zip(chunks, futures):
-            predictions, _, seconds = future.result()
-            np.testing.assert_allclose(predictions, forecaster.forecast(chunk), rtol=1e-6)
-            assert seconds > 0
-    finally:
-        use_inference_threads(1)
 
 
 def test_saved_metadata_is_strict_json_with_undefined_figures_as_null(tmp_path):
@@ -252,8 +205,7 @@ def test_saved_metadata_is_strict_json_with_undefined_figures_as_null(tmp_path):
 
     from conftest import make_forecaster
 
-    forecaster = make_forecaster()
-    forecaster.metadata["test"] = {"seasonal_rmse": float("nan"), "rmse": 0.25}  # no seasonal pair in short data
+    forecaster = make_forecaster().with_metadata(test={"seasonal_rmse": float("nan"), "rmse": 0.25})  # short data
     forecaster.save(tmp_path)
     text = (tmp_path / "metadata.json").read_text()
     saved = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
@@ -268,29 +220,33 @@ def window_forecaster(features=("x", "a"), targets=("x",), length=8, min_step=0.
             "normalization": {"method": "window"}, "scaled_units": True, "min_step": [min_step] * len(targets),
             "intervals": {"quantiles": [0.1, 0.9], "lower": [-0.7] * len(targets), "upper": [0.9] * len(targets),
                           "adaptation": 0.01}}
-    return Forecaster(build_model(config.model, config.layers()), meta)
+    return forecaster_of(build_model(config.model, config.layers()), meta)
 
 
-EQUIVARIANT = window_forecaster()
+@functools.cache
+def equivariant() -> Forecaster:
+    """Built once, when the first test asks: never at import, so collecting the tests builds no model."""
+    return window_forecaster()
 
 
 @settings(deadline=None, max_examples=60)
 @given(st.integers(0, 2**32 - 1), st.floats(-3, 3), st.floats(-50, 50), st.floats(-3, 3), st.floats(-50, 50),
        st.integers(1, 40))
-def test_a_sensor_a_times_larger_and_shifted_by_b_gets_forecast_and_interval_a_f_plus_b(seed, log_a1, b1, log_a2, b2, n):
+def test_a_sensor_a_times_larger_and_shifted_by_b_gets_forecast_and_interval_a_f_plus_b(
+        seed, log_a1, b1, log_a2, b2, n):
     rng = np.random.default_rng(seed)
     windows = np.cumsum(rng.normal(size=(n, 7, 2)), axis=1) + rng.normal(size=(1, 1, 2)) * 10
     a, b = np.array([10.0 ** log_a1, 10.0 ** log_a2]), np.array([b1, b2])
     b = b * a  # an offset as large as 50 of the sensor's own spreads
     moved = (windows * a + b).astype(np.float32)
     windows = windows.astype(np.float32)
-    f, scale = EQUIVARIANT.forecast_scaled(windows)
-    g, moved_scale = EQUIVARIANT.forecast_scaled(moved)
+    f, scale = equivariant().forecast_scaled(windows)
+    g, moved_scale = equivariant().forecast_scaled(moved)
     np.testing.assert_allclose(moved_scale, scale * a[0], rtol=1e-4)
     # to float32's precision of the readings (the offset included), in units of the window's spread
     tolerance = 1e-4 * scale * a[0] + 1e-6 * np.abs(g)
     assert np.all(np.abs(g - (a[0] * f + b[0])) <= tolerance)
-    (low, high), (moved_low, moved_high) = EQUIVARIANT.bounds(f, scale), EQUIVARIANT.bounds(g, moved_scale)
+    (low, high), (moved_low, moved_high) = equivariant().bounds(f, scale), equivariant().bounds(g, moved_scale)
     assert np.all(np.abs(moved_low - (a[0] * low + b[0])) <= tolerance)
     assert np.all(np.abs(moved_high - (a[0] * high + b[0])) <= tolerance)
     assert np.all(low < f) and np.all(f < high)
@@ -299,9 +255,9 @@ def test_a_sensor_a_times_larger_and_shifted_by_b_gets_forecast_and_interval_a_f
 def test_a_window_whose_target_is_constant_keeps_its_reading_with_no_width():
     windows = np.random.default_rng(6).normal(size=(3, 7, 2)).astype(np.float32)
     windows[:, :, 0] = 4.25
-    predictions, scale = EQUIVARIANT.forecast_scaled(windows)
+    predictions, scale = equivariant().forecast_scaled(windows)
     assert np.all(scale == 0) and np.all(predictions == 4.25)
-    low, high = EQUIVARIANT.bounds(predictions, scale)
+    low, high = equivariant().bounds(predictions, scale)
     assert np.all(low == 4.25) and np.all(high == 4.25)
 
 

@@ -12,17 +12,18 @@ import urllib.parse
 import urllib.request
 
 import pytest
-
 from conftest import daemon_setup, sample_lines
 from daemon import DaemonProcess, wait_for
+
 from stream_forecaster import __version__
 from stream_forecaster.devbroker import free_port
 from stream_forecaster.kafka_io import KafkaSink
-from stream_forecaster.records import OutRecord
+from stream_forecaster.messages import OutRecord
 
 PROMETHEUS, PROMTOOL = shutil.which("prometheus"), shutil.which("promtool")
 pytestmark = pytest.mark.skipif((PROMETHEUS is None or PROMTOOL is None) and not os.environ.get("CI"),
-                                reason="prometheus is not installed (./dev test installs it: apt-get install prometheus)")
+                                reason="prometheus is not installed "
+                                       "(./dev test installs it: apt-get install prometheus)")
 
 
 @pytest.fixture
@@ -74,7 +75,8 @@ def test_prometheus_scrapes_the_daemon_and_answers_for_error_and_prediction_rate
         "scrape_configs:\n"
         f"  - job_name: stream-forecaster\n    static_configs: [{{targets: ['127.0.0.1:{process.port}']}}]\n")
     prometheus = subprocess.Popen([PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
-                                   f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+                                   f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                                   f"--web.listen-address=127.0.0.1:{port}"],
                                   stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "wb"))
     replay = Replay(config)
     replay.start()

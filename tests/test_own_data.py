@@ -11,14 +11,14 @@ import threading
 
 import numpy as np
 import pytest
-
 from conftest import sample_lines
 from daemon import DaemonProcess, wait_for
+
 from stream_forecaster.cli import main
 from stream_forecaster.config import load_config
-from stream_forecaster.kafka_io import ensure_topics, read_topic
-from stream_forecaster.records import UciLineParser
-from stream_forecaster.registry import ModelStore
+from stream_forecaster.messages import UciLineParser
+from stream_forecaster.store import ModelStore
+from stream_forecaster.topics import ensure_topics, read_topic
 
 MODEL = ["--set", "model.sequence_length=10", "--set", "model.units=[8]", "--set", "model.batch_size=64",
          "--set", "model.epochs=1", "--set", "data.features=[load_kw, volts]", "--set", "data.targets=[load_kw]"]
@@ -58,7 +58,7 @@ def test_a_csv_fleet_with_its_own_columns_trains_evaluates_and_scores_each_senso
     data = fleet_csv(tmp_path / "fleet.csv")
     own = [*MODEL, "--set", "data.sensor_column=site", *store_args(tmp_path)]
     assert main(["train", "--data", str(data), "--quiet", *own]) == 0
-    meta = ModelStore(tmp_path / "models").metadata("1")
+    meta = ModelStore(tmp_path / "models").metadata("1").to_dict()
     assert meta["layers"] == [2, 8, 1] and meta["normalization"] == {"method": "window"}
     assert meta["data"]["sensors"] == 3 and meta["data"]["missing"] == 1
     capsys.readouterr()
@@ -83,7 +83,7 @@ def test_a_fleet_past_the_window_budget_trains_and_tests_on_samples_of_every_sen
     data = fleet_csv(tmp_path / "fleet.csv", n=800)
     assert main(["train", "--data", str(data), "--quiet", *MODEL, "--set", "data.sensor_column=site",
                  "--set", "model.max_windows=300", *store_args(tmp_path)]) == 0
-    meta = ModelStore(tmp_path / "models").metadata("1")
+    meta = ModelStore(tmp_path / "models").metadata("1").to_dict()
     windows = meta["data"]
     assert windows["train_windows"] + windows["validation_windows"] <= 300 < windows["sampled_from"]["train"]
     per_sensor = meta["test"]["per_sensor"]
@@ -104,10 +104,11 @@ def test_train_from_a_version_continues_it_on_json_lines_of_one_site(tmp_path, c
     assert main(["train", "--data", str(fleet_csv(tmp_path / "fleet.csv", n=800)), "--quiet", *MODEL,
                  "--set", "data.sensor_column=site", *store_args(tmp_path)]) == 0
     site = tmp_path / "site.jsonl"
-    site.write_text("".join(json.dumps({"sensor": "new-site", "timestamp": t, "values": {"load_kw": 40 * p, "volts": v}})
+    site.write_text("".join(json.dumps({"sensor": "new-site", "timestamp": t,
+                                        "values": {"load_kw": 40 * p, "volts": v}})
                             + "\n" for t, p, v in readings(800, 9000)))
     assert main(["train", "--data", str(site), "--from", "1", "--quiet", *MODEL, *store_args(tmp_path)]) == 0
-    meta = ModelStore(tmp_path / "models").metadata("2")
+    meta = ModelStore(tmp_path / "models").metadata("2").to_dict()
     assert meta["training"]["warm_start_from"] == "1" and meta["data"]["source"] == str(site)
     capsys.readouterr()
     code = main(["train", "--data", str(site), "--from", "2", *MODEL, "--set", "model.sequence_length=12",
@@ -115,7 +116,8 @@ def test_train_from_a_version_continues_it_on_json_lines_of_one_site(tmp_path, c
     assert code == 2 and "set data.features, data.targets and model.sequence_length" in capsys.readouterr().err
 
 
-def test_a_first_model_from_the_topic_alone_then_the_daemon_forecasts_every_sensor(broker, kafka_names, tmp_path, capsys):
+def test_a_first_model_from_the_topic_alone_then_the_daemon_forecasts_every_sensor(
+        broker, kafka_names, tmp_path, capsys):
     """JSON readings of three sensors of different sizes, as kcat would produce them, and no file at all."""
     from kafka import KafkaProducer
 
@@ -132,7 +134,8 @@ def test_a_first_model_from_the_topic_alone_then_the_daemon_forecasts_every_sens
     for sensor, rows in history.items():
         for t, p, v in rows:
             producer.send(config.kafka.input_topic, key=sensor.encode(),
-                          value=json.dumps({"timestamp": t, "values": {"load_kw": sizes[sensor] * p, "volts": v}}).encode())
+                          value=json.dumps({"timestamp": t,
+                                            "values": {"load_kw": sizes[sensor] * p, "volts": v}}).encode())
     producer.flush()
     producer.close()
 
@@ -140,7 +143,7 @@ def test_a_first_model_from_the_topic_alone_then_the_daemon_forecasts_every_sens
     assert main(["train", "--from-topic", "--quiet", *args]) == 0
     out = capsys.readouterr().out
     assert "model version 1 written" in out
-    assert ModelStore(tmp_path / "models").metadata("1")["data"]["sensors"] == 3
+    assert ModelStore(tmp_path / "models").metadata("1").to_dict()["data"]["sensors"] == 3
 
     daemon = DaemonProcess([f"{k}={v}" for k, v in overrides.items()], tmp_path / "daemon.log")
     try:
@@ -174,7 +177,8 @@ def test_a_time_column_of_dates_alone_is_warned_about(tmp_path, caplog):
     from stream_forecaster.retrain import read_file
 
     path = tmp_path / "split.csv"
-    path.write_text("Date,Time,x\n" + "".join(f"2007-04-0{d},{h:02d}:00:00,{d + h}\n" for d in (1, 2) for h in range(24)))
+    path.write_text("Date,Time,x\n"
+                    + "".join(f"2007-04-0{d},{h:02d}:00:00,{d + h}\n" for d in (1, 2) for h in range(24)))
     with caplog.at_level("WARNING", logger="stream_forecaster.retrain"):
         series = read_file(path, ["x"], load_config(None, [], environ={}).data)
     assert len(series) == 2 and series.duplicates == 46

@@ -5,20 +5,21 @@ import threading
 
 import numpy as np
 import pytest
-
 from conftest import make_forecaster, offline_forecasts, sample_lines
+
 from stream_forecaster.config import load_config
+from stream_forecaster.messages import MAX_KEY_BYTES, UciLineParser
 from stream_forecaster.metrics import Metrics
 from stream_forecaster.pipeline import HEADER_BUDGET, Pipeline, Stopped
-from stream_forecaster.records import MAX_KEY_BYTES, UciLineParser
+from stream_forecaster.store import ModelMetadata
 from stream_forecaster.testing import FakeRecord, ListSink
 
 L = 6
 
 
 def config(*overrides):
-    return load_config(None, ["model.sequence_length=6", "data.features=[Global_active_power]", "model.layers=[1, 8, 1]", "metrics.rolling_window=1000",
-                              *overrides], environ={})
+    return load_config(None, ["model.sequence_length=6", "data.features=[Global_active_power]",
+                              "model.layers=[1, 8, 1]", "metrics.rolling_window=1000", *overrides], environ={})
 
 
 def build(*overrides, sink=None, forecaster=None):
@@ -45,7 +46,8 @@ def stream(sensors=("a", "b", "c"), n=40):
                 accepted[sensor].append(line)
             records.append((j, sensor, line))
     records.sort()  # interleave the sensors minute by minute
-    out = [FakeRecord("in", hash(s) % 3, i, s.encode(), line.encode(), timestamp=0) for i, (_, s, line) in enumerate(records)]
+    out = [FakeRecord("in", hash(s) % 3, i, s.encode(), line.encode(), timestamp=0)
+           for i, (_, s, line) in enumerate(records)]
     return out, accepted
 
 
@@ -180,10 +182,11 @@ def test_json_and_bare_number_inputs():
 
 
 def test_multi_target_prediction_is_an_object_per_target():
-    forecaster = make_forecaster(features=("Global_active_power", "Voltage"), targets=("Global_active_power", "Sub_metering_3"),
-                                 sequence_length=L)
+    forecaster = make_forecaster(features=("Global_active_power", "Voltage"),
+                                 targets=("Global_active_power", "Sub_metering_3"), sequence_length=L)
     pipeline, sink, _ = build("data.features=[Global_active_power, Voltage]",
-                              "data.targets=[Global_active_power, Sub_metering_3]", "model.layers=[2, 8, 2]", "model.predict=level", "data.normalization=standardize",
+                              "data.targets=[Global_active_power, Sub_metering_3]", "model.layers=[2, 8, 2]",
+                              "model.predict=level", "data.normalization=standardize",
                               forecaster=forecaster)
     records = [FakeRecord("in", 0, i, b"h", line.encode()) for i, line in enumerate(sample_lines(10))]
     pipeline.process(records)
@@ -332,9 +335,8 @@ def test_idle_sensors_lose_their_window_and_come_back_empty():
 
 
 def test_intervals_are_published_and_their_live_coverage_counts_the_truths_inside():
-    forecaster = make_forecaster(sequence_length=L)
-    forecaster.metadata["intervals"] = {"quantiles": [0.1, 0.9], "lower": [-0.3], "upper": [0.2]}
-    forecaster = type(forecaster)(forecaster.model, forecaster.metadata, forecaster.version)
+    forecaster = make_forecaster(sequence_length=L).with_metadata(
+        intervals={"quantiles": [0.1, 0.9], "lower": [-0.3], "upper": [0.2]})
     pipeline, sink, metrics = build(forecaster=forecaster)
     records, accepted = stream(n=60)
     for i in range(0, len(records), 25):
@@ -365,12 +367,12 @@ def test_the_live_coverage_steers_the_intervals_the_next_forecasts_publish():
             "predict": "change", "normalization": {"method": "window"}, "scaled_units": True,
             # far too narrow, as a model calibrated on a quieter month would be
             "intervals": {"quantiles": [0.1, 0.9], "lower": [-0.01], "upper": [0.01], "adaptation": 0.05}}
-    forecaster = Forecaster(build_model(spec.model, spec.layers()), meta, "1")
+    forecaster = Forecaster(build_model(spec.model, spec.layers()), ModelMetadata.from_dict(meta), "1")
     pipeline, sink, metrics = build(forecaster=forecaster)
     records, accepted = stream(n=240)
     for i in range(0, len(records), 25):
         pipeline.process(records[i:i + 25])
-    assert forecaster.interval.lower[0] < -0.2 and forecaster.interval.upper[0] > 0.2
+    assert forecaster.prediction_interval.lower[0] < -0.2 and forecaster.prediction_interval.upper[0] > 0.2
     parser, inside = UciLineParser(["Global_active_power"]), []
     for sensor, lines in accepted.items():
         truths = [parser.parse(line) for line in lines]
@@ -390,9 +392,8 @@ def test_after_a_swap_the_old_models_pending_intervals_do_not_steer_the_new_ones
     from stream_forecaster.model import Forecaster
 
     records, _ = stream(n=40)
-    forecaster = make_forecaster(sequence_length=L)
-    forecaster.metadata["intervals"] = {"quantiles": [0.1, 0.9], "lower": [-0.001], "upper": [0.001],
-                                        "adaptation": 0.05}
+    forecaster = make_forecaster(sequence_length=L).with_metadata(
+        intervals={"quantiles": [0.1, 0.9], "lower": [-0.001], "upper": [0.001], "adaptation": 0.05})
     old = Forecaster(forecaster.model, forecaster.metadata, "1")
     pipeline, _, metrics = build(forecaster=old)
     pipeline.process(records[:57])  # minute 18 of each sensor; minute 19 is a valid reading of each
@@ -402,5 +403,6 @@ def test_after_a_swap_the_old_models_pending_intervals_do_not_steer_the_new_ones
     scored = value(metrics, "stream_forecaster_scored_predictions_total")
     pipeline.process(records[57:60])  # each scores a forecast of the old model
     assert value(metrics, "stream_forecaster_scored_predictions_total") == scored + 3
-    assert (new.interval.lower, new.interval.upper) == (pytest.approx(-0.001 / 0.8), pytest.approx(0.001 / 0.8))
+    assert (new.prediction_interval.lower, new.prediction_interval.upper) == (pytest.approx(-0.001 / 0.8),
+                                                                              pytest.approx(0.001 / 0.8))
     assert value(metrics, "stream_forecaster_rolling_interval_coverage", target="Global_active_power") == before

@@ -7,8 +7,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from stream_forecaster.records import (DEFAULT_SENSOR, SAMPLE_PATH, UCI_COLUMNS, RecordError, Series, read_series,
-                                      read_uci)
+from stream_forecaster.files import SAMPLE_PATH, Series, read_series, read_uci
+from stream_forecaster.messages import DEFAULT_SENSOR, UCI_COLUMNS, RecordError
 
 T0 = 1175385600  # 2007-04-01T00:00:00 as wall-clock seconds
 
@@ -228,3 +228,12 @@ def test_the_summary_spans_every_sensor_whatever_their_order(tmp_path):
                  "2019-06-01T00:00:00,b,3", "2019-06-01T00:01:00,b,4")
     summary = read_series(path, ["x"]).summary()
     assert (summary["first"], summary["last"]) == ("2019-06-01T00:00:00", "2020-01-01T00:01:00")
+
+
+def test_a_csv_field_over_the_csv_modules_size_limit_is_a_malformed_line_not_a_crash(tmp_path):
+    path = tmp_path / "huge.csv"
+    path.write_text("time,x\n2007-01-01T00:00:00,1\n2007-01-01T00:01:00," + "9" * 200_000 + "\n2007-01-01T00:02:00,3\n")
+    with pytest.raises(RecordError, match="huge.csv:3: unreadable CSV"):
+        read_series(path, ["x"])
+    series = read_series(path, ["x"], on_error="skip")
+    assert series.values[:, 0].tolist() == [1.0, 3.0] and series.malformed == 1

@@ -9,17 +9,17 @@ import threading
 
 import numpy as np
 import pytest
+from conftest import daemon_overrides, daemon_setup, make_forecaster, offline_forecasts, sample_lines
+from daemon import DaemonProcess, wait_for
 from kafka import KafkaProducer
 from kafka.errors import KafkaTimeoutError
 
-from conftest import daemon_overrides, daemon_setup, make_forecaster, offline_forecasts, sample_lines
-from daemon import DaemonProcess, wait_for
 from stream_forecaster.config import load_config
-from stream_forecaster.kafka_io import ensure_topics, read_topic
 from stream_forecaster.model import Forecaster
-from stream_forecaster.registry import ModelStore
 from stream_forecaster.service import Daemon
-from stream_forecaster.testing import FakeRecord, ListSink, ListSource
+from stream_forecaster.store import ModelStore
+from stream_forecaster.testing import FakeRecord, ListSink, ListSource, ManualClock
+from stream_forecaster.topics import ensure_topics, read_topic
 
 L = 6
 SENSORS = tuple(f"r{i}" for i in range(12))
@@ -183,10 +183,12 @@ def test_slow_batches_stay_inside_max_poll_interval(broker, kafka_names, tmp_pat
     store = ModelStore(tmp_path / "models")
     store.publish(make_forecaster(sequence_length=L, hidden=(384, 384)).save)
     overrides = daemon_overrides(broker.address, kafka_names, store.path, kafka__max_poll_interval_ms="4000",
-                                 kafka__max_poll_records="100000", model__layers="[1, 384, 384, 1]", data__features="[Global_active_power]")
+                                 kafka__max_poll_records="100000", model__layers="[1, 384, 384, 1]",
+                                 data__features="[Global_active_power]")
     config = load_config(None, overrides, environ={})
     ensure_topics(config.kafka, [config.kafka.input_topic, config.kafka.output_topic], partitions=2)
-    many = {s: [l for l in sample_lines(6000, start=6000 * i) if "?" not in l][:4000] for i, s in enumerate(SENSORS[:4])}
+    many = {s: [l for l in sample_lines(6000, start=6000 * i) if "?" not in l][:4000]
+            for i, s in enumerate(SENSORS[:4])}
     produce(config, many, 0, 4000)
     out = Output(config)
     daemon = DaemonProcess(overrides, tmp_path / "daemon.log")
@@ -248,8 +250,7 @@ def run_regaining(tmp_path, kept=30, **faults):
     batch = [FakeRecord("in", 0, kept + i, b"s", line) for i, line in enumerate(lines[kept:])]
     stop = threading.Event()
     source, sink = RegainingSource(history, batch, stop, **faults), ListSink()
-    daemon = Daemon(config, source=source, sink=sink)
-    daemon.stop = stop
+    daemon = Daemon(config, source=source, sink=sink, stop=stop)
     assert daemon.run() == 0
     return daemon, source, sink
 
@@ -297,8 +298,7 @@ def test_while_a_batch_is_stuck_readiness_expires_and_the_last_poll_time_stands_
     batch = [FakeRecord("in", 0, i, b"s", line.encode()) for i, line in enumerate(sample_lines(L))]
     source, sink = ListSource([batch], stop_when_done=stop), StallingSink()
     now = [100.0]
-    daemon = Daemon(config, source=source, sink=sink, clock=lambda: now[0])
-    daemon.stop = stop
+    daemon = Daemon(config, source=source, sink=sink, clock=lambda: now[0], stop=stop)
     runner = threading.Thread(target=daemon.run)
     runner.start()
     try:
@@ -338,8 +338,8 @@ def test_a_poll_that_always_fails_leaves_the_last_poll_time_unset_for_the_stuck_
     config = load_config(None, daemon_overrides("127.0.0.1:9", {"input": "in", "output": "out", "group": "g"},
                                                 store.path, metrics__port="0"), environ={})
     stop = threading.Event()
-    source = FailingSource(stop)
-    daemon = Daemon(config, source=source, sink=ListSink())
-    daemon.stop = stop
+    source, clock = FailingSource(stop), ManualClock(stop=stop)
+    daemon = Daemon(config, source=source, sink=ListSink(), stop=stop, clock=clock, wait=clock.wait, retry_s=2.5)
     assert daemon.run() == 0 and source.polls == 3
+    assert clock.waited == [2.5, 2.5, 2.5]  # after each failed poll: the retry's wait, on the injected clock
     assert daemon.metrics.registry.get_sample_value("stream_forecaster_last_poll_timestamp_seconds") == 0

@@ -8,14 +8,14 @@ import threading
 
 import numpy as np
 import pytest
-
 from conftest import daemon_overrides, make_forecaster, sample_lines
+
 from stream_forecaster.config import load_config
 from stream_forecaster.metrics import Metrics
 from stream_forecaster.pipeline import Pipeline
 from stream_forecaster.recovery import MAX_EVICTIONS, Checkpoint, Recovery
-from stream_forecaster.registry import ModelStore
 from stream_forecaster.service import Daemon
+from stream_forecaster.store import ModelStore
 from stream_forecaster.testing import FakeRecord, ListSink, LogSource, MemoryTopic
 
 L = 6
@@ -35,8 +35,8 @@ def run_daemon(store, topic, *overrides) -> list[dict]:
                                                 store.path, metrics__port="0", **dict(overrides)), environ={})
     stop = threading.Event()
     sink = ListSink()
-    daemon = Daemon(config, source=LogSource(topic, stop_when_done=stop, batch=37), sink=sink)
-    daemon.stop = stop
+    daemon = Daemon(config, source=LogSource(topic, stop_when_done=stop, batch=37), sink=sink, stop=stop,
+                    checkpoints=topic.checkpoints)
     assert daemon.run() == 0
     return [json.loads(r.value) for r in sink.records]
 
@@ -240,8 +240,8 @@ def test_not_ready_from_the_assignment_until_the_refill_is_done(store):
                          environ={})
     stop = threading.Event()
     source = WatchedSource(topic, stop)
-    daemon = Daemon(config, source=source, sink=ListSink())
-    daemon.stop, source.daemon = stop, daemon
+    daemon = Daemon(config, source=source, sink=ListSink(), stop=stop, checkpoints=topic.checkpoints)
+    source.daemon = daemon
     assert daemon.run() == 0
     assert source.answers[:2] == [("assigned", False), ("refilling", False)]
     assert ("assigned", True) in source.answers[2:]  # ready once refilled

@@ -10,19 +10,19 @@ import tracemalloc
 
 import numpy as np
 import pytest
-
 from conftest import sample_lines, write_uci
 from daemon import wait_for
+
 from stream_forecaster import retrain
 from stream_forecaster.cli import main
 from stream_forecaster.config import load_config
-from stream_forecaster.records import SAMPLE_PATH
+from stream_forecaster.files import SAMPLE_PATH
 from stream_forecaster.retrain import Retrainer, series_from_records
 from stream_forecaster.testing import FakeRecord
 
 # the level of one column, held steps off: an untrained model is then clearly worse, which the gate tests need
-BASE = ["model.sequence_length=8", "data.features=[Global_active_power]", "model.layers=[1, 8, 1]", "model.batch_size=128",
-        "data.ratio=0.15", "model.epochs=1", "model.min_step=0"]
+BASE = ["model.sequence_length=8", "data.features=[Global_active_power]", "model.layers=[1, 8, 1]",
+        "model.batch_size=128", "data.ratio=0.15", "model.epochs=1", "model.min_step=0"]
 
 
 def retrainer(tmp_path, *overrides, data=SAMPLE_PATH):
@@ -38,9 +38,9 @@ def test_first_cycle_publishes_with_the_gate_in_the_metadata(tmp_path):
     r = retrainer(tmp_path)
     outcome = r.run_once()
     assert (outcome.outcome, outcome.version) == ("published", "1")
-    gate = r.store.metadata("1")["gate"]
+    gate = r.store.metadata("1").to_dict()["gate"]
     assert gate["decision"] == "published" and gate["current"] is None and gate["metric"] == "rmse"
-    assert gate["candidate"] == pytest.approx(r.store.metadata("1")["test"]["rmse"])
+    assert gate["candidate"] == pytest.approx(r.store.metadata("1").to_dict()["test"]["rmse"])
     assert count(r, "published") == 1
     assert r.metrics.registry.get_sample_value("stream_forecaster_retrain_error", {"model": "candidate"}) == \
         pytest.approx(gate["candidate"])
@@ -51,9 +51,9 @@ def test_warm_start_beats_and_replaces_the_current_model(tmp_path):
     r.run_once()
     outcome = retrainer(tmp_path, "model.epochs=2").run_once()
     assert outcome.outcome == "published" and outcome.candidate_error < outcome.current_error
-    meta = r.store.metadata("2")
+    meta = r.store.metadata("2").to_dict()
     assert meta["training"]["warm_start_from"] == "1"
-    assert meta["normalization"] == r.store.metadata("1")["normalization"]  # fine-tuning keeps the scaling
+    assert meta["normalization"] == r.store.metadata("1").to_dict()["normalization"]  # fine-tuning keeps the scaling
     assert r.store.current() == "2"
 
 
@@ -153,7 +153,7 @@ def test_failures_are_counted_and_leave_the_store_alone(tmp_path, caplog):
 
 def test_runs_on_schedule_and_goes_on_after_a_failed_cycle(tmp_path):
     data = tmp_path / "later.txt"
-    r = retrainer(tmp_path, "retrain.interval=1s", "retrain.metrics_port=0", data=data)
+    r = retrainer(tmp_path, "retrain.every=1s", "retrain.metrics_port=0", data=data)
     thread = threading.Thread(target=r.run)
     thread.start()
     try:
@@ -245,7 +245,7 @@ def test_a_cycle_past_the_budget_trains_and_gates_on_samples(tmp_path):
     r = retrainer(tmp_path, "model.max_windows=300", "retrain.min_improvement=0")
     outcome = r.run_once()
     assert outcome.current_error is not None  # the current model scored on the candidate's held-out sample
-    meta = r.store.metadata(r.store.current())
+    meta = r.store.metadata(r.store.current()).to_dict()
     assert meta["data"]["train_windows"] + meta["data"]["validation_windows"] <= 300
     assert meta["data"]["sampled_from"]["train"] > 300
     assert meta["gate"]["test_windows"] == meta["data"]["test_windows"] == 34  # ceil(300 * 0.1 / 0.9)

@@ -14,13 +14,13 @@ import subprocess
 import sys
 import threading
 
-from kafka import KafkaProducer
-
 from conftest import make_forecaster, sample_lines
 from daemon import DaemonProcess, wait_for
+from kafka import KafkaProducer
+
 from stream_forecaster.config import load_config
-from stream_forecaster.kafka_io import ensure_topics, read_topic
-from stream_forecaster.registry import ModelStore
+from stream_forecaster.store import ModelStore
+from stream_forecaster.topics import ensure_topics, read_topic
 
 L = 6
 SENSORS = ("m1", "m2", "m3")
@@ -80,7 +80,8 @@ def test_retrain_from_topic_and_swap_under_load(broker, kafka_names, tmp_path):
     outputs = {"a": kafka_names["output"] + "-a", "b": kafka_names["output"] + "-b"}
     config = load_config(None, common, environ={})
     ensure_topics(config.kafka, [config.kafka.input_topic, *outputs.values()], partitions=2)
-    daemons = {name: DaemonProcess([*common, f"kafka.output_topic={topic}", f"kafka.group_id={kafka_names['group']}-{name}"],
+    daemons = {name: DaemonProcess([*common, f"kafka.output_topic={topic}",
+                                    f"kafka.group_id={kafka_names['group']}-{name}"],
                                    tmp_path / f"daemon-{name}.log") for name, topic in outputs.items()}
     load = SteadyLoad(config, rate=150)
     try:
@@ -90,13 +91,14 @@ def test_retrain_from_topic_and_swap_under_load(broker, kafka_names, tmp_path):
             load.thread.start()
             wait_for(lambda: load.count() >= 600, 60, "600 readings to be sent")
             retrain = subprocess.run(
-                [sys.executable, "-m", "stream_forecaster.cli", "retrain", "--once", *sum((["--set", o] for o in common), []),
+                [sys.executable, "-m", "stream_forecaster.cli", "retrain", "--once",
+                 *sum((["--set", o] for o in common), []),
                  "--set", "model.epochs=2", "--set", "retrain.history=14d"],
                 capture_output=True, text=True, timeout=300, cwd=tmp_path)
             assert retrain.returncode == 0, retrain.stderr[-3000:]
             assert "retraining published" in retrain.stderr
             assert store.current() == "2"
-            meta = store.metadata("2")
+            meta = store.metadata("2").to_dict()
             assert meta["data"]["sensors"] == len(SENSORS) and meta["gate"]["current_version"] == "1"
             for d in daemons.values():
                 wait_for(lambda d=d: d.metrics().get('stream_forecaster_model_swaps_total{outcome="swapped"}') == 1,

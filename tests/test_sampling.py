@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from stream_forecaster.config import load_config
-from stream_forecaster.records import Series
+from stream_forecaster.files import Series
 from stream_forecaster.training import _day_before, _rows_of, _shares, backtest, choose_windows, train
 from stream_forecaster.window import split_windows
 

@@ -9,12 +9,12 @@ import sys
 import threading
 
 import pytest
-
 from conftest import make_forecaster
+
 from stream_forecaster.config import ConfigError, load_config
-from stream_forecaster.kafka_io import client_settings
-from stream_forecaster.registry import CHECKSUM_FILE, ModelStore, ModelStoreError
+from stream_forecaster.kafka_compat import client_settings
 from stream_forecaster.service import Daemon
+from stream_forecaster.store import CHECKSUM_FILE, ModelStore, ModelStoreError
 from stream_forecaster.testing import ListSink, ListSource
 
 SECRET = "s3cr3t-Pa55"
@@ -34,7 +34,8 @@ def test_sasl_and_tls_settings_reach_kafka_python(tmp_path):
 
 
 def test_password_from_the_environment_and_never_in_the_redacted_config():
-    env = {"STREAM_FORECASTER__KAFKA__SASL_PASSWORD": SECRET, "STREAM_FORECASTER__KAFKA__SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+    env = {"STREAM_FORECASTER__KAFKA__SASL_PASSWORD": SECRET,
+           "STREAM_FORECASTER__KAFKA__SECURITY_PROTOCOL": "SASL_PLAINTEXT",
            "STREAM_FORECASTER__KAFKA__SASL_USERNAME": "svc"}
     config = load_config(None, environ=env)
     assert client_settings(config.kafka, "x")["sasl_plain_password"] == SECRET
@@ -57,11 +58,11 @@ def test_unknown_sasl_mechanism_is_refused():
 def test_daemon_start_up_log_states_the_config_without_secrets(tmp_path, caplog):
     store = ModelStore(tmp_path / "models")
     store.publish(make_forecaster(sequence_length=6).save)
-    config = load_config(None, [f"model_store.path={store.path}", "model.sequence_length=6", "data.features=[Global_active_power]", "model.layers=[1, 8, 1]",
+    config = load_config(None, [f"model_store.path={store.path}", "model.sequence_length=6",
+                                "data.features=[Global_active_power]", "model.layers=[1, 8, 1]",
                                 "metrics.port=0"], environ={"STREAM_FORECASTER__KAFKA__SASL_PASSWORD": SECRET})
     stop = threading.Event()
-    daemon = Daemon(config, source=ListSource([], stop_when_done=stop), sink=ListSink())
-    daemon.stop = stop
+    daemon = Daemon(config, source=ListSource([], stop_when_done=stop), sink=ListSink(), stop=stop)
     with caplog.at_level(logging.INFO):
         assert daemon.run() == 0
     assert "effective configuration" in caplog.text and '"sasl_password": "***"' in caplog.text

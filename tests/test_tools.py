@@ -12,10 +12,11 @@ import threading
 
 from conftest import sample_lines, write_uci
 from daemon import wait_for
+
 from stream_forecaster.cli import main
 from stream_forecaster.config import load_config
 from stream_forecaster.devbroker import free_port
-from stream_forecaster.kafka_io import ensure_topics, read_topic
+from stream_forecaster.topics import ensure_topics, read_topic
 
 
 def test_replay_sends_each_data_line_keyed_by_sensor(broker, kafka_names, tmp_path):
@@ -24,7 +25,8 @@ def test_replay_sends_each_data_line_keyed_by_sensor(broker, kafka_names, tmp_pa
     sets = ["--set", f"kafka.bootstrap_servers={broker.address}", "--set", f"kafka.input_topic={kafka_names['input']}"]
     config = load_config(None, [s for s in sets if s != "--set"], environ={})
     ensure_topics(config.kafka, [config.kafka.input_topic])
-    assert main(["replay", *sets, "--data", str(path), "--sensor", "meter-9", "--max", "--skip", "10", "--limit", "30"]) == 0
+    assert main(["replay", *sets, "--data", str(path), "--sensor", "meter-9", "--max",
+                 "--skip", "10", "--limit", "30"]) == 0
     stop = threading.Event()
     got = []
     for record in read_topic(config.kafka, config.kafka.input_topic, stop, idle_s=3):
@@ -59,7 +61,8 @@ def _refused(port):
 
 def test_demo_trains_streams_and_plots(tmp_path):
     args = [sys.executable, "-m", "stream_forecaster.cli", "demo", "--rate", "5000", "--out", str(tmp_path / "out"),
-            "--set", "model.sequence_length=10", "--set", "data.features=[Global_active_power]", "--set", "model.layers=[1, 8, 1]",
+            "--set", "model.sequence_length=10", "--set", "data.features=[Global_active_power]",
+            "--set", "model.layers=[1, 8, 1]",
             "--set", "model.epochs=1", "--set", f"model_store.path={tmp_path / 'models'}"]
     result = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=300,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -41,7 +41,7 @@ def test_windows_never_span_two_segments():
 
 
 def series(stamps, values, segments=(0,)):
-    from stream_forecaster.records import Series
+    from stream_forecaster.files import Series
 
     values = np.asarray(values, dtype=np.float32).reshape(-1, 1)
     return Series(("x",), np.asarray(stamps, dtype=np.int64), values, "test", len(stamps), 0, 0, segments=segments)
@@ -54,6 +54,7 @@ def test_select_keeps_each_sensors_segment_and_drops_emptied_ones():
     assert s.select(np.arange(10) >= 5).segments == (0, 2)
 
 
+@pytest.mark.integration  # training imports TensorFlow
 def test_seasonal_naive_is_the_reading_exactly_one_day_earlier_of_the_same_sensor():
     from stream_forecaster.training import _day_before
 

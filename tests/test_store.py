@@ -5,13 +5,23 @@ import shutil
 
 import pytest
 
-from stream_forecaster.registry import CHECKSUM_FILE, POINTER_FILE, ModelStore, ModelStoreError
+from stream_forecaster.store import (
+    CHECKSUM_FILE,
+    POINTER_FILE,
+    IncompatibleModel,
+    ModelMetadata,
+    ModelStore,
+    ModelStoreError,
+)
 
 
-def writer(payload: str):
+def writer(payload: str, **metadata):
+    """A version whose "model" is ``payload`` and whose metadata names it (as the first feature)."""
     def write(directory):
         (directory / "model.keras").write_text(payload)
-        (directory / "metadata.json").write_text(json.dumps({"payload": payload}))
+        meta = {"features": [payload], "targets": [payload], "sequence_length": 4,
+                "normalization": {"method": "window"}, **metadata}
+        (directory / "metadata.json").write_text(json.dumps(meta))
     return write
 
 
@@ -21,7 +31,7 @@ def test_publish_numbers_versions_and_moves_current(tmp_path):
     assert store.publish(writer("a")) == "1"
     assert store.publish(writer("b")) == "2"
     assert store.versions() == ["1", "2"] and store.current() == "2"
-    assert store.metadata("2") == {"payload": "b"}
+    assert store.metadata("2").features == ("b",)
     assert store.publish(writer("c"), make_current=False) == "3"
     assert store.current() == "2"
 
@@ -107,6 +117,7 @@ def _publish_many(path, count):
             raise SystemExit(1)
 
 
+@pytest.mark.integration  # starts processes
 def test_two_publishers_at_once_leave_current_on_the_newest_complete_version(tmp_path):
     path = tmp_path / "store"
     ModelStore(path).publish(writer("first"))
@@ -217,3 +228,49 @@ def test_the_checksum_list_must_name_the_model(tmp_path):
     (directory / "sub" / "notes.txt").write_text("inside, in a folder of the version")
     list_files(directory, "./model.keras", "sub/notes.txt")
     assert store.verify(directory) == directory
+
+
+def test_metadata_round_trips_and_keeps_keys_it_does_not_know():
+    raw = {"features": ["a", "b"], "targets": ["a"], "sequence_length": 6, "normalization": {"method": "window"},
+           "layers": [2, 8, 1], "min_step": [0.5], "created": "2026-01-01T00:00:00+00:00", "from_a_later_release": 1}
+    meta = ModelMetadata.from_dict(raw)
+    assert (meta.features, meta.layers, meta.min_step, meta.method) == (("a", "b"), (2, 8, 1), (0.5,), "window")
+    assert meta.extra == {"from_a_later_release": 1}
+    written = meta.to_dict()
+    assert {k: written[k] for k in raw} == raw and ModelMetadata.from_dict(written) == meta
+    assert ModelMetadata.from_dict({**raw, "normalization": {}}).method == "standardize"  # before methods were recorded
+    with pytest.raises(AttributeError):
+        meta.features = ("c",)  # frozen: a change is a new value (replace)
+    assert meta.replace(gate={"decision": "published"}).to_dict()["gate"] == {"decision": "published"}
+
+
+@pytest.mark.parametrize("raw, why", [
+    ([], "not an object"),
+    ({"features": ["a"], "targets": ["a"], "normalization": {}}, "lacks sequence_length"),
+    ({"features": "a", "targets": ["a"], "sequence_length": 4, "normalization": {}}, "features is not a list"),
+    ({"features": ["a"], "targets": ["a"], "sequence_length": "x", "normalization": {}}, "invalid literal"),
+    ({"features": ["a"], "targets": ["a"], "sequence_length": 4, "normalization": []},
+     "normalization is not an object"),
+])
+def test_metadata_that_is_not_a_models_is_refused_saying_why(raw, why):
+    with pytest.raises(ValueError, match=why):
+        ModelMetadata.from_dict(raw)
+
+
+def test_metadata_says_how_an_interface_differs():
+    meta = ModelMetadata.from_dict({"features": ["a", "b"], "targets": ["a"], "sequence_length": 6,
+                                    "normalization": {}})
+    assert meta.mismatch(["a", "b"], ("a",), 6) is None
+    assert meta.mismatch(["a"], ["a"], 6) == "the model reads a, b -> a with windows of 6, not a -> a with windows of 6"
+
+
+def test_load_checks_checksums_and_the_interface_before_building_the_model(tmp_path):
+    store = ModelStore(tmp_path)
+    store.publish(writer("a"))
+    with pytest.raises(IncompatibleModel, match="model version 1: the model reads a -> a with windows of 4, not b"):
+        store.load("1", expect=(["b"], ["b"], 4))
+    (store.directory("1") / "model.keras").write_text("changed")
+    with pytest.raises(ModelStoreError, match="checksum mismatch for model.keras"):
+        store.load("1", expect=(["a"], ["a"], 4))
+    with pytest.raises(ModelStoreError, match="no model version or directory '7'"):
+        store.load("7")

@@ -14,12 +14,18 @@ operator's ``train`` or ``rollback`` beside them) take turns on an advisory lock
 file, so ``CURRENT`` never names a version being pruned nor goes back to an older
 one by a race. This module knows files, not
 models: callers pass a function that writes the model into a directory, which
-keeps TensorFlow out of the ``models`` commands.
+keeps TensorFlow out of the ``models`` commands. :meth:`ModelStore.load` alone
+imports the model module, when a version is to be served or trained on.
+
+:class:`ModelMetadata` is what a version says about its model (columns, window,
+normalisation, calibration, provenance): written by training, read by the
+daemon, the retrainer and ``models``, one type for all of them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -28,15 +34,22 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .errors import UserError
 
-__all__ = ["ModelStore", "ModelStoreError", "CHECKSUM_FILE", "MODEL_FILE", "POINTER_FILE"]
+if TYPE_CHECKING:
+    from .model import Forecaster
+
+__all__ = ["CHECKSUM_FILE", "METADATA_FILE", "MODEL_FILE", "POINTER_FILE", "IncompatibleModel", "ModelMetadata",
+           "ModelStore", "ModelStoreError"]
 
 CHECKSUM_FILE = "checksums.sha256"
-MODEL_FILE = "model.keras"  # model.MODEL_FILE, named again so that the store needs no TensorFlow
+METADATA_FILE = "metadata.json"
+MODEL_FILE = "model.keras"
 POINTER_FILE = "CURRENT"
 _LOCK_FILE = ".lock"
 _TMP_PREFIX = ".tmp-"
@@ -45,6 +58,88 @@ _STALE_TMP_SECONDS = 3600
 
 class ModelStoreError(UserError, RuntimeError):
     """A missing, incomplete or corrupted model version."""
+
+
+class IncompatibleModel(ModelStoreError):
+    """A usable model version that reads other columns or windows than asked for."""
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """What a model version says about its model; ``metadata.json`` of the version.
+
+    The first three fields are the model's interface: a model is only ever
+    swapped for one that agrees on them. Keys this release does not know (a
+    newer one wrote them) are kept in ``extra`` and written back unchanged.
+    """
+
+    features: tuple[str, ...]
+    targets: tuple[str, ...]
+    sequence_length: int
+    normalization: Mapping[str, Any]  # {"method": ...} and, for global ones, the scalers' mean and scale
+    layers: tuple[int, ...] | None = None
+    predict: str = "level"  # or "change": the output is the step from the last reading
+    scaled_units: bool = False  # min_step and the interval's offsets are in units of each forecast's scale
+    min_step: tuple[float, ...] | None = None
+    intervals: Mapping[str, Any] | None = None  # AdaptiveInterval.to_dict(), calibrated on the validation slice
+    created: str | None = None  # ISO-8601
+    data: Mapping[str, Any] = field(default_factory=dict)
+    training: Mapping[str, Any] = field(default_factory=dict)
+    test: Mapping[str, Any] = field(default_factory=dict)
+    gate: Mapping[str, Any] | None = None  # the retrainer's decision; None for a version trained by hand
+    libraries: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        """The normalisation method (versions written before methods were recorded standardised)."""
+        return self.normalization.get("method") or "standardize"
+
+    def mismatch(self, features: Sequence[str], targets: Sequence[str], sequence_length: int) -> str | None:
+        """How this model's interface differs from the one given, or None if they agree."""
+        have = (tuple(self.features), tuple(self.targets), self.sequence_length)
+        wanted = (tuple(features), tuple(targets), int(sequence_length))
+        if have == wanted:
+            return None
+        return (f"the model reads {', '.join(have[0])} -> {', '.join(have[1])} with windows of {have[2]}, "
+                f"not {', '.join(wanted[0])} -> {', '.join(wanted[1])} with windows of {wanted[2]}")
+
+    def replace(self, **changes) -> "ModelMetadata":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        known = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        known = {k: list(v) if isinstance(v, tuple) else v for k, v in known.items() if v is not None}
+        return {**self.extra, **known}
+
+    @classmethod
+    def from_dict(cls, raw: object) -> "ModelMetadata":
+        """Read ``metadata.json``'s object; ``ValueError`` saying what is wrong with it."""
+        if not isinstance(raw, dict):
+            raise ValueError("metadata.json is not an object")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        missing = [k for k in ("features", "targets", "sequence_length", "normalization") if k not in raw]
+        if missing:
+            raise ValueError(f"metadata.json lacks {', '.join(missing)}")
+        values = {k: v for k, v in raw.items() if k in names}
+        try:
+            for key in ("features", "targets"):
+                values[key] = tuple(str(c) for c in _list(values[key], key))
+            values["sequence_length"] = int(values["sequence_length"])
+            for key in ("layers", "min_step"):
+                if values.get(key) is not None:
+                    values[key] = tuple((int if key == "layers" else float)(v) for v in _list(values[key], key))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"metadata.json: {exc}") from None
+        if not isinstance(values["normalization"], dict):
+            raise ValueError("metadata.json: normalization is not an object")
+        return cls(**values, extra={k: v for k, v in raw.items() if k not in names})
+
+
+def _list(value: object, key: str) -> list:
+    if not isinstance(value, list):
+        raise ValueError(f"{key} is not a list")
+    return value
 
 
 class ModelStore:
@@ -98,14 +193,31 @@ class ModelStore:
             raise ModelStoreError(f"{str(version)[:40]!r} is not a model version (versions are numbers)")
         return self.path / str(version)
 
-    def metadata(self, version: str) -> dict:
+    def metadata(self, version_or_path: str) -> ModelMetadata:
+        """The metadata of a version (number or directory), without loading its model."""
+        directory, version = self.resolve(version_or_path)
         try:
-            metadata = json.loads((self.directory(version) / "metadata.json").read_text())
+            return ModelMetadata.from_dict(json.loads((directory / METADATA_FILE).read_text()))
         except (OSError, ValueError) as exc:
             raise ModelStoreError(f"model version {version} in {self.path}: unreadable metadata ({exc})") from None
-        if not isinstance(metadata, dict):
-            raise ModelStoreError(f"model version {version} in {self.path}: metadata.json is not an object")
-        return metadata
+
+    def load(self, version_or_path: str | None = None, *,
+             expect: tuple[Sequence[str], Sequence[str], int] | None = None, jit_compile: bool = True) -> Forecaster:
+        """The forecaster of a version (number or directory; None: the current one), checked and loaded.
+
+        Its checksums are verified first; with ``expect`` (features, targets,
+        window length) a model with another interface raises
+        :class:`IncompatibleModel` before TensorFlow builds it.
+        """
+        directory, version = self.resolve(version_or_path)
+        self.verify(directory)
+        if expect is not None:
+            mismatch = self.metadata(str(directory)).mismatch(*expect)
+            if mismatch:
+                raise IncompatibleModel(f"model version {version}: {mismatch}")
+        from .model import Forecaster  # noqa: PLC0415 (TensorFlow loads only once a model is used)
+
+        return Forecaster.load(directory, version, jit_compile)
 
     def resolve(self, version_or_path: str | None = None) -> tuple[Path, str]:
         """Directory and version name for a version number, a directory, or None (current)."""
@@ -145,8 +257,8 @@ class ModelStore:
                     "(an absolute path, '..' or a link out of it): the version was not written by stream-forecaster; "
                     "remove it, or promote another version")
         if Path(MODEL_FILE) not in {Path(name) for _, name in entries}:
-            raise ModelStoreError(f"{directory}: {CHECKSUM_FILE} does not list {MODEL_FILE}, so the model is unchecked: "
-                                  "not a complete model version; remove it, or promote another version")
+            raise ModelStoreError(f"{directory}: {CHECKSUM_FILE} does not list {MODEL_FILE}, so the model is "
+                                  "unchecked: not a complete model version; remove it, or promote another version")
         for expected, name in entries:
             try:
                 actual = _sha256(directory / name)

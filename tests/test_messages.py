@@ -5,12 +5,20 @@ import zipfile
 
 import numpy as np
 import pytest
+from conftest import HEADER, sample_lines, write_uci
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import HEADER, sample_lines, write_uci
-from stream_forecaster.records import (MISSING, SAMPLE_PATH, UCI_COLUMNS, Invalid, MessageParser, RecordError,
-                                      UciLineParser, encode_prediction, read_uci)
+from stream_forecaster.files import SAMPLE_PATH, read_uci
+from stream_forecaster.messages import (
+    MISSING,
+    UCI_COLUMNS,
+    Invalid,
+    MessageParser,
+    RecordError,
+    UciLineParser,
+    encode_prediction,
+)
 
 GOOD = "16/12/2006;17:24:00;4.216;0.418;234.840;18.400;0.000;1.000;17.000"
 

@@ -1,0 +1,375 @@
+"""The wire format: readings in, forecasts out.
+
+:class:`MessageParser` turns a Kafka message (key, value) into a
+:class:`Reading`, :data:`MISSING` or :class:`Invalid`, errors as data, so the
+daemon never needs a try block per message. It reads JSON, bare numbers and
+UCI lines; the same :class:`UciLineParser` reads the training files
+(:mod:`stream_forecaster.files`), so a reading means the same thing offline and
+online. A missing value (``?`` or an empty field) in a used column makes the
+whole reading *missing*: it is skipped and counted, never filled in.
+:func:`encode_prediction` writes the one format of a forecast.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from .errors import UserError
+
+__all__ = [
+    "DEFAULT_SENSOR",
+    "HEADER",
+    "MAX_KEY_BYTES",
+    "MISSING",
+    "UCI_COLUMNS",
+    "Invalid",
+    "MessageParser",
+    "OutRecord",
+    "Reading",
+    "RecordError",
+    "UciLineParser",
+    "encode_prediction",
+    "format_time",
+    "parse_iso_time",
+    "parse_number",
+]
+
+UCI_COLUMNS = (
+    "Global_active_power",
+    "Global_reactive_power",
+    "Voltage",
+    "Global_intensity",
+    "Sub_metering_1",
+    "Sub_metering_2",
+    "Sub_metering_3",
+)
+
+class _Marker:
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+MISSING = _Marker("MISSING")  # a reading with a missing value: skipped, counted
+HEADER = _Marker("HEADER")  # a UCI header line: not a reading at all
+_EPOCH = dt.date(1970, 1, 1)
+CACHE_LIMIT = 100_000  # distinct dates/times remembered; bounds memory on hostile input
+_LARGEST = 3.4028234663852886e38  # float32's largest: windows are float32, so larger values cannot be held
+
+
+class RecordError(UserError, ValueError):
+    """A reading that cannot be parsed; the message says why."""
+
+
+class UciLineParser:
+    """Parses ``d/m/yyyy;hh:mm:ss;v1;...`` lines into (timestamp, values).
+
+    ``columns`` are the value columns wanted, in order; ``header`` names the
+    value columns as they stand in the line (the standard UCI order by
+    default). Timestamps are seconds since 1970-01-01 of the wall-clock time
+    written in the line (no time zone is implied by the data set).
+    """
+
+    def __init__(self, columns: Sequence[str], header: Sequence[str] = UCI_COLUMNS):
+        unknown = [c for c in columns if c not in header]
+        if unknown:
+            raise RecordError(
+                f"column(s) {', '.join(unknown)} not in the data; available: {', '.join(header)}"
+            )
+        self.columns = tuple(columns)
+        self.header = ["Date", "Time", *header]
+        self.n_fields = 2 + len(header)
+        self._indices = [2 + list(header).index(c) for c in columns]
+        self._dates: dict[str, int] = {}
+        self._times: dict[str, int] = {}
+
+    @classmethod
+    def from_header(cls, line: str, columns: Sequence[str]) -> "UciLineParser":
+        fields = line.strip().split(";")
+        if fields[:2] != ["Date", "Time"]:
+            raise RecordError(f"not a UCI header line (expected 'Date;Time;...'): {line[:80]!r}")
+        return cls(columns, fields[2:])
+
+    @staticmethod
+    def is_header(line: str) -> bool:
+        return line.startswith("Date;Time;")
+
+    def parse(self, line: str) -> "tuple[int, list[float]] | _Marker":
+        """``(timestamp, values)``, or :data:`MISSING`; raises :class:`RecordError`."""
+        fields = line.strip().split(";")
+        if len(fields) != self.n_fields:
+            raise RecordError(f"expected {self.n_fields} fields separated by ';', got {len(fields)}")
+        values = []
+        for i in self._indices:
+            text = fields[i]
+            if text == "?" or text == "":
+                return MISSING
+            try:
+                value = float(text)
+            except ValueError:
+                raise RecordError(f"bad number {text[:40]!r} in column {i + 1}") from None
+            if not math.isfinite(value):
+                raise RecordError(f"non-finite number {text[:40]!r} in column {i + 1}")
+            if abs(value) > _LARGEST:
+                raise RecordError(f"number {text[:40]!r} in column {i + 1} is out of range")
+            values.append(value)
+        return self._timestamp(fields[0], fields[1]), values
+
+    def _timestamp(self, date: str, time: str) -> int:
+        day = self._dates.get(date)
+        if day is None:
+            day = self._remember(self._dates, date, _parse_date(date))
+        seconds = self._times.get(time)
+        if seconds is None:
+            seconds = self._remember(self._times, time, _parse_time(time))
+        return day + seconds
+
+    @staticmethod
+    def _remember(cache: dict, key: str, value: int) -> int:
+        if len(key) <= 10:  # dd/mm/yyyy, hh:mm:ss; int() takes padded fields too, and they must not pin memory
+            if len(cache) >= CACHE_LIMIT:
+                cache.clear()
+            cache[key] = value
+        return value
+
+
+def _parse_date(text: str) -> int:
+    try:
+        day, month, year = (int(p) for p in text.split("/"))
+        return (dt.date(year, month, day) - _EPOCH).days * 86400
+    except ValueError:
+        raise RecordError(f"bad date {text[:40]!r} (expected d/m/yyyy)") from None
+
+
+def _parse_time(text: str) -> int:
+    parts = text.split(":")
+    try:
+        hour, minute, second = (int(p) for p in parts)
+    except ValueError:
+        raise RecordError(f"bad time {text[:40]!r} (expected hh:mm:ss)") from None
+    if not (0 <= hour < 24 and 0 <= minute < 60 and 0 <= second < 60):
+        raise RecordError(f"bad time {text[:40]!r} (expected hh:mm:ss)")
+    return hour * 3600 + minute * 60 + second
+
+
+DEFAULT_SENSOR = "default"  # the sensor of a message without a key
+MAX_KEY_BYTES = 1024  # a longer key is refused: a forecast carries its sensor's id four times
+
+
+@dataclass(frozen=True, slots=True)
+class OutRecord:
+    """A message to publish: a prediction, a dead letter or a refill checkpoint."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+    partition: int | None = None  # None: chosen from the key
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One accepted reading: values of the configured columns, in order."""
+
+    sensor: str
+    values: list[float]
+    timestamp: float | None  # seconds since 1970 of the time in the reading, if it carried one
+    aware: bool = False  # the timestamp carried a zone (it is UTC seconds); else wall clock
+
+
+@dataclass(frozen=True, slots=True)
+class Invalid:
+    """A message that is not a reading; ``reason`` says why."""
+
+    sensor: str
+    reason: str
+
+
+class MessageParser:
+    """Parses a Kafka message (key, value) into a :class:`Reading`, :data:`MISSING` or :class:`Invalid`.
+
+    Values may be a UCI line ``d/m/yyyy;hh:mm:ss;v1;...;v7``, a JSON object
+    ``{"timestamp": "...", "values": {"column": 4.2, ...}}`` (or ``"value": 4.2``
+    when one column is used), a bare number (one column), or ``?``. A UCI
+    header line returns :data:`HEADER`.
+    """
+
+    def __init__(self, columns: Sequence[str], max_bytes: int = 65536):
+        self.columns = tuple(columns)
+        self.max_bytes = max_bytes
+        self._uci = UciLineParser(self.columns) if set(self.columns) <= set(UCI_COLUMNS) else None
+
+    def parse(self, key: bytes | None, value: bytes | None):
+        sensor = key.decode("utf-8", "backslashreplace") if key else DEFAULT_SENSOR
+        if key is not None and len(key) > MAX_KEY_BYTES:
+            return Invalid(sensor[:64] + "...", f"key of {len(key)} bytes: sensor ids take at most {MAX_KEY_BYTES}")
+        if not value:
+            return Invalid(sensor, "empty message")
+        if len(value) > self.max_bytes:
+            return Invalid(sensor, f"oversized message: {len(value)} bytes > {self.max_bytes}")
+        try:
+            text = value.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            return Invalid(sensor, "not UTF-8")
+        if text == "?":
+            return MISSING
+        try:
+            if text.startswith("{"):
+                reading = self._json(sensor, text)
+            elif ";" in text:
+                reading = self._line(sensor, text)
+            else:
+                reading = self._bare_number(sensor, text)
+        except RecordError as exc:
+            return Invalid(sensor, str(exc))
+        except Exception as exc:  # noqa: BLE001 (whatever a message does, it must not stop the daemon)
+            return Invalid(sensor, f"unreadable message ({type(exc).__name__}: {str(exc)[:80]})")
+        if isinstance(reading, Reading) and reading.timestamp is not None \
+                and not EARLIEST <= reading.timestamp <= LATEST:
+            # its forecast's time (a minute or a day later) must still be a date
+            return Invalid(sensor, f"timestamp out of range: only years {EARLIEST_YEAR} to {LATEST_YEAR}")
+        return reading
+
+    def parse_object(self, sensor: str, obj):
+        """A JSON reading already decoded (a line of a JSON lines file), by the rules of :meth:`parse`."""
+        try:
+            reading = self._object(sensor, obj)
+        except RecordError as exc:
+            return Invalid(sensor, str(exc))
+        except Exception as exc:  # noqa: BLE001 (as in parse)
+            return Invalid(sensor, f"unreadable message ({type(exc).__name__}: {str(exc)[:80]})")
+        if isinstance(reading, Reading) and reading.timestamp is not None \
+                and not EARLIEST <= reading.timestamp <= LATEST:
+            return Invalid(sensor, f"timestamp out of range: only years {EARLIEST_YEAR} to {LATEST_YEAR}")
+        return reading
+
+    def _line(self, sensor: str, text: str):
+        if UciLineParser.is_header(text):
+            return HEADER
+        if self._uci is None:
+            raise RecordError(f"UCI lines carry only the columns {', '.join(UCI_COLUMNS)}")
+        reading = self._uci.parse(text)
+        if not isinstance(reading, tuple):
+            return MISSING
+        return Reading(sensor, reading[1], float(reading[0]))
+
+    def _bare_number(self, sensor: str, text: str):
+        if len(self.columns) != 1:
+            raise RecordError(f"a bare number is one value, but {len(self.columns)} columns are configured")
+        return Reading(sensor, [parse_number(text)], None)
+
+    def _json(self, sensor: str, text: str):
+        try:
+            obj = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise RecordError(f"bad JSON: {exc}") from None
+        return self._object(sensor, obj)
+
+    def _object(self, sensor: str, obj):
+        if not isinstance(obj, dict):
+            raise RecordError("a JSON reading must be an object")
+        if "values" in obj:
+            values = obj["values"]
+            if not isinstance(values, dict):
+                raise RecordError('"values" must be an object of column: number')
+        elif "value" in obj and len(self.columns) == 1:
+            values = {self.columns[0]: obj["value"]}
+        else:
+            raise RecordError(f'expected "values": {{{", ".join(self.columns)}}}'
+                              + (' or "value"' if len(self.columns) == 1 else ""))
+        parsed = []
+        for column in self.columns:
+            v = values.get(column)
+            if v is None or v == "?":
+                return MISSING
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise RecordError(f"{column} must be a number, got {str(v)[:40]!r}")
+            parsed.append(parse_number(v))
+        timestamp, aware = parse_iso_time(obj.get("timestamp"))
+        return Reading(sensor, parsed, timestamp, aware)
+
+
+def parse_number(value) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise RecordError(f"bad number {str(value)[:40]!r}") from None
+    if not math.isfinite(number):
+        raise RecordError(f"non-finite number {str(value)[:40]!r}")
+    if abs(number) > _LARGEST:
+        raise RecordError(f"number {str(value)[:40]!r} is out of range")
+    return number
+
+
+def parse_iso_time(value) -> tuple[float | None, bool]:
+    if value is None:
+        return None, False
+    if isinstance(value, bool) or not isinstance(value, str):
+        raise RecordError('"timestamp" must be an ISO-8601 string')
+    try:
+        # Python 3.10 reads no "Z" (3.11 does)
+        stamp = dt.datetime.fromisoformat(value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value)
+    except ValueError:
+        raise RecordError(f"bad timestamp {value[:40]!r} (expected ISO-8601)") from None
+    if stamp.tzinfo is None:
+        return (stamp - dt.datetime(1970, 1, 1)).total_seconds(), False
+    return stamp.timestamp(), True
+
+
+EARLIEST_YEAR, LATEST_YEAR = 1000, 9000  # room on both sides for any forecast interval and time zone
+EARLIEST = (dt.datetime(EARLIEST_YEAR, 1, 1) - dt.datetime(1970, 1, 1)).total_seconds()
+LATEST = (dt.datetime(LATEST_YEAR + 1, 1, 1) - dt.datetime(1970, 1, 1)).total_seconds() - 1
+
+
+@functools.lru_cache(maxsize=4096)  # a fleet's sensors share the minutes they report
+def format_time(seconds: float, aware: bool) -> str:
+    """ISO-8601 of a reading's time: with a zone (UTC) if the input had one."""
+    stamp = dt.datetime.fromtimestamp(seconds, dt.timezone.utc)
+    text = stamp.strftime("%Y-%m-%dT%H:%M:%S")
+    return text + "Z" if aware else text
+
+
+_quote = json.encoder.encode_basestring_ascii  # what json.dumps uses for strings (in C)
+
+
+def encode_prediction(
+    ident: str,
+    sensor: str,
+    timestamp: str | None,
+    prediction: Sequence[float],
+    targets: Sequence[str],
+    model_version: str | None,
+    partition: int,
+    offset: int,
+    bounds: tuple[Sequence[float], Sequence[float]] | None = None,
+) -> bytes:
+    """The JSON value of a prediction message, in the data's own units (null where not finite).
+
+    With ``bounds`` (lower, upper) the prediction interval goes along as
+    ``lower`` and ``upper``. Byte for byte what ``json.dumps(...,
+    separators=(",", ":"))`` writes, at a third of the cost: it runs once per
+    forecast.
+    """
+    interval = ""
+    if bounds is not None:
+        interval = f',"lower":{_json_numbers(bounds[0], targets)},"upper":{_json_numbers(bounds[1], targets)}'
+    return (f'{{"id":{_quote(ident)},"sensor":{_quote(sensor)},'
+            f'"timestamp":{"null" if timestamp is None else _quote(timestamp)},'
+            f'"prediction":{_json_numbers(prediction, targets)}{interval},'
+            f'"model_version":{"null" if model_version is None else _quote(model_version)},'
+            f'"source":{{"partition":{int(partition)},"offset":{int(offset)}}}}}').encode()
+
+
+def _json_numbers(values: Sequence[float], targets: Sequence[str]) -> str:
+    """One target: the number; several: an object per target; null where not finite."""
+    numbers = [float(v) if math.isfinite(v) else None for v in values]
+    if len(targets) == 1:
+        return "null" if numbers[0] is None else repr(numbers[0])
+    return json.dumps(dict(zip(targets, numbers)), separators=(",", ":"))

@@ -1,0 +1,75 @@
+"""The daemon on the fakes of stream_forecaster.testing: a configuration tested without a broker or TensorFlow."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+
+from stream_forecaster.config import load_config
+from stream_forecaster.service import Daemon
+from stream_forecaster.testing import ListSink, LogSource, ManualClock, MemoryTopic, StubForecaster
+
+L = 5  # window length: 4 readings in, the next out
+SENSORS = ("meter-a", "meter-b", "meter-c")
+
+
+def config(tmp_path):
+    return load_config(None, ["data.features=[power]", "data.targets=[power]", f"model.sequence_length={L}",
+                              "metrics.port=0", f"model_store.path={tmp_path / 'models'}",
+                              "window.snapshot_interval=0"], environ={})
+
+
+def reading(sensor: int, minute: int) -> float:
+    """A different size for each sensor, as in a fleet."""
+    return (10.0 ** sensor) * (1.0 + 0.1 * np.sin(minute))
+
+
+def append(topic: MemoryTopic, minutes: range) -> None:
+    for minute in minutes:
+        for s, sensor in enumerate(SENSORS):
+            value = json.dumps({"timestamp": f"2026-01-01T{minute // 60:02d}:{minute % 60:02d}:00",
+                                "values": {"power": reading(s, minute)}})
+            topic.append(s % 2, sensor.encode(), value.encode())
+
+
+def run(tmp_path, topic: MemoryTopic, forecaster: StubForecaster) -> tuple[Daemon, ListSink, ManualClock]:
+    stop, sink = threading.Event(), ListSink()
+    clock = ManualClock(stop=stop)
+    daemon = Daemon(config(tmp_path), source=LogSource(topic, stop_when_done=stop), sink=sink, stop=stop,
+                    clock=clock, wait=clock.wait, checkpoints=topic.checkpoints, forecaster=forecaster)
+    assert daemon.run() == 0
+    return daemon, sink, clock
+
+
+def test_every_full_window_is_forecast_published_scored_and_committed(tmp_path):
+    topic = MemoryTopic("readings", partitions=2)
+    append(topic, range(20))
+    forecaster = StubForecaster(["power"], ["power"], L, version="7")  # persistence: the last reading
+    daemon, sink, _ = run(tmp_path, topic, forecaster)
+
+    published = [json.loads(r.value) for r in sink.records]
+    assert len(published) == len(SENSORS) * (20 - (L - 1) + 1) == forecaster.windows_seen  # from the 4th reading on
+    for p in published:
+        s = SENSORS.index(p["sensor"])
+        minute = int(p["timestamp"][14:16]) + 60 * int(p["timestamp"][11:13])  # the forecast is for a minute on
+        assert p["prediction"] == np.float32(reading(s, minute - 1)) and p["model_version"] == "7"
+        assert p["id"] == f"{p['sensor']}@{p['timestamp']}"
+    assert topic.commits == {0: len(topic.logs[0]), 1: len(topic.logs[1])}  # everything published was committed
+    value = daemon.metrics.registry.get_sample_value
+    assert value("stream_forecaster_readings_total", {"outcome": "accepted"}) == 20 * len(SENSORS)
+    # the stub is persistence itself: the model's live error is persistence's
+    model = value("stream_forecaster_rolling_mae", {"target": "power", "forecaster": "model"})
+    baseline = value("stream_forecaster_rolling_mae", {"target": "power", "forecaster": "persistence"})
+    assert model > 0 and model == baseline
+
+
+def test_a_restarted_daemon_refills_its_windows_and_forecasts_the_next_reading_at_once(tmp_path):
+    topic = MemoryTopic("readings", partitions=2)
+    append(topic, range(10))
+    run(tmp_path, topic, StubForecaster(["power"], ["power"], L))
+    append(topic, range(10, 11))  # one new reading per sensor: only refilled windows can forecast it
+    daemon, sink, _ = run(tmp_path, topic, StubForecaster(["power"], ["power"], L))
+    assert sorted(json.loads(r.value)["sensor"] for r in sink.records) == sorted(SENSORS)
+    assert daemon.metrics.registry.get_sample_value("stream_forecaster_rebuilt_readings_total") > 0
