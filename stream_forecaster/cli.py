@@ -382,9 +382,9 @@ def cmd_retrain(args) -> int:
     from .retrain import Retrainer
 
     config = _config(args)
-    data = _check_input(Path(args.data)) if args.data else None
     _load_tensorflow()
-    return Retrainer(config, data).run(once=args.once)
+    # a --data file not there yet fails its cycle, not the retrainer: a later cycle may find it
+    return Retrainer(config, Path(args.data) if args.data else None).run(once=args.once)
 
 
 def cmd_models(args) -> int:

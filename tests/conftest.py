@@ -28,6 +28,13 @@ UNIT_MODULES = {"test_config", "test_daemon_fakes", "test_first_minutes", "test_
                 "test_messages", "test_readers", "test_store", "test_window"}
 
 
+def pytest_ignore_collect(collection_path, config):
+    """With ``-m unit`` the other test modules are not even imported: several import TensorFlow at the top."""
+    if config.getoption("markexpr") == "unit" and collection_path.suffix == ".py":
+        return collection_path.stem.startswith("test_") and collection_path.stem not in UNIT_MODULES
+    return None
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         unit = item.module.__name__ in UNIT_MODULES and item.get_closest_marker("integration") is None

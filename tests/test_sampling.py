@@ -138,7 +138,7 @@ def test_a_training_run_past_the_budget_learns_from_the_sample_and_tests_every_s
                                 "model.max_windows=200", f"model_store.path={tmp_path}"], environ={})
     series = fleet()
     trained = train(config, series, verbose=0)
-    data = trained.forecaster.metadata["data"]
+    data = trained.forecaster.metadata.data
     assert data["train_windows"] + data["validation_windows"] <= 200
     assert data["sampled_from"] == {"train": 4 * 334, "validation": 4 * 17, "test": 4 * 40}
     assert data["max_windows"] == 200 and data["test_windows"] == len(trained.test_starts) == 23
@@ -151,5 +151,5 @@ def test_without_a_budget_the_metadata_is_as_before(tmp_path):
     config = load_config(None, ["data.features=[x]", "data.targets=[x]", "model.sequence_length=10",
                                 "model.layers=[1, 4, 1]", "model.epochs=1", "model.batch_size=64",
                                 "model.max_windows=0", f"model_store.path={tmp_path}"], environ={})
-    data = train(config, fleet(sensors=2, rows=200), verbose=0).forecaster.metadata["data"]
+    data = train(config, fleet(sensors=2, rows=200), verbose=0).forecaster.metadata.data
     assert "sampled_from" not in data and data["test_windows"] == 2 * (191 - int(191 * 0.9))
