@@ -235,6 +235,7 @@ class KafkaSink:
         self._new_producer = new_producer or self._kafka_producer
         self._producer = self._new_producer()
         self._on_retry, self._on_recreate, self._on_refused = on_retry, on_recreate, on_refused
+        self._queued: list = []  # (record, future) sent since the last publish
 
     def _kafka_producer(self) -> KafkaProducer:
         # max_block_ms: a send waiting for metadata (a topic gone with a restarted broker) gives up soon
@@ -248,9 +249,14 @@ class KafkaSink:
                                               **client_settings(self._config, self._client_id)), "producer",
                         self._config)
 
-    def publish(self, records: Sequence[OutRecord], stop: threading.Event | None = None,
+    def queue(self, records: Sequence[OutRecord]) -> None:
+        """Send ``records`` without waiting; the next :meth:`publish` waits for their acknowledgements."""
+        self._queued += self._send_all(records)
+
+    def publish(self, records: Sequence[OutRecord] = (), stop: threading.Event | None = None,
                 backoff_s: float = 0.5, max_backoff_s: float = 10.0) -> bool:
-        """Send ``records`` and wait for their acknowledgements, resending failures with backoff.
+        """Send ``records`` and wait for their acknowledgements and those of every record queued since the last
+        publish, resending failures with backoff.
 
         Returns False only when ``stop`` was set before every record was
         acknowledged: the caller must then not commit their offsets. After a
@@ -260,7 +266,8 @@ class KafkaSink:
         ``on_refused`` and left out: retried, it would stall the daemon for ever.
         """
         stop = stop or threading.Event()
-        in_flight = self._send_all(records)
+        self.queue(records)
+        in_flight, self._queued = self._queued, []
         failed_rounds, stopped_at = 0, None
         while in_flight:
             try:

@@ -204,8 +204,7 @@ class Pipeline:
             if len(parsed.window_of) > first:
                 windows = self._batch[first:len(parsed.window_of)]
                 forecasts.append((first, self.runner.forecast_async(self.forecaster, windows)))
-        predictions = self._collect(forecasts, len(parsed.window_of))
-        self._publish(records, parsed, predictions)
+        predictions = self._publish(records, parsed, forecasts)
         self._score(parsed.accepted, parsed.window_of, predictions, parsed.gaps)
         self.metrics.batch_size.observe(len(records))
         self.metrics.active_sensors.set(len(self.windows))
@@ -272,10 +271,12 @@ class Pipeline:
             m.stale.inc(stale)
             m.accepted.inc(len(accepted) - count)
 
-    def _collect(self, forecasts: list, n: int) -> np.ndarray:
-        """The forecasts, their interval bounds and scales (``[4, n, targets]``, NaN where none) as each chunk's
-        future completes."""
-        predictions = np.full((4, n, len(self.forecaster.targets)), np.nan, dtype=np.float32)
+    def _publish(self, records: Sequence[Record], parsed: _Parsed, forecasts: list) -> np.ndarray:
+        """Send the dead letters, then each chunk's forecasts as soon as its future completes; return once every
+        one is acknowledged, with the forecasts, their bounds and scales (``[4, windows, targets]``, NaN where
+        none), for scoring."""
+        predictions = np.full((4, len(parsed.window_of), len(self.forecaster.targets)), np.nan, dtype=np.float32)
+        self.sink.queue(parsed.dead_letters)
         for start, future in forecasts:
             chunk, scale, seconds = future.result()
             self.metrics.inference_seconds.observe(seconds)
@@ -284,17 +285,27 @@ class Pipeline:
             bounds = self.forecaster.bounds(chunk, scale)
             if bounds is not None:
                 predictions[1:3, start:end] = bounds
+            # queued now, so they are on their way while the next chunk is computed
+            self.sink.queue(self._forecast_messages(records, parsed, predictions, start, end))
+        if not self.sink.publish((), self.stop):
+            raise Stopped()
+        now_ms = time.time() * 1000
+        for a in parsed.window_of:
+            sent_ms = records[parsed.accepted[a][0]].timestamp
+            if sent_ms > 0:  # Kafka's -1: no timestamp
+                self.metrics.latency_seconds.observe(max(0.0, now_ms - sent_ms) / 1000)
+        self.metrics.predictions.inc(len(parsed.window_of))
+        self.metrics.dead_letters.inc(len(parsed.dead_letters))
         return predictions
 
-    def _publish(self, records: Sequence[Record], parsed: _Parsed, predictions: np.ndarray) -> None:
-        """Send the dead letters and a forecast of each full window; return once every one is acknowledged."""
-        version = self.forecaster.version
-        targets = self.forecaster.targets
-        accepted, window_of = parsed.accepted, parsed.window_of
+    def _forecast_messages(self, records: Sequence[Record], parsed: _Parsed, predictions: np.ndarray,
+                           start: int, end: int) -> list[OutRecord]:
+        """The forecast messages of windows ``start:end``."""
+        version, targets = self.forecaster.version, self.forecaster.targets
         banded = self.forecaster.prediction_interval is not None
-        out = list(parsed.dead_letters)
-        for k, a in enumerate(window_of):
-            i, _, reading = accepted[a]
+        out = []
+        for k in range(start, end):
+            i, _, reading = parsed.accepted[parsed.window_of[k]]
             record = records[i]
             when = None
             if reading.timestamp is not None:
@@ -306,15 +317,7 @@ class Pipeline:
                                       (predictions[1, k], predictions[2, k]) if banded else None)
             out.append(OutRecord(self.output_topic, record.key, value,
                                  [("prediction_id", ident.encode()), ("model_version", (version or "").encode())]))
-        if not self.sink.publish(out, self.stop):
-            raise Stopped()
-        now_ms = time.time() * 1000
-        for a in window_of:
-            sent_ms = records[accepted[a][0]].timestamp
-            if sent_ms > 0:  # Kafka's -1: no timestamp
-                self.metrics.latency_seconds.observe(max(0.0, now_ms - sent_ms) / 1000)
-        self.metrics.predictions.inc(len(window_of))
-        self.metrics.dead_letters.inc(len(parsed.dead_letters))
+        return out
 
     def _invalid(self, record, invalid: Invalid, dead_letters: list) -> None:
         self.metrics.invalid.inc()

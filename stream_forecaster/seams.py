@@ -86,9 +86,13 @@ class Source(Protocol):
 class Sink(Protocol):
     """Where forecasts and dead letters go."""
 
-    def publish(self, records: Sequence[OutRecord], stop: threading.Event | None = None) -> bool:
-        """Send ``records`` and return once every one is acknowledged (or refused for itself); False only when
-        ``stop`` was set first, and then the caller must not commit their input."""
+    def queue(self, records: Sequence[OutRecord]) -> None:
+        """Start sending ``records``; the next :meth:`publish` waits for their acknowledgements."""
+
+    def publish(self, records: Sequence[OutRecord] = (), stop: threading.Event | None = None) -> bool:
+        """Send ``records`` and return once they and every record queued since the last publish are acknowledged
+        (or refused for themselves); False only when ``stop`` was set first, and then the caller must not commit
+        their input."""
 
     def close(self) -> None: ...
 

@@ -199,21 +199,28 @@ class LogSource:
 
 @dataclass
 class ListSink:
-    """Keeps what is published; fails the first ``failures`` publish attempts."""
+    """Keeps what is published; fails the first ``failures`` publish attempts (each retried, as Kafka's is)."""
 
     records: list[OutRecord] = field(default_factory=list)
     failures: int = 0
     attempts: int = 0
     closed: bool = False
+    queued: list[OutRecord] = field(default_factory=list)
 
-    def publish(self, records: Sequence[OutRecord], stop: threading.Event | None = None) -> bool:
+    def queue(self, records: Sequence[OutRecord]) -> None:
+        self.queued.extend(records)
+
+    def publish(self, records: Sequence[OutRecord] = (), stop: threading.Event | None = None) -> bool:
+        self.queue(records)
         while True:
             self.attempts += 1
             if self.failures == 0:
-                self.records.extend(records)
+                self.records.extend(self.queued)
+                self.queued.clear()
                 return True
             self.failures -= 1
             if stop is not None and stop.is_set():
+                self.queued.clear()  # given up: the caller reads its input again
                 return False
 
     def close(self) -> None:

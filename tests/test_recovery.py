@@ -281,7 +281,7 @@ class StallingSink(ListSink):
         super().__init__()
         self.entered, self.release = threading.Event(), threading.Event()
 
-    def publish(self, records, stop=None):
+    def publish(self, records=(), stop=None):
         self.entered.set()
         self.release.wait()
         return super().publish(records, stop)
