@@ -6,9 +6,13 @@ test their own configurations without a broker or a model::
 
     topic = MemoryTopic("readings", partitions=2)
     topic.append(0, b"sensor-1", b'{"value": 4.2}')
-    stop, sink = threading.Event(), ListSink()
-    Daemon(config, source=LogSource(topic, stop_when_done=stop), sink=sink, stop=stop,
-           checkpoints=topic.checkpoints).run()
+    stop, sink, clock = threading.Event(), ListSink(), ManualClock()
+    forecaster = StubForecaster(config.data.features, config.data.targets, config.model.sequence_length)
+    Daemon(config, source=LogSource(topic, stop_when_done=stop), sink=sink, stop=stop, clock=clock,
+           wait=clock.wait, checkpoints=topic.checkpoints, forecaster=forecaster).run()
+    # sink.records: the forecasts; topic.commits: what was committed
+
+``tests/test_daemon_fakes.py`` runs the daemon this way.
 """
 
 from __future__ import annotations
