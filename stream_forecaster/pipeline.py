@@ -118,7 +118,8 @@ class Pipeline:
         readings replayed.
         """
         evictions = sorted(evictions)
-        replayed, chunk = 0, []  # type: int, list[Record]
+        replayed = 0
+        chunk: list[Record] = []
 
         def ingest():
             nonlocal replayed
