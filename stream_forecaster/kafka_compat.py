@@ -108,8 +108,6 @@ def poll(consumer, timeout_ms: int, max_records: int | None = None, on_unreadabl
         return {}
 
 
-
-
 def session_expired(consumer: KafkaConsumer) -> bool:
     """Whether the group coordinator has not answered within the session timeout (False when unknown).
 

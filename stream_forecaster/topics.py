@@ -67,7 +67,6 @@ def records_between(reader, tp, start: int, end: int, stop: threading.Event | No
             return
 
 
-
 def read_topic(config: KafkaConfig, topic: str, stop: threading.Event, idle_s: float | None = None):
     """Yield every record of ``topic`` from the beginning, without a consumer group.
 

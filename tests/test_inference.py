@@ -51,8 +51,6 @@ def _cost(run):
     return sum(size + CALL_COST for size in run)
 
 
-
-
 class ChunkedStub(StubForecaster):
     """The stub, with calls cut as the compiled model cuts them, failing on calls of one window if told."""
 
