@@ -175,8 +175,11 @@ def _config(args) -> Config:
     path = args.config
     if path is None and Path("config.yaml").is_file():
         path = "config.yaml"
-    config = load_config(path, args.overrides)
+    with logs.held("stream_forecaster.config") as notes:  # its warnings, in the format it configures
+        config = load_config(path, args.overrides)
     logs.configure(config.logging)
+    for note in notes:
+        logging.getLogger(note.name).handle(note)
     for key in config.kafka.unused_security():
         log.warning("kafka.%s is set, but kafka.security_protocol %s does not use it: it is ignored",
                     key, config.kafka.security_protocol)
@@ -197,13 +200,14 @@ def _check_input(path: Path) -> Path:
     """Refuse a data file that cannot be read before TensorFlow loads (seconds) rather than after."""
     if not path.exists():
         raise UserError(f"{path}: no such file; give an existing file with --data, or set data.path")
-    if not path.is_file():
+    if path.is_dir():
         raise UserError(f"{path}: not a file; give a CSV, JSON lines or UCI file (plain, .gz or .zip)")
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read it ({exc.strerror}); check its permissions") from None
+    if path.is_file():  # a pipe (<(zcat ...)) is read once, so it is not opened to try it
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise UserError(f"{path}: cannot read it ({exc.strerror}); check its permissions") from None
     return path
 
 
@@ -305,7 +309,7 @@ def cmd_evaluate(args) -> int:
     from .training import backtest
     from .window import window_starts
 
-    forecaster = store.load(args.model, jit_compile=config.model.jit_compile)
+    forecaster = store.load(str(directory), jit_compile=config.model.jit_compile)  # the version checked above
     series = _read(path, _union(forecaster.features, forecaster.targets), config)
     starts = np.concatenate(window_starts(series.segments, len(series), forecaster.sequence_length))
     predicted_at = series.timestamps[starts + forecaster.sequence_length - 1]

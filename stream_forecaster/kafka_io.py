@@ -236,6 +236,7 @@ class KafkaSink:
         self._producer = self._new_producer()
         self._on_retry, self._on_recreate, self._on_refused = on_retry, on_recreate, on_refused
         self._queued: list = []  # (record, future) sent since the last publish
+        self._timed_out: dict[str, Exception] = {}  # topics whose sends timed out since the last publish
 
     def _kafka_producer(self) -> KafkaProducer:
         # max_block_ms: a send waiting for metadata (a topic gone with a restarted broker) gives up soon
@@ -251,7 +252,7 @@ class KafkaSink:
 
     def queue(self, records: Sequence[OutRecord]) -> None:
         """Send ``records`` without waiting; the next :meth:`publish` waits for their acknowledgements."""
-        self._queued += self._send_all(records)
+        self._queued += self._send_all(records, self._timed_out)
 
     def publish(self, records: Sequence[OutRecord] = (), stop: threading.Event | None = None,
                 backoff_s: float = 0.5, max_backoff_s: float = 10.0) -> bool:
@@ -267,7 +268,7 @@ class KafkaSink:
         """
         stop = stop or threading.Event()
         self.queue(records)
-        in_flight, self._queued = self._queued, []
+        in_flight, self._queued, self._timed_out = self._queued, [], {}
         failed_rounds, stopped_at = 0, None
         while in_flight:
             try:
@@ -306,16 +307,15 @@ class KafkaSink:
                         # what was in flight on the old producer is sent again on the new one
                         failed += [(r, None) for r, _ in waiting]
                         waiting = []
-                waiting += self._send_all(r for r, _ in failed)
+                waiting += self._send_all((r for r, _ in failed), {})
             in_flight = waiting
         return True
 
-    def _send_all(self, records: Iterable[OutRecord]) -> list:
+    def _send_all(self, records: Iterable[OutRecord], timed_out: dict[str, Exception]) -> list:
         """``(record, future)`` for each record. Once a send timed out (no metadata for its topic, a full
         buffer), the rest of that topic fails at once instead of each blocking ``max_block_ms``: a round
-        then takes seconds, not hours, and a stop is heard between rounds."""
+        (``timed_out`` is the round's) then takes seconds, not hours, and a stop is heard between rounds."""
         sent: list = []
-        timed_out: dict[str, Exception] = {}
         for record in records:
             if record.topic in timed_out:
                 future = Future().failure(timed_out[record.topic])

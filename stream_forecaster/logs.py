@@ -148,10 +148,15 @@ def quiet_import(name: str):
     if name in sys.modules or level == 0:
         return importlib.import_module(name)
     try:
+        hold = tempfile.TemporaryFile()
+    except OSError:  # no writable temporary directory: the lines stay as they come
+        return importlib.import_module(name)
+    try:
         saved = os.dup(2)
     except OSError:  # no stderr at all: nothing to keep clean
+        hold.close()
         return importlib.import_module(name)
-    with tempfile.TemporaryFile() as hold:
+    with hold:
         _flush_stderr()
         os.dup2(hold.fileno(), 2)
         failed = False

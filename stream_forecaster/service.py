@@ -308,7 +308,7 @@ class Daemon:
         metrics.model_version.set(_version_number(forecaster.version))
         try:
             created = dt.datetime.fromisoformat(forecaster.metadata.created or "").timestamp()
-        except ValueError:
+        except (TypeError, ValueError):
             created = 0.0  # unknown: an alert on model age fires, which is what an unknown age deserves
         metrics.model_created.set(created)
 

@@ -129,8 +129,10 @@ class ModelMetadata:
             for key in ("layers", "min_step"):
                 if values.get(key) is not None:
                     values[key] = tuple((int if key == "layers" else float)(v) for v in _list(values[key], key))
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, ArithmeticError) as exc:  # ArithmeticError: int() of 1e999
             raise ValueError(f"metadata.json: {exc}") from None
+        if values.get("created") is not None and not isinstance(values["created"], str):
+            raise ValueError("metadata.json: created is not an ISO-8601 string")
         if not isinstance(values["normalization"], dict):
             raise ValueError("metadata.json: normalization is not an object")
         return cls(**values, extra={k: v for k, v in raw.items() if k not in names})

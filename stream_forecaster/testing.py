@@ -153,7 +153,6 @@ class LogSource:
 
     def __init__(self, topic: MemoryTopic, stop_when_done: threading.Event | None = None, batch: int = 100):
         self.topic, self.batch, self._stop = topic, batch, stop_when_done
-        self.checkpoints = topic.checkpoints
         self.positions = {p: topic.commits.get(p, 0) for p in range(len(topic.logs))}
         self._changes: tuple[set[int], set[int], set[int]] = (set(), set(self.positions), set())
         self.closed = False

@@ -224,3 +224,17 @@ def test_a_fresh_registry_serves_the_process_metrics():
     assert "stream_forecaster_predictions_total" in samples
     # the retrainer's registry has them too, and each fresh registry its own collectors
     assert RetrainMetrics().registry.get_sample_value("process_resident_memory_bytes") > 0
+
+
+def test_warnings_about_old_setting_names_come_in_the_configured_log_format(tmp_path, capsys, root_logging):
+    assert main(["models", "list", "--set", "logging.format=json", "--set", "retrain.interval=1h",
+                 "--set", f"model_store.path={tmp_path / 'models'}"]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and all(json.loads(line) for line in lines)
+    assert any("retrain.interval is now called retrain.every" in json.loads(line)["message"] for line in lines)
+
+
+def test_a_data_path_that_is_not_a_regular_file_is_taken_unopened_and_a_directory_refused(tmp_path):
+    assert cli._check_input(Path("/dev/null")) == Path("/dev/null")  # as a pipe (<(zcat ...)) would be
+    with pytest.raises(cli.UserError, match="not a file"):
+        cli._check_input(tmp_path)

@@ -240,6 +240,16 @@ def test_a_topic_without_metadata_costs_one_blocked_send_per_round_not_one_per_r
     assert len(sink._producer.sent) == 2  # one per round
 
 
+def test_a_topic_without_metadata_costs_one_blocked_send_however_many_chunks_were_queued():
+    from kafka.errors import KafkaTimeoutError
+
+    sink, stop = scripted_sink(lambda value: KafkaTimeoutError("no metadata for out"), stop_after_retries=1)
+    for chunk in range(20):  # a poll batch's forecasts, queued chunk by chunk
+        sink.queue([OutRecord("out", b"k", b"%d-%d" % (chunk, i)) for i in range(10)])
+    assert not sink.publish((), stop, backoff_s=0.01)
+    assert len(sink._producer.sent) == 1
+
+
 def test_records_in_flight_are_not_sent_twice_on_a_producer_that_could_not_be_replaced():
     from kafka.errors import KafkaConnectionError
 
