@@ -90,7 +90,7 @@ def test_broker_stalled_then_resumed(setup, tmp_path):
 
 def test_broker_restarted_empty(setup, tmp_path):
     config, overrides, store, lines, port = setup
-    daemon = DaemonProcess(overrides, tmp_path / "daemon.log")
+    daemon, out = DaemonProcess(overrides, tmp_path / "daemon.log"), None
     try:
         with DevBroker(port=port):
             ensure_topics(config.kafka, [config.kafka.input_topic, config.kafka.output_topic], partitions=2)
@@ -111,6 +111,7 @@ def test_broker_restarted_empty(setup, tmp_path):
             # kafka-python 3.0's idempotent producer does not survive the broker losing its state
             assert daemon.metrics()["stream_forecaster_producer_recreations_total"] >= 1
             assert daemon.terminate() == 0
-            out.close()
     finally:
+        if out is not None:  # its reader must not outlive the test, logging into the next ones
+            out.close()
         daemon.close()
