@@ -9,7 +9,7 @@ checkpoint also names a snapshot of every window taken N minutes before the
 end, as the daemon writes every ``window.snapshot_interval``; with 0 there is
 none and the refill replays every window's readings. The snapshot is made with
 the daemon's own code (``Pipeline.refill`` over the topic's readings, then
-``KafkaCheckpoints.write_snapshot``) rather than by a first daemon, so that the
+``StateTopic.write_snapshot``) rather than by a first daemon, so that the
 100,000 sensor case does not first spend many minutes forecasting the windows
 it then refills; the tests check that a daemon's own checkpoints refill the same
 way. A daemon process (default configuration and model shape) is then started,
@@ -45,7 +45,7 @@ from stream_forecaster.config import load_config  # noqa: E402
 from stream_forecaster.devbroker import DevBroker, free_port  # noqa: E402
 from stream_forecaster.files import SAMPLE_PATH, open_text  # noqa: E402
 from stream_forecaster.kafka_compat import client_settings  # noqa: E402
-from stream_forecaster.kafka_io import KafkaCheckpoints, KafkaSink, KafkaSource  # noqa: E402
+from stream_forecaster.kafka_io import KafkaSink, KafkaSource, kafka_checkpoints  # noqa: E402
 from stream_forecaster.messages import OutRecord  # noqa: E402
 from stream_forecaster.metrics import Metrics, scrape  # noqa: E402
 from stream_forecaster.pipeline import Pipeline  # noqa: E402
@@ -84,7 +84,7 @@ def snapshot_as_a_daemon_would(config, forecaster, upto: dict[int, int]) -> tupl
     pipeline = Pipeline(config, forecaster, None, Metrics(forecaster.targets))
     source, sink = KafkaSource(config.kafka, group_id="benchmark-snapshot"), KafkaSink(config.kafka)
     try:
-        store = KafkaCheckpoints(config.kafka, sink)
+        store = kafka_checkpoints(config.kafka, sink)
         refs, seconds = {}, 0.0
         for partition, offset in upto.items():
             pipeline.refill(partition, source.read_range(partition, 0, offset, threading.Event()))
@@ -105,7 +105,7 @@ def commit_as_a_daemon_would(config, ends: dict[int, int], snapshots: dict[int, 
                              **client_settings(config.kafka, "benchmark-commit"))
     sink = KafkaSink(config.kafka, client_id="benchmark")
     try:
-        KafkaCheckpoints(config.kafka, sink).write(
+        kafka_checkpoints(config.kafka, sink).write(
             {p: Checkpoint(end, 0, (), snapshots.get(p)).encode(None) for p, end in ends.items()}, threading.Event())
         consumer.commit({TopicPartition(config.kafka.input_topic, p): OffsetAndMetadata(end, "", -1)
                          for p, end in ends.items()})

@@ -59,8 +59,9 @@ def echo(overrides: list[str]) -> None:
         source.commit(offsets)
 
 
-def steady_load(rate: float, sensors: int, seconds: float, swap_at: float | None = None, serve: str = "daemon"):
-    """Serve a paced load through a daemon process (or the bare relay, ``serve="echo"``); returns
+def steady_load(rate: float, sensors: int, seconds: float, swap_at: float | None = None, serve: str = "daemon",
+                client: str = "kafka-python"):
+    """Serve a paced load through a daemon process on ``client`` (or the bare relay, ``serve="echo"``); returns
     [(publish ms, latency ms, version)] and the time (s since the epoch) a new version was published,
     if ``swap_at`` (a fraction of the run)."""
     with tempfile.TemporaryDirectory() as tmp, DevBroker() as broker:
@@ -69,7 +70,8 @@ def steady_load(rate: float, sensors: int, seconds: float, swap_at: float | None
         store.publish(default_forecaster(base).save)
         port = free_port()
         overrides = [f"kafka.bootstrap_servers={broker.address}", "kafka.session_timeout_ms=6000",
-                     f"model_store.path={store.path}", "model_store.poll_interval=1s", f"metrics.port={port}"]
+                     f"model_store.path={store.path}", "model_store.poll_interval=1s", f"metrics.port={port}",
+                     f"kafka.client={client}"]
         config = load_config(None, overrides, environ={})
         ensure_topics(config.kafka, [config.kafka.input_topic, config.kafka.output_topic], partitions=3)
         cmd = ([sys.executable, "-m", "stream_forecaster.cli", "run"] + sum((["--set", o] for o in overrides), [])

@@ -103,15 +103,15 @@ def _cpu_seconds(pid: int) -> dict[str, float]:
     return spent
 
 
-def end_to_end(broker, store_path: Path, readings: int, sensors: int, workdir: Path, per_sensor: int = 100) -> dict:
+def end_to_end(broker, store_path: Path, readings: int, sensors: int, workdir: Path, per_sensor: int = 100,
+               client: str = "kafka-python") -> dict:
     """Steady state: a first daemon fills every window and stops; a second one, which refills the windows
     from the topic on start, is timed over a backlog in which every reading is forecast."""
     readings = max(readings, per_sensor * sensors)
     tag = f"s{sensors}-{time.monotonic_ns()}"
     overrides = [f"kafka.bootstrap_servers={broker.address}", f"kafka.input_topic=in-{tag}",
                  f"kafka.output_topic=out-{tag}", f"kafka.group_id=g-{tag}", "kafka.session_timeout_ms=6000",
-                 f"model_store.path={store_path}", f"metrics.port={free_port()}",
-                 ]
+                 f"model_store.path={store_path}", f"metrics.port={free_port()}", f"kafka.client={client}"]
     config = load_config(None, overrides, environ={})
     ensure_topics(config.kafka, [config.kafka.input_topic, config.kafka.output_topic], partitions=3)
     with open_text(SAMPLE_PATH) as f:
@@ -139,7 +139,7 @@ def end_to_end(broker, store_path: Path, readings: int, sensors: int, workdir: P
 
     def serve(until_predictions: int, until_readings: int, name: str):
         """Run a daemon until both counts are reached; (first, last) samples of (time, readings, predictions)."""
-        log = open(workdir / f"daemon-{sensors}-{name}.log", "wb")
+        log = open(workdir / f"daemon-{client}-{sensors}-{name}.log", "wb")
         daemon = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
         first = None
@@ -176,7 +176,7 @@ def end_to_end(broker, store_path: Path, readings: int, sensors: int, workdir: P
                "daemon other threads": last[3]["other"] - first[3]["other"],
                "broker": sum(last[4].values()) - sum(first[4].values())}
         cpu = {name: 1e6 * s / predictions for name, s in cpu.items()}
-    return {"sensors": sensors, "readings": last[1], "predictions": last[2], "seconds": seconds,
+    return {"client": client, "sensors": sensors, "readings": last[1], "predictions": last[2], "seconds": seconds,
             "readings_per_s": (last[1] - first[1]) / seconds, "predictions_per_s": predictions / seconds,
             "cpu_us_per_prediction": cpu}
 
@@ -198,6 +198,8 @@ def main() -> None:
     parser.add_argument("--readings", type=int, default=40_000)
     parser.add_argument("--sensors", type=int, nargs="+", default=[1, 1000])
     parser.add_argument("--per-sensor", type=int, default=100, help="timed readings per sensor, at least")
+    parser.add_argument("--client", choices=("kafka-python", "confluent"), default="kafka-python",
+                        help="the daemon's Kafka client (kafka.client)")
     parser.add_argument("--ceiling-as-daemon", type=float, metavar="SECONDS", help=argparse.SUPPRESS)
     args = parser.parse_args()
     config = load_config(None, environ={})
@@ -218,7 +220,7 @@ def main() -> None:
         print("end to end through the embedded broker (a backlog of readings, 3 partitions):")
         print(f"  {'sensors':>7} {'readings':>9} {'readings/s':>11} {'predictions/s':>14} {'% of best ceiling':>18}")
         for sensors in args.sensors:
-            r = end_to_end(broker, store.path, args.readings, sensors, Path(tmp), args.per_sensor)
+            r = end_to_end(broker, store.path, args.readings, sensors, Path(tmp), args.per_sensor, args.client)
             print(f"  {sensors:>7} {r['readings']:>9,.0f} {r['readings_per_s']:>11,.0f} "
                   f"{r['predictions_per_s']:>14,.0f} "
                   f"{100 * r['predictions_per_s'] / max(rates.values()):>17.0f}%")

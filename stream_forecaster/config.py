@@ -133,6 +133,7 @@ class ModelStoreConfig:
 
 @dataclass(frozen=True)
 class KafkaConfig:
+    client: str = _spec("kafka-python", choices=("kafka-python", "confluent"))
     bootstrap_servers: tuple[str, ...] = _spec(["127.0.0.1:9092"], comma_list=True)
     input_topic: str = _spec("sensor-readings")
     output_topic: str = _spec("sensor-predictions")

@@ -29,7 +29,7 @@ from kafka.partitioner import DefaultPartitioner
 from kafka.structs import OffsetAndMetadata
 
 from .config import KafkaConfig
-from .errors import UserError
+from .errors import BrokerUnavailable
 
 __all__ = ["SUPPORTED", "BrokerUnavailable", "ConsumerRebalanceListener", "CorruptRecordError", "DefaultPartitioner",
            "Future", "InvalidRecordError", "KafkaAdminClient", "KafkaConsumer", "KafkaError", "KafkaProducer",
@@ -65,10 +65,6 @@ def client_settings(config: KafkaConfig, client_id: str) -> dict:
         settings.update(sasl_mechanism=config.sasl_mechanism or "PLAIN", sasl_plain_username=config.sasl_username,
                         sasl_plain_password=config.secret("sasl_password"))
     return settings
-
-
-class BrokerUnavailable(UserError, RuntimeError):
-    """No broker could be reached to set up a client; try again later, or fix ``kafka.bootstrap_servers``."""
 
 
 def connect(factory, what: str, config: KafkaConfig):

@@ -9,6 +9,7 @@ reached through :mod:`stream_forecaster.kafka_compat`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -36,10 +37,11 @@ from .kafka_compat import (
     session_expired,
 )
 from .messages import OutRecord
-from .seams import Offsets
+from .seams import Offsets, Ownership, Record, first_offsets
+from .state_topic import StateLogError, StateTopic
 from .topics import ensure_topics, records_between
 
-__all__ = ["KafkaCheckpoints", "KafkaSink", "KafkaSource", "KeyPartitioner"]
+__all__ = ["KafkaSink", "KafkaSource", "KafkaStateLog", "KeyPartitioner", "kafka_checkpoints"]
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +65,7 @@ class KafkaSource:
         self.topic = config.input_topic
         self.config = config
         self.on_unreadable = on_unreadable
-        self._owned: set[int] = set()
-        self._revoked: set[int] = set()
+        self._ownership = Ownership()
         self._consumer = connect(lambda: KafkaConsumer(
             group_id=group_id or config.group_id,
             enable_auto_commit=False,  # offsets are committed only after the predictions are acknowledged
@@ -78,7 +79,7 @@ class KafkaSource:
             fetch_max_wait_ms=config.fetch_max_wait_ms,
             **client_settings(config, client_id),
         ), "consumer", config)
-        self._consumer.subscribe([config.input_topic], listener=_Revocations(self._revoked))
+        self._consumer.subscribe([config.input_topic], listener=_Revocations(self._ownership.revoked))
 
     def poll(self, timeout_s: float, max_records: int | None = None) -> list:
         """The next batch of at most ``max_records`` records, oldest first within each partition.
@@ -91,31 +92,20 @@ class KafkaSource:
 
     def rewind(self, records) -> None:
         """Read ``records`` again from the next poll on (those of partitions still assigned)."""
-        first: dict[int, int] = {}
-        for r in records:
-            first[r.partition] = min(first.get(r.partition, r.offset), r.offset)
         owned = {tp.partition for tp in self._consumer.assignment()}
-        for partition, offset in first.items():
+        for partition, offset in first_offsets(records).items():
             if partition in owned:
                 self._consumer.seek(TopicPartition(self.topic, partition), offset)
 
     def take_changes(self) -> tuple[set[int], set[int], set[int]]:
-        """Partitions ``(lost, gained, regained)`` since the last call.
+        """Partitions ``(lost, gained, regained)`` since the last call (see :class:`.seams.Ownership`).
 
-        ``regained`` were revoked and assigned back in a rebalance: their state
-        is still ours only if nothing was re-read (the caller compares the
-        committed offset). The listener merely records revocations: kafka-python
-        3.0 forbids blocking calls (``commit``, ``committed``) inside it, so the
-        main loop does the rest. Every batch is committed before the next poll,
-        so a revoked partition never has uncommitted work.
+        The listener merely records revocations: kafka-python 3.0 forbids
+        blocking calls (``commit``, ``committed``) inside it, so the main loop
+        does the rest. Every batch is committed before the next poll, so a
+        revoked partition never has uncommitted work.
         """
-        owned = {tp.partition for tp in self._consumer.assignment()}
-        revoked = set(self._revoked)
-        self._revoked.clear()
-        lost, gained = self._owned - owned, owned - self._owned
-        regained = (revoked & owned) - gained
-        self._owned = owned
-        return lost, gained, regained
+        return self._ownership.changes({tp.partition for tp in self._consumer.assignment()})
 
     def committed(self, partition: int) -> int | None:
         # bounded, so a stop during an outage is not held up by a coordinator that never answers
@@ -355,135 +345,63 @@ class KafkaSink:
         self._producer.close(timeout=timeout_s)
 
 
-class KafkaCheckpoints:
-    """Each input partition's latest refill checkpoint, in a compacted topic: record key and partition are the
-    input partition's number, so the latest one is the last record of its partition.
-
-    Created if absent, as Kafka Streams creates its changelog topics: compacted, one partition per input
-    partition, replicated as the broker's default. A partition added to the input later than its state topic
-    was created has no checkpoints, and refills fall back to ``window.rebuild_messages``.
-    """
+class KafkaStateLog:
+    """The state topic's Kafka calls through kafka-python (:class:`~stream_forecaster.state_topic.StateLog`)."""
 
     def __init__(self, config: KafkaConfig, sink: KafkaSink):
-        self.topic = config.state_topic or f"{config.group_id}-state"
         self._config, self._sink = config, sink
-        reader = self._reader()
+
+    @contextlib.contextmanager
+    def _reader(self) -> Iterator[KafkaConsumer]:
+        reader = connect(lambda: KafkaConsumer(enable_auto_commit=False,
+                                               **client_settings(self._config, "stream-forecaster-state")),
+                         "state reader", self._config)
         try:
-            try:
-                self.partitions = len(reader.partitions_for_topic(self.topic) or ())
-                wanted = max(1, len(reader.partitions_for_topic(config.input_topic) or ()))
-            except KafkaError as exc:  # the broker went away since the clients connected: tried again
-                raise BrokerUnavailable(f"cannot read the topics' metadata: {type(exc).__name__}: {exc}") from None
-            if 0 < self.partitions < wanted:
-                log.warning("the state topic %s has %d partitions, the input topic %d: partitions from %d on refill "
-                            "from window.rebuild_messages readings; add partitions to %s", self.topic,
-                            self.partitions, wanted, self.partitions, self.topic)
-            if not self.partitions:
-                try:
-                    self._create(wanted)
-                    self.partitions = wanted
-                except KafkaError as exc:  # not allowed to create topics, say: the daemon still serves
-                    log.error("cannot create the state topic %s (%s: %s): create it (cleanup.policy=compact, %d "
-                              "partitions) or name another in kafka.state_topic; until then refills replay "
-                              "window.rebuild_messages readings", self.topic, type(exc).__name__, exc, wanted)
+            yield reader
         finally:
             reader.close(autocommit=False, timeout_ms=5000)
 
-    def _reader(self):
-        return connect(lambda: KafkaConsumer(enable_auto_commit=False,
-                                              **client_settings(self._config, "stream-forecaster-state")),
-                        "state reader", self._config)
+    def partitions(self, topic: str) -> int:
+        with self._reader() as reader:
+            try:
+                return len(reader.partitions_for_topic(topic) or ())
+            except KafkaError as exc:  # the broker went away since the clients connected: tried again
+                raise BrokerUnavailable(f"cannot read the topics' metadata: {exc}") from None
 
-    def _create(self, partitions: int) -> None:
+    def create_compacted(self, topic: str, partitions: int) -> None:
         compacted = {"cleanup.policy": "compact"}
         try:
-            ensure_topics(self._config, [self.topic], partitions, compacted, replication_factor=-1)
-        except KafkaError:  # a broker that cannot take the default replication (before Kafka 2.4)
-            ensure_topics(self._config, [self.topic], partitions, compacted, replication_factor=1)
-        log.info("created the state topic %s (compacted, %d partitions)", self.topic, partitions)
+            try:
+                ensure_topics(self._config, [topic], partitions, compacted, replication_factor=-1)
+            except KafkaError:  # a broker that cannot take the default replication (before Kafka 2.4)
+                ensure_topics(self._config, [topic], partitions, compacted, replication_factor=1)
+        except KafkaError as exc:
+            raise StateLogError(str(exc)) from None
 
-    def write(self, checkpoints: dict[int, str], stop: threading.Event) -> bool:
-        """Publish ``{input partition: checkpoint}`` and wait for the acknowledgements; False if stopped first or
-        a partition has no place in the state topic (it then refills from the fallback)."""
-        records = [OutRecord(self.topic, str(p).encode(), text.encode(), partition=p)
-                   for p, text in checkpoints.items() if p < self.partitions]
-        return self._sink.publish(records, stop) if records else True
+    def publish(self, records: Sequence[OutRecord], stop: threading.Event) -> bool:
+        return self._sink.publish(records, stop)
 
-    SNAPSHOT_CHUNK = 512 * 1024  # bytes a message: well under the brokers' default limit of 1 MiB
-
-    def write_snapshot(self, partition: int, at: int, data: bytes) -> dict | None:
-        """Publish a snapshot of ``partition``'s windows at input offset ``at``, in chunks; where it lies, or None
-        when it could not be written (logged: the next one is tried at the next interval)."""
-        if partition >= self.partitions:
-            return None
-        chunks = [data[i:i + self.SNAPSHOT_CHUNK] for i in range(0, len(data), self.SNAPSHOT_CHUNK)] or [b""]
-        # a key per chunk, so compaction keeps the newest snapshot whole; the header tells snapshots apart
-        futures = [self._sink.send(OutRecord(self.topic, f"{partition}/snapshot/{k}".encode(), chunk,
-                                             [("snapshot", str(at).encode())], partition=partition))
-                   for k, chunk in enumerate(chunks)]
+    def append(self, records: Sequence[OutRecord]) -> int:
+        futures = [self._sink.send(r) for r in records]
         try:
             self._sink.flush()
-            first = futures[0].get(timeout=1)
-            for future in futures[1:]:
-                future.get(timeout=1)
+            offsets = [f.get(timeout=1).offset for f in futures]
         except KafkaError as exc:
-            log.warning("partition %d: the snapshot of its windows was not written (%s: %s); refills replay "
-                        "from the previous one", partition, type(exc).__name__, exc)
-            return None
-        return {"at": at, "offset": first.offset, "chunks": len(chunks), "bytes": len(data)}
+            raise StateLogError(str(exc)) from None
+        return offsets[0]
 
-    def read_snapshot(self, partition: int, ref: dict) -> bytes | None:
-        """The snapshot ``ref`` names (from :meth:`write_snapshot`); None if it is gone or incomplete."""
-        try:
-            offset, count, size, at = int(ref["offset"]), int(ref["chunks"]), int(ref["bytes"]), int(ref["at"])
-        except (KeyError, TypeError, ValueError):
-            return None
-        if partition >= self.partitions:
-            return None
-        reader = self._reader()
-        tp = TopicPartition(self.topic, partition)
-        chunks: dict[int, bytes] = {}
-        prefix, tag = f"{partition}/snapshot/".encode(), str(at).encode()
-        try:
+    def offsets(self, topic: str, partition: int) -> tuple[int, int]:
+        tp = TopicPartition(topic, partition)
+        with self._reader() as reader:
+            return reader.beginning_offsets([tp])[tp], reader.end_offsets([tp])[tp]
+
+    def read(self, topic: str, partition: int, start: int, end: int) -> Iterator[Record]:
+        tp = TopicPartition(topic, partition)
+        with self._reader() as reader:
             reader.assign([tp])
-            end = reader.end_offsets([tp])[tp]
-            for r in records_between(reader, tp, offset, end):
-                if r.key and r.key.startswith(prefix) and dict(r.headers or ()).get("snapshot") == tag:
-                    chunks[int(r.key[len(prefix):])] = r.value or b""
-                    if len(chunks) == count:
-                        break
-        except ValueError:  # a chunk key that is not ours
-            return None
-        finally:
-            reader.close(autocommit=False, timeout_ms=5000)
-        data = b"".join(chunks.get(k, b"") for k in range(count))
-        return data if len(chunks) == count and len(data) == size else None
+            yield from records_between(reader, tp, start, end)
 
-    def read(self, partition: int) -> str | None:
-        """The latest checkpoint of ``partition``; None if there is none.
 
-        Usually the partition's last record; after a snapshot written without
-        its checkpoint (a crash between them), a little further back.
-        """
-        if partition >= self.partitions:
-            return None
-        reader = self._reader()
-        tp = TopicPartition(self.topic, partition)
-        key = str(partition).encode()
-        try:
-            reader.assign([tp])
-            first, end = reader.beginning_offsets([tp])[tp], reader.end_offsets([tp])[tp]
-            back, stop = 1, end
-            while stop > first:
-                start = max(first, end - back)
-                found = None
-                for record in records_between(reader, tp, start, stop):
-                    if record.key == key:
-                        found = record
-                if found is not None:
-                    return found.value.decode("utf-8", "replace") if found.value else None
-                back, stop = back * 8, start
-            return None
-        finally:
-            reader.close(autocommit=False, timeout_ms=5000)
-
+def kafka_checkpoints(config: KafkaConfig, sink: KafkaSink) -> StateTopic:
+    """The daemon's checkpoints in the state topic, through kafka-python."""
+    return StateTopic(config, KafkaStateLog(config, sink))

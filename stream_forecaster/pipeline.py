@@ -18,7 +18,7 @@ import numpy as np
 
 from .config import Config
 from .inference import InferenceRunner
-from .messages import HEADER, MAX_KEY_BYTES, MISSING, Invalid, MessageParser, OutRecord, encode_prediction, format_time
+from .messages import HEADER, MAX_KEY_BYTES, MISSING, Invalid, MessageParser, OutRecord, encode_predictions, format_time
 from .metrics import Metrics
 from .scoring import PendingForecasts, RollingErrors
 from .seams import Clock, Forecaster, Offsets, Record, Sink
@@ -290,11 +290,9 @@ class Pipeline:
             self.sink.queue(self._forecast_messages(records, parsed, predictions, start, end))
         if not self.sink.publish((), self.stop):
             raise Stopped()
-        now_ms = time.time() * 1000
-        for a in parsed.window_of:
-            sent_ms = records[parsed.accepted[a][0]].timestamp
-            if sent_ms > 0:  # Kafka's -1: no timestamp
-                self.metrics.latency_seconds.observe(max(0.0, now_ms - sent_ms) / 1000)
+        sent_ms = np.array([records[parsed.accepted[a][0]].timestamp for a in parsed.window_of], dtype=np.float64)
+        sent_ms = sent_ms[sent_ms > 0]  # Kafka's -1: no timestamp
+        self.metrics.latency_seconds.observe_many(np.maximum(0.0, time.time() * 1000 - sent_ms) / 1000)
         self.metrics.predictions.inc(len(parsed.window_of))
         self.metrics.dead_letters.inc(len(parsed.dead_letters))
         return predictions
@@ -302,23 +300,28 @@ class Pipeline:
     def _forecast_messages(self, records: Sequence[Record], parsed: _Parsed, predictions: np.ndarray,
                            start: int, end: int) -> list[OutRecord]:
         """The forecast messages of windows ``start:end``."""
-        version, targets = self.forecaster.version, self.forecaster.targets
-        banded = self.forecaster.prediction_interval is not None
-        out = []
-        for k in range(start, end):
-            i, _, reading = parsed.accepted[parsed.window_of[k]]
+        version, period = self.forecaster.version, self.period
+        idents, sensors, times, partitions, offsets, keys = [], [], [], [], [], []
+        for a in parsed.window_of[start:end]:
+            i, _, reading = parsed.accepted[a]
             record = records[i]
-            when = None
-            if reading.timestamp is not None:
-                when = format_time(reading.timestamp + self.period, reading.aware)
+            when = None if reading.timestamp is None else format_time(reading.timestamp + period, reading.aware)
             # the same reading always gets the same id, so at-least-once repeats are recognisable downstream
-            ident = f"{reading.sensor}@{when}" if when else f"{reading.sensor}@{record.partition}/{record.offset}"
-            value = encode_prediction(ident, reading.sensor, when, predictions[0, k], targets, version,
-                                      record.partition, record.offset,
-                                      (predictions[1, k], predictions[2, k]) if banded else None)
-            out.append(OutRecord(self.output_topic, record.key, value,
-                                 [("prediction_id", ident.encode()), ("model_version", (version or "").encode())]))
-        return out
+            idents.append(f"{reading.sensor}@{when}" if when else
+                          f"{reading.sensor}@{record.partition}/{record.offset}")
+            sensors.append(reading.sensor)
+            times.append(when)
+            partitions.append(record.partition)
+            offsets.append(record.offset)
+            keys.append(record.key)
+        bounds = None
+        if self.forecaster.prediction_interval is not None:
+            bounds = (predictions[1, start:end].tolist(), predictions[2, start:end].tolist())
+        values = encode_predictions(idents, sensors, times, predictions[0, start:end].tolist(),
+                                    self.forecaster.targets, version, partitions, offsets, bounds)
+        topic, version_header = self.output_topic, (version or "").encode()
+        return [OutRecord(topic, key, value, [("prediction_id", ident.encode()), ("model_version", version_header)])
+                for key, value, ident in zip(keys, values, idents)]
 
     def _invalid(self, record, invalid: Invalid, dead_letters: list) -> None:
         self.metrics.invalid.inc()
@@ -397,8 +400,7 @@ class Pipeline:
         m = self.metrics
         m.scored.inc(len(error))
         for t, histogram in enumerate(m.abs_error):
-            for e in np.abs(error[:, t]).tolist():
-                histogram.observe(e)
+            histogram.observe_many(np.abs(error[:, t]))
         if m.labelled_sensors:
             sensors = [accepted[a][2].sensor for a in np.flatnonzero(scored)]
             for sensor, row in zip(sensors, np.abs(error).tolist()):

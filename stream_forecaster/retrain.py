@@ -173,7 +173,10 @@ def read_file(path, columns, data: DataConfig) -> Series:
 def read_topic(config: Config, columns, stop: threading.Event) -> Series:
     """The last ``retrain.history`` of readings of the input topic, at most ``retrain.max_readings`` of them, per
     sensor, by the daemon's rules."""
-    from .topics import read_history  # noqa: PLC0415 (only topic-fed training needs Kafka)
+    if config.kafka.client == "confluent":  # only topic-fed training needs Kafka, and only the client named
+        from .confluent_io import read_history  # noqa: PLC0415
+    else:
+        from .topics import read_history  # noqa: PLC0415
 
     k, r = config.kafka, config.retrain
     since_ms = max(0, int((time.time() - r.history) * 1000))  # Kafka takes no time before 1970

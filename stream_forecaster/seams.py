@@ -2,14 +2,15 @@
 
 Kafka and TensorFlow implement them in production (:mod:`~stream_forecaster.kafka_io`,
 :mod:`~stream_forecaster.model`); :mod:`~stream_forecaster.testing` ships in-memory
-ones, so a configuration can be tested without a broker or a model. Nothing here
-imports a third-party library.
+ones, so a configuration can be tested without a broker or a model. The
+partition bookkeeping both Kafka clients share lives here too. Nothing here
+imports a third-party library but numpy.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -19,7 +20,8 @@ if TYPE_CHECKING:
     from .messages import OutRecord
     from .store import ModelMetadata
 
-__all__ = ["Checkpoints", "Clock", "Forecaster", "Offsets", "Record", "Sink", "Source", "Wait"]
+__all__ = ["Checkpoints", "Clock", "Forecaster", "Offsets", "Ownership", "Record", "Sink", "Source", "Wait",
+           "first_offsets"]
 
 Clock = Callable[[], float]
 """Monotonic seconds (``time.monotonic``, or a test's :class:`~stream_forecaster.testing.ManualClock`)."""
@@ -81,6 +83,36 @@ class Source(Protocol):
         """Partitions are assigned and the group still counts this member in."""
 
     def close(self) -> None: ...
+
+
+class Ownership:
+    """The bookkeeping behind :meth:`Source.take_changes` for a member of a consumer group, whichever the client.
+
+    The group's revocation callback adds to ``revoked`` (in place: the callback
+    may hold the set). ``regained`` partitions were revoked and assigned back:
+    their state is still ours only if nothing was re-read, which the caller
+    checks against the committed offset.
+    """
+
+    def __init__(self) -> None:
+        self.owned: set[int] = set()
+        self.revoked: set[int] = set()
+
+    def changes(self, owned: set[int]) -> tuple[set[int], set[int], set[int]]:
+        """``(lost, gained, regained)`` from the last call's assignment to ``owned``."""
+        revoked = set(self.revoked)
+        self.revoked.clear()
+        lost, gained = self.owned - owned, owned - self.owned
+        self.owned = owned
+        return lost, gained, (revoked & owned) - gained
+
+
+def first_offsets(records: Iterable[Record]) -> dict[int, int]:
+    """Each partition's lowest offset among ``records``: where a rewind seeks to."""
+    first: dict[int, int] = {}
+    for r in records:
+        first[r.partition] = min(first.get(r.partition, r.offset), r.offset)
+    return first
 
 
 class Sink(Protocol):

@@ -14,9 +14,11 @@ import logging
 import signal
 import threading
 import time
+from typing import Any, Callable
 
 from . import __version__
 from .config import Config
+from .errors import BrokerUnavailable
 from .inference import InferenceRunner
 from .metrics import CollectorRegistry, Metrics, MetricsServer, new_registry
 from .pipeline import CHUNK, Pipeline, Stopped
@@ -195,26 +197,38 @@ class Daemon:
         answers; None if stopped first."""
         if self.source is not None and self.sink is not None:  # a test's fakes
             return self.source, self.sink, self.checkpoints
-        from .kafka_compat import BrokerUnavailable  # noqa: PLC0415 (kafka-python loads only once it is needed)
-        from .kafka_io import KafkaCheckpoints, KafkaSink, KafkaSource  # noqa: PLC0415
-
         backoff = self.retry_s
         sink, checkpoints = self.sink, self.checkpoints
+        sink_type, source_type, checkpoints_of = self._kafka_client()
         while not self.stop.is_set():
             try:
                 if sink is None:  # kept as soon as made: shutdown closes it even if the rest never comes
-                    sink = self.sink = KafkaSink(self.config.kafka, on_retry=metrics.publish_retries.inc,
+                    sink = self.sink = sink_type(self.config.kafka, "stream-forecaster",
+                                                 on_retry=metrics.publish_retries.inc,
                                                  on_recreate=metrics.producer_recreations.inc,
                                                  on_refused=metrics.refused_records.inc)
-                if checkpoints is None and isinstance(sink, KafkaSink):  # the state topic is written by its producer
-                    checkpoints = KafkaCheckpoints(self.config.kafka, sink)
-                source = self.source or KafkaSource(self.config.kafka, on_unreadable=metrics.invalid.inc)
+                if checkpoints is None and isinstance(sink, sink_type):
+                    # the state topic is written by the sink's producer; with a sink of another kind refills
+                    # replay window.rebuild_messages readings
+                    checkpoints = checkpoints_of(self.config.kafka, sink)
+                source = self.source or source_type(self.config.kafka, on_unreadable=metrics.invalid.inc)
                 return source, sink, checkpoints
             except BrokerUnavailable as exc:
                 log.warning("%s; retrying in %.0f s", exc, backoff)
                 self.wait(backoff)
                 backoff = min(30.0 * self.retry_s, backoff * 2)
         return None
+
+    def _kafka_client(self) -> tuple[type[Any], Callable[..., Source], Callable[..., Checkpoints]]:
+        """The sink and source types and the checkpoints of the client ``kafka.client`` names; only its module
+        is imported."""
+        if self.config.kafka.client == "confluent":
+            from . import confluent_io  # noqa: PLC0415
+
+            return confluent_io.ConfluentSink, confluent_io.ConfluentSource, confluent_io.confluent_checkpoints
+        from . import kafka_io  # noqa: PLC0415
+
+        return kafka_io.KafkaSink, kafka_io.KafkaSource, kafka_io.kafka_checkpoints
 
     def _wait_for_model(self) -> Forecaster | None:
         told = False

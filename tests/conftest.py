@@ -25,7 +25,7 @@ HEADER = ("Date;Time;Global_active_power;Global_reactive_power;Voltage;Global_in
 
 
 UNIT_MODULES = {"test_config", "test_daemon_fakes", "test_first_minutes", "test_inference", "test_intervals",
-                "test_messages", "test_readers", "test_store", "test_window"}
+                "test_messages", "test_metrics", "test_readers", "test_store", "test_window"}
 
 
 def pytest_ignore_collect(collection_path, config):

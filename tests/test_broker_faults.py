@@ -24,8 +24,9 @@ from stream_forecaster.topics import ensure_topics
 L = 6
 
 
-@pytest.fixture
-def setup(tmp_path):
+@pytest.fixture(params=["kafka-python", "confluent"])
+def setup(request, tmp_path):
+    """A store with a tiny model, and the daemon's settings on either Kafka client."""
     from conftest import sample_lines
 
     store = ModelStore(tmp_path / "models")
@@ -33,7 +34,7 @@ def setup(tmp_path):
     port = free_port()
     overrides = [f"kafka.bootstrap_servers=127.0.0.1:{port}", "kafka.session_timeout_ms=6000",
                  f"model_store.path={store.path}", "model.sequence_length=6", "data.features=[Global_active_power]",
-                 "model.layers=[1, 8, 1]"]
+                 "model.layers=[1, 8, 1]", f"kafka.client={request.param}"]
     config = load_config(None, overrides, environ={})
     lines = {s: [l for l in sample_lines(200, start=700 * i) if "?" not in l][:60] for i, s in enumerate(SENSORS)}
     return config, overrides, store, lines, port
@@ -43,7 +44,7 @@ def test_broker_absent_at_start(setup, tmp_path):
     config, overrides, store, lines, port = setup
     daemon = DaemonProcess(overrides, tmp_path / "daemon.log")
     try:
-        wait_for(lambda: daemon.output().count("retrying in") >= 2, 60, "the daemon to retry the absent broker")
+        wait_for(lambda: "retrying in" in daemon.output(), 60, "the daemon to retry the absent broker")
         assert daemon.status("/healthz") == 200 and daemon.status("/readyz") == 503
         with DevBroker(port=port):
             ensure_topics(config.kafka, [config.kafka.input_topic, config.kafka.output_topic], partitions=2)
@@ -108,8 +109,9 @@ def test_broker_restarted_empty(setup, tmp_path):
             later = {i for i in expected_ids(lines, 60) - expected_ids(lines, 30 + L - 2)}
             wait_for(lambda: out.ids() >= later, 120, "forecasts of the readings sent after the restart")
             assert daemon.process.poll() is None
-            # kafka-python 3.0's idempotent producer does not survive the broker losing its state
-            assert daemon.metrics()["stream_forecaster_producer_recreations_total"] >= 1
+            if config.kafka.client == "kafka-python":
+                # kafka-python 3.0's idempotent producer does not survive the broker losing its state
+                assert daemon.metrics()["stream_forecaster_producer_recreations_total"] >= 1
             assert daemon.terminate() == 0
     finally:
         if out is not None:  # its reader must not outlive the test, logging into the next ones

@@ -23,10 +23,11 @@ L = 6
 SENSORS = ("house-a", "house-b", "house-c", "house-d")
 
 
-@pytest.fixture
-def setup(broker, kafka_names, tmp_path):
+@pytest.fixture(params=["kafka-python", "confluent"])
+def setup(request, broker, kafka_names, tmp_path):
+    """The daemon on either Kafka client: the same counts, numbers, dead letters and commits."""
     return daemon_setup(broker.address, kafka_names, tmp_path, partitions=3,
-                        kafka__dead_letter_topic=kafka_names["dead"])
+                        kafka__dead_letter_topic=kafka_names["dead"], kafka__client=request.param)
 
 
 def readings():

@@ -282,27 +282,3 @@ def test_a_replaced_producer_stops_its_sender_even_with_batches_it_could_not_del
         assert not old._sender.is_alive()  # before, its thread, sockets and batch lived on
     finally:
         sink._producer._sender.force_close()
-
-
-def test_the_state_topic_is_created_per_input_partition_and_gives_back_checkpoints_and_snapshots(broker, kafka_names):
-    config = load_config(None, [f"kafka.bootstrap_servers={broker.address}",
-                                f"kafka.input_topic={kafka_names['input']}",
-                                f"kafka.group_id={kafka_names['group']}"], environ={})
-    ensure_topics(config.kafka, [kafka_names["input"]], partitions=3)
-    sink = KafkaSink(config.kafka)
-    try:
-        state = kafka_io.KafkaCheckpoints(config.kafka, sink)
-        assert state.topic == f"{kafka_names['group']}-state" and state.partitions == 3
-        assert state.read(1) is None
-        assert state.write({1: "first", 2: "other"}, threading.Event())
-        data = bytes(range(256)) * 5000  # 1.28 MB: three chunks
-        snapshot = state.write_snapshot(1, 40, data)
-        assert snapshot["chunks"] == 3 and state.read_snapshot(1, snapshot) == data
-        # the snapshot was written but its checkpoint was not (a crash between them): the last checkpoint stands
-        assert state.read(1) == "first" and state.read(2) == "other"
-        assert state.write({1: "second"}, threading.Event()) and state.read(1) == "second"
-        assert state.read_snapshot(1, {**snapshot, "at": 41}) is None  # another snapshot's: not found
-        again = kafka_io.KafkaCheckpoints(config.kafka, sink)  # a restart finds the topic, does not recreate it
-        assert again.partitions == 3 and again.read(1) == "second"
-    finally:
-        sink.close()

@@ -42,19 +42,25 @@ def kcat(*args, input=None, timeout=60):
 
 
 # Java and librdkafka producers often compress; without the codecs kafka-python's fetcher spins on such a batch
-@pytest.mark.parametrize("codec", ["none", "snappy", "lz4", "zstd"])
-def test_kcat_produces_readings_and_reads_predictions(shimmed_broker, tmp_path, codec):
+CODECS = ("none", "snappy", "lz4", "zstd")
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_kcat_produces_readings_in_every_codec_and_reads_predictions(shimmed_broker, tmp_path, client):
     store = ModelStore(tmp_path / "models")
     store.publish(make_forecaster(sequence_length=L).save)
     overrides = [f"kafka.bootstrap_servers={shimmed_broker}", "kafka.input_topic=readings",
                  "kafka.output_topic=predictions", "kafka.group_id=kcat-test", "kafka.session_timeout_ms=6000",
                  f"model_store.path={store.path}", "model.sequence_length=6", "data.features=[Global_active_power]",
-                 "model.layers=[1, 8, 1]"]
+                 "model.layers=[1, 8, 1]", f"kafka.client={client}"]
     config = load_config(None, overrides, environ={})
     ensure_topics(config.kafka, ["readings", "predictions"], partitions=2)
-    lines = {"meter-1": sample_lines(12), "meter-2": sample_lines(9, start=3000)}
-    payload = "".join(f"{sensor}#{line}\n" for sensor, ls in lines.items() for line in ls)
-    kcat("-P", "-b", shimmed_broker, "-t", "readings", "-K", "#", "-z", codec, input=payload)
+    lines = {}
+    for codec in CODECS:  # each codec's batches carry their own sensors
+        here = {f"{codec}-meter-1": sample_lines(12), f"{codec}-meter-2": sample_lines(9, start=3000)}
+        payload = "".join(f"{sensor}#{line}\n" for sensor, ls in here.items() for line in ls)
+        kcat("-P", "-b", shimmed_broker, "-t", "readings", "-K", "#", "-z", codec, input=payload)
+        lines.update(here)
 
     daemon = DaemonProcess(overrides, tmp_path / "daemon.log")
     try:

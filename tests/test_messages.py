@@ -17,7 +17,7 @@ from stream_forecaster.messages import (
     MessageParser,
     RecordError,
     UciLineParser,
-    encode_prediction,
+    encode_predictions,
 )
 
 GOOD = "16/12/2006;17:24:00;4.216;0.418;234.840;18.400;0.000;1.000;17.000"
@@ -184,8 +184,11 @@ def test_encoded_prediction_is_exactly_what_json_dumps_writes(ident, sensor, tim
         bounds = (values - abs(interval), values + abs(interval))
         expected.update(lower=plain(bounds[0].tolist()), upper=plain(bounds[1].tolist()))
     expected.update(model_version=version, source={"partition": partition, "offset": offset})
-    encoded = encode_prediction(ident, sensor, timestamp, values, targets, version, partition, offset, bounds)
-    assert encoded == json.dumps(expected, separators=(",", ":")).encode()
+    rows = [values.tolist(), values.tolist()]  # a batch of two: the same message twice
+    encoded = encode_predictions([ident] * 2, [sensor] * 2, [timestamp] * 2, rows, targets, version,
+                                 [partition] * 2, [offset] * 2, None if bounds is None else
+                                 ([bounds[0].tolist()] * 2, [bounds[1].tolist()] * 2))
+    assert encoded == [json.dumps(expected, separators=(",", ":")).encode()] * 2
 
 
 def test_a_json_time_in_utc_may_end_in_z():

@@ -95,14 +95,15 @@ def check_forecasts(store, lines, records, upto):
             np.testing.assert_allclose(by_id[ident], want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("when, snapshots", [("clean_stop", "5m"), ("after_commit", "0"), ("mid_stream", "0"),
-                                             ("mid_stream", "5m")])
-def test_restart_rebuilds_windows_and_loses_nothing(env, tmp_path, when, snapshots):
+@pytest.mark.parametrize("when, snapshots, client", [
+    ("clean_stop", "5m", "kafka-python"), ("after_commit", "0", "kafka-python"), ("mid_stream", "0", "kafka-python"),
+    ("mid_stream", "5m", "kafka-python"), ("clean_stop", "0", "confluent"), ("mid_stream", "5m", "confluent")])
+def test_restart_rebuilds_windows_and_loses_nothing(env, tmp_path, when, snapshots, client):
     """A clean stop (SIGTERM), or kill -9 once everything was committed, or kill -9 mid-stream; windows refilled
     by replaying their readings (snapshots "0") or from the snapshot written at the first commit and the
-    readings after it."""
+    readings after it; on either Kafka client."""
     config, overrides, store, lines = env
-    overrides = [*overrides, f"window.snapshot_interval={snapshots}"]
+    overrides = [*overrides, f"window.snapshot_interval={snapshots}", f"kafka.client={client}"]
     out = Output(config)
     first = DaemonProcess(overrides, tmp_path / "first.log")
     try:
@@ -145,9 +146,11 @@ def test_restart_rebuilds_windows_and_loses_nothing(env, tmp_path, when, snapsho
         assert repeats <= 2 * config.kafka.max_poll_records
 
 
-def test_rebalance_hands_partitions_over_with_their_windows(env, tmp_path):
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_rebalance_hands_partitions_over_with_their_windows(env, tmp_path, client):
     config, overrides, store, lines = env
-    overrides = [*overrides, "window.snapshot_interval=0"]  # the replay, from the windows' oldest reading
+    # the replay, from the windows' oldest reading
+    overrides = [*overrides, "window.snapshot_interval=0", f"kafka.client={client}"]
     out = Output(config)
     a = DaemonProcess(overrides, tmp_path / "a.log")
     b = DaemonProcess(overrides, tmp_path / "b.log")
