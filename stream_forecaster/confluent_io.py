@@ -70,6 +70,22 @@ def _record(message) -> _Record:
                    message.timestamp()[1], message.headers() or ())
 
 
+def _client(factory, settings: dict, what: str):
+    """A librdkafka client; settings it refuses (a bad certificate path, say) are one line, not a traceback."""
+    try:
+        return factory(settings)
+    except KafkaException as exc:
+        raise UserError(f"kafka: librdkafka refuses the {what}'s settings: {exc.args[0].str()}; check the kafka "
+                        "section of the configuration") from None
+
+
+def _of_a_record(message) -> bool:
+    """Whether an error message is about a record (a topic, partition and offset) rather than the consumer."""
+    partition, offset = message.partition(), message.offset()
+    return message.topic() is not None and partition is not None and partition >= 0 \
+        and offset is not None and offset >= 0
+
+
 def _reachable(client, config: KafkaConfig, what: str) -> None:
     """Raise :class:`BrokerUnavailable` unless a broker answers (librdkafka itself only retries in the background)."""
     try:
@@ -81,8 +97,8 @@ def _reachable(client, config: KafkaConfig, what: str) -> None:
 
 def _reader(config: KafkaConfig, client_id: str) -> Consumer:
     """A consumer for assigned partitions: it joins no group and commits nothing."""
-    return Consumer({**client_config(config, client_id), "group.id": client_id, "enable.auto.commit": False,
-                     "enable.partition.eof": False})
+    return _client(Consumer, {**client_config(config, client_id), "group.id": client_id, "enable.auto.commit": False,
+                              "enable.partition.eof": False}, "reader")
 
 
 def _records_between(config: KafkaConfig, client_id: str, topic: str, partition: int, start: int, end: int,
@@ -120,7 +136,7 @@ class ConfluentSource:
         self.topic, self.config, self.on_unreadable = config.input_topic, config, on_unreadable
         self._ownership = Ownership()
         self._rebalancing = False  # revoked, and the new assignment not yet come
-        self._consumer = Consumer({
+        self._consumer = _client(Consumer, {
             **client_config(config, client_id),
             "group.id": group_id or config.group_id,
             "enable.auto.commit": False,  # offsets are committed only after the predictions are acknowledged
@@ -130,7 +146,7 @@ class ConfluentSource:
             "heartbeat.interval.ms": max(100, config.session_timeout_ms // 3),
             "max.poll.interval.ms": config.max_poll_interval_ms,
             "fetch.wait.max.ms": config.fetch_max_wait_ms,
-        })
+        }, "consumer")
         try:
             _reachable(self._consumer, config, "consumer")
         except BrokerUnavailable:
@@ -161,7 +177,11 @@ class ConfluentSource:
             error = message.error()
             if error is None:
                 batch.append(_record(message))
-            elif error.code() != KafkaError._PARTITION_EOF:
+            elif error.code() == KafkaError._PARTITION_EOF:
+                continue
+            elif not _of_a_record(message):  # the consumer's own trouble (the group, the subscription)
+                log.warning("kafka consumer: %s", error.str())
+            else:
                 log.error("%s[%s]: a record cannot be read (%s); skipped", message.topic(), message.partition(),
                           error.str())
                 if self.on_unreadable:
@@ -259,23 +279,30 @@ class ConfluentSink:
                  on_refused: Callable[[], None] | None = None):
         self._config, self._client_id = config, client_id
         self._on_retry, self._on_recreate, self._on_refused = on_retry, on_recreate, on_refused
+        self._fatal = False  # the producer failed for good: only a new one sends again
         self._producer = self._new_producer()
         self._in_flight: dict[int, OutRecord] = {}  # queued, not yet reported by librdkafka
         self._tokens = itertools.count()
         self._failed: list[tuple[OutRecord, KafkaError]] = []
 
     def _new_producer(self) -> Producer:
-        producer = Producer({
+        producer = _client(Producer, {
             **client_config(self._config, self._client_id),
             "enable.idempotence": True,
             "acks": "all",
             "linger.ms": 5,
+            "batch.size": 256 * 1024,  # as kafka-python's: a batch must fit a topic's own max.message.bytes
             "partitioner": "murmur2_random",  # the Java clients' (and kafka-python's) choice for keyed records
             "message.max.bytes": max(1 << 20, self._config.max_message_bytes + 65536),
             "delivery.timeout.ms": 30_000,  # then this sink's own retries and backoff take over
-        })
+            "error_cb": self._on_error,
+        }, "producer")
         _reachable(producer, self._config, "producer")
         return producer
+
+    def _on_error(self, error: KafkaError) -> None:  # on this thread, from flush or poll
+        if error.fatal():  # an idempotent producer the broker no longer knows (a broker that lost its state)
+            self._fatal = True
 
     def queue(self, records: Sequence[OutRecord]) -> None:
         """Send ``records`` without waiting; the next :meth:`publish` waits for their acknowledgements."""
@@ -310,10 +337,13 @@ class ConfluentSink:
         self.queue(records)
         failed_rounds, stopped_at = 0, None
         while True:
-            try:
-                self._producer.flush(1.0)  # serves the delivery callbacks
-            except KafkaException as exc:  # a fatal error (the broker lost the idempotent producer's state)
-                log.error("the Kafka producer failed for good: %s", exc.args[0].str())
+            if not self._fatal:
+                try:
+                    self._producer.flush(1.0)  # serves the delivery and error callbacks
+                except (KafkaException, SystemError):  # confluent-kafka's answers once the producer failed for good
+                    self._fatal = True
+            if self._fatal:
+                log.error("the Kafka producer failed for good")
                 self._recreate()
                 if stop.wait(backoff_s):  # no new producer yet, say: a stop is still heard
                     self._failed, self._in_flight = [], {}
@@ -359,12 +389,12 @@ class ConfluentSink:
         except BrokerUnavailable as exc:
             log.warning("%s; trying again after the next failed round", exc)
             return
-        old, self._producer = self._producer, new
+        old, self._producer, self._fatal = self._producer, new, False
         stranded, self._in_flight = list(self._in_flight.values()), {}
         try:
             old.purge()  # its queue, in flight included: sent again on the new producer
             old.flush(0)  # reports the purged records to callbacks that no longer count them
-        except KafkaException:  # a producer failed for good refuses even that
+        except (KafkaException, SystemError):  # a producer failed for good refuses even that
             pass
         self.queue(stranded)
         if self._on_recreate:
@@ -385,10 +415,18 @@ class ConfluentSink:
             return report
 
         for i, record in enumerate(records):
-            self._producer.produce(record.topic, record.value, record.key,
-                                   -1 if record.partition is None else record.partition,
-                                   on_delivery=delivered(i), headers=list(record.headers) or None)
-        self._producer.flush(timeout_s)
+            while True:
+                try:
+                    self._producer.produce(record.topic, record.value, record.key,
+                                           -1 if record.partition is None else record.partition,
+                                           on_delivery=delivered(i), headers=list(record.headers) or None)
+                    break
+                except BufferError:  # librdkafka's queue is full (a large snapshot): let it send, then try again
+                    self._producer.poll(0.1)
+        try:
+            self._producer.flush(timeout_s)
+        except SystemError:  # the producer failed for good: the records are not written, the next publish replaces it
+            self._fatal = True
         written = [o for o in offsets if o is not None]
         if errors or len(written) < len(records):
             raise KafkaException(errors[0] if errors else KafkaError(KafkaError._TIMED_OUT))
@@ -403,7 +441,7 @@ class ConfluentStateLog:
 
     def __init__(self, config: KafkaConfig, sink: ConfluentSink):
         self._config, self._sink = config, sink
-        self._admin = AdminClient(client_config(config, "stream-forecaster-admin"))
+        self._admin = _client(AdminClient, client_config(config, "stream-forecaster-admin"), "admin client")
 
     def partitions(self, topic: str) -> int:
         try:
@@ -419,6 +457,8 @@ class ConfluentStateLog:
             try:
                 future.result(timeout=30)
                 return
+            except TimeoutError:  # concurrent.futures': the controller did not answer
+                raise BrokerUnavailable(f"cannot create the state topic {topic}: no answer within 30 s") from None
             except KafkaException as exc:
                 error = exc.args[0]
                 if error.code() == KafkaError.TOPIC_ALREADY_EXISTS:
@@ -459,8 +499,8 @@ def read_history(config: KafkaConfig, group_id: str, since_ms: int, stop: thread
 
     Partitions are assigned, never subscribed: the reader joins no group and commits nothing.
     """
-    reader = Consumer({**client_config(config, "stream-forecaster-retrain"), "group.id": group_id,
-                       "enable.auto.commit": False, "enable.partition.eof": False})
+    reader = _client(Consumer, {**client_config(config, "stream-forecaster-retrain"), "group.id": group_id,
+                                "enable.auto.commit": False, "enable.partition.eof": False}, "history reader")
     try:
         try:
             found = reader.list_topics(config.input_topic, timeout=10).topics.get(config.input_topic)

@@ -78,11 +78,14 @@ class DevBroker:
         """The broker process's exit code once it has ended; None while it runs (or before it started)."""
         return None if self.process is None else self.process.poll()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
         if self.process and self.process.poll() is None:
-            # memory only, so nothing to save: a graceful stop would only wait for its clients to leave
-            self.process.kill()
-            self.process.wait()
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
     def __enter__(self) -> "DevBroker":
         return self.start()

@@ -156,3 +156,39 @@ def test_history_reads_at_most_the_most_recent_records_shared_between_the_partit
     got = {p: [int(r.value) for r in read if r.partition == p] for p in (0, 1, 2)}
     for p, values in got.items():  # the last 2 of each partition (3 partitions share 6)
         assert values in ([3 + p, 6 + p], [6 + p, 9 + p]), got
+
+
+def test_settings_librdkafka_refuses_are_one_line_for_the_user(tmp_path):
+    from stream_forecaster.confluent_io import ConfluentSink
+    from stream_forecaster.errors import UserError
+
+    config = load_config(None, ["kafka.client=confluent", "kafka.security_protocol=SSL",
+                                f"kafka.ssl_cafile={tmp_path / 'missing-ca.pem'}",
+                                "kafka.bootstrap_servers=127.0.0.1:1"], environ={})
+    with pytest.raises(UserError, match=r"librdkafka refuses the producer's settings: .*ssl\.ca\.location"):
+        ConfluentSink(config.kafka)
+
+
+class ErrorMessage:
+    """What confluent_kafka's poll hands back with an error: for a record, or for the consumer itself."""
+
+    def __init__(self, topic, partition, offset):
+        self._where = topic, partition, offset
+
+    def topic(self):
+        return self._where[0]
+
+    def partition(self):
+        return self._where[1]
+
+    def offset(self):
+        return self._where[2]
+
+
+@pytest.mark.parametrize("where, a_record", [(("in", 0, 0), True), (("in", 3, 41), True),
+                                             ((None, None, None), False),  # _MAX_POLL_EXCEEDED, say
+                                             (("in", -1, -1001), False)])  # a subscription without its topic
+def test_only_an_error_about_a_record_counts_as_an_unreadable_record(where, a_record):
+    from stream_forecaster.confluent_io import _of_a_record
+
+    assert _of_a_record(ErrorMessage(*where)) is a_record

