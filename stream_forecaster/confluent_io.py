@@ -317,17 +317,21 @@ class ConfluentSink:
                 self._failed.append((record, error))
 
         self._in_flight[token] = record
+        try:
+            self._send(record, delivered)
+        except KafkaException as exc:  # refused before it was queued (too large, say)
+            delivered(exc.args[0], None)
+
+    def _send(self, record: OutRecord, on_delivery: Callable) -> None:
+        """Hand ``record`` to librdkafka, waiting while its queue is full; ``KafkaException`` if refused."""
         while True:
             try:
                 self._producer.produce(record.topic, record.value, record.key,
                                        -1 if record.partition is None else record.partition,
-                                       on_delivery=delivered, headers=list(record.headers) or None)
+                                       on_delivery=on_delivery, headers=list(record.headers) or None)
                 return
-            except BufferError:  # librdkafka's queue is full: let it send, then try again
+            except BufferError:  # librdkafka's queue is full (a large snapshot, say): let it send, then try again
                 self._producer.poll(0.1)
-            except KafkaException as exc:  # refused before it was queued (too large, say)
-                delivered(exc.args[0], None)
-                return
 
     def publish(self, records: Sequence[OutRecord] = (), stop: threading.Event | None = None,
                 backoff_s: float = 0.5, max_backoff_s: float = 10.0) -> bool:
@@ -415,14 +419,7 @@ class ConfluentSink:
             return report
 
         for i, record in enumerate(records):
-            while True:
-                try:
-                    self._producer.produce(record.topic, record.value, record.key,
-                                           -1 if record.partition is None else record.partition,
-                                           on_delivery=delivered(i), headers=list(record.headers) or None)
-                    break
-                except BufferError:  # librdkafka's queue is full (a large snapshot): let it send, then try again
-                    self._producer.poll(0.1)
+            self._send(record, delivered(i))
         try:
             self._producer.flush(timeout_s)
         except SystemError:  # the producer failed for good: the records are not written, the next publish replaces it
