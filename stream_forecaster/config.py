@@ -117,6 +117,7 @@ class ModelConfig:
     patience: int = _spec(2, low=0, high=1_000)
     intervals: tuple[float, ...] = _spec([0.1, 0.9], low=0.0, high=1.0, low_open=True)
     interval_adaptation: float = _spec(0.005, low=0.0, high=1.0)
+    anomaly_quantiles: tuple[float, ...] = _spec([0.005, 0.995], low=0.0, high=1.0, low_open=True)
     sample_weight: str = _spec("spread", choices=("spread", "none"))
     max_windows: int = _spec(200_000, low=0, high=1_000_000_000)
     preset: str | None = _spec(None, choices=(None, "tutorial"))
@@ -140,6 +141,8 @@ class KafkaConfig:
     dead_letter_topic: str | None = _spec(None)
     group_id: str = _spec("stream-forecaster")
     state_topic: str | None = _spec(None)
+    anomaly_topic: str | None = _spec(None)
+    health_topic: str | None = _spec(None)
     auto_offset_reset: str = _spec("earliest", choices=("earliest", "latest"))
     session_timeout_ms: int = _spec(10_000, low=1_000, high=3_600_000)
     max_poll_records: int = _spec(20_000, low=1, high=1_000_000)
@@ -187,6 +190,7 @@ class WindowConfig:
     idle_ttl: Duration = _spec(86400.0, low=1.0)
     snapshot_interval: Duration = _spec(300.0, low=0.0)
     rebuild_messages: int = _spec(100_000, low=0, high=100_000_000)
+    min_gap: int = _spec(2, low=0, high=1_000_000)
 
 
 @dataclass(frozen=True)
@@ -195,6 +199,8 @@ class MetricsConfig:
     port: int = _spec(9464, low=0, high=65535)
     rolling_window: int = _spec(1000, low=1, high=10_000_000)
     labelled_sensors: tuple[str, ...] = _spec([])
+    health_interval: Duration = _spec(60.0, low=1.0)
+    health_span: int = _spec(1000, low=1, high=10_000_000)
 
 
 @dataclass(frozen=True)
@@ -207,6 +213,12 @@ class RetrainConfig:
     group_id: str = _spec("stream-forecaster-retrain")
     metric: str = _spec("rmse", choices=("rmse", "mae"))
     metrics_port: int = _spec(9465, low=0, high=65535)
+    trigger_skill: float | None = _spec(None, low=-1e9, high=1.0)
+    trigger_for: Duration = _spec(1800.0, low=0.0)
+    min_interval: Duration = _spec(3600.0, low=0.0)
+    shadow: bool = _spec(False)
+    shadow_for: int = _spec(1000, low=1, high=1_000_000_000)
+    shadow_sample: float = _spec(0.1, low=0.0, high=1.0, low_open=True)
 
 
 @dataclass(frozen=True)
@@ -555,6 +567,15 @@ def _check_consistency(config: Config, origins: Mapping, source: str) -> None:
     if model.intervals and (len(model.intervals) != 2 or not model.intervals[0] < model.intervals[1] < 1.0):
         raise ConfigError(f"{where('model.intervals')}: model.intervals: two quantiles, lower then upper, each "
                           f"between 0 and 1, e.g. [0.1, 0.9], or [] for none (got {list(model.intervals)})")
+    band = model.anomaly_quantiles
+    if band and (len(band) != 2 or not band[0] < band[1] < 1.0):
+        raise ConfigError(f"{where('model.anomaly_quantiles')}: model.anomaly_quantiles: two quantiles, lower then "
+                          f"upper, each between 0 and 1, e.g. [0.005, 0.995], or [] for no anomaly events "
+                          f"(got {list(band)})")
+    if band and model.intervals and not (band[0] <= model.intervals[0] and model.intervals[1] <= band[1]):
+        raise ConfigError(f"{where('model.anomaly_quantiles')}: model.anomaly_quantiles: {list(band)} must be at "
+                          f"least as wide as model.intervals {list(model.intervals)} (a reading inside the published "
+                          "interval is never an anomaly)")
 
 
 def _as_plain(config: Config) -> dict:

@@ -436,7 +436,7 @@ class ConfluentSink:
 class ConfluentStateLog:
     """The state topic's Kafka calls through librdkafka (:class:`~stream_forecaster.state_topic.StateLog`)."""
 
-    def __init__(self, config: KafkaConfig, sink: ConfluentSink):
+    def __init__(self, config: KafkaConfig, sink: ConfluentSink | None = None):  # None: reading only
         self._config, self._sink = config, sink
         self._admin = _client(AdminClient, client_config(config, "stream-forecaster-admin"), "admin client")
 
@@ -463,12 +463,17 @@ class ConfluentStateLog:
                 if replication == 1:
                     raise StateLogError(error.str()) from None
 
+    def _writer(self) -> ConfluentSink:
+        if self._sink is None:
+            raise StateLogError("this state log only reads")
+        return self._sink
+
     def publish(self, records: Sequence[OutRecord], stop: threading.Event) -> bool:
-        return self._sink.publish(records, stop)
+        return self._writer().publish(records, stop)
 
     def append(self, records: Sequence[OutRecord]) -> int:
         try:
-            return self._sink.deliver(records)[0]
+            return self._writer().deliver(records)[0]
         except KafkaException as exc:
             raise StateLogError(exc.args[0].str()) from None
 

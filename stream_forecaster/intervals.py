@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 from numpy.typing import ArrayLike
 
-__all__ = ["BATCH", "AdaptiveInterval"]
+__all__ = ["BATCH", "AdaptiveInterval", "AnomalyBand", "robust_sigma"]
 
 BATCH = 64  # scored forecasts whose misses one update counts in full
 
@@ -87,3 +87,58 @@ class AdaptiveInterval:
     def to_dict(self) -> dict:
         return {"quantiles": list(self.quantiles), "lower": self.lower.tolist(), "upper": self.upper.tolist(),
                 "adaptation": self.step}
+
+
+def robust_sigma(residuals: np.ndarray) -> np.ndarray:
+    """Per target, the spread of ``residuals`` ``[n, targets]`` as a standard deviation, from their median
+    absolute deviation: the tails that make anomalies do not inflate it. Never 0 (a standardised score divides
+    by it)."""
+    residuals = np.asarray(residuals, dtype=np.float64)
+    deviation = np.abs(residuals - np.median(residuals, axis=0))
+    sigma = 1.4826 * np.median(deviation, axis=0)  # the MAD of a normal distribution is 0.6745 sigma
+    fallback = np.where(deviation.mean(axis=0) > 0, 1.2533 * deviation.mean(axis=0), 1.0)  # mean abs dev, likewise
+    return np.where(sigma > 0, sigma, fallback)
+
+
+class AnomalyBand:
+    """The band outside which a reading is an anomaly: wide quantiles of the same calibrated residuals as the
+    interval, tracked online the same way, and their robust spread ``sigma`` (per target, in units of the scale)
+    that standardises each reading's score."""
+
+    def __init__(self, band: AdaptiveInterval, sigma: ArrayLike):
+        self.band = band
+        self.sigma = np.asarray(sigma, dtype=np.float64)
+
+    @classmethod
+    def from_dict(cls, raw, to_scale: ArrayLike = 1.0) -> "AnomalyBand":
+        """From the metadata's ``anomaly`` object (``to_scale`` converts data units, as old versions wrote)."""
+        factor = np.asarray(to_scale, dtype=np.float64)
+        band = AdaptiveInterval(raw["quantiles"], np.asarray(raw["lower"]) * factor,
+                                np.asarray(raw["upper"]) * factor, raw.get("adaptation", 0.0))
+        return cls(band, np.asarray(raw.get("sigma", 1.0), dtype=np.float64) * factor)
+
+    def judge(self, forecast: np.ndarray, scale: np.ndarray, truth: np.ndarray, lower: np.ndarray,
+              upper: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(outside, band_lower, band_upper, score)`` of readings ``truth`` against their forecasts.
+
+        All ``[n, targets]`` but ``outside`` (``[n]``: any target outside).
+        The band never lies inside the published interval (``lower``,
+        ``upper``; NaN where none was). A forecast of scale 0 (a constant
+        window) has no band, and judges nothing. The score is the residual
+        in standard deviations of the calibration residuals.
+        """
+        band_lower, band_upper = self.band.bounds(forecast, scale)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            band_lower = np.fmin(band_lower, lower)
+            band_upper = np.fmax(band_upper, upper)
+            judged = (scale > 0) & np.isfinite(band_lower) & np.isfinite(band_upper)
+            outside = (judged & ((truth < band_lower) | (truth > band_upper))).any(axis=1)
+            score = (truth.astype(np.float64) - forecast) / (scale * self.sigma)
+        return outside, band_lower, band_upper, score
+
+    def update(self, truth: np.ndarray, band_lower: np.ndarray, band_upper: np.ndarray, scale: np.ndarray) -> None:
+        """Track the quantiles on scored readings, as the interval does."""
+        self.band.update(truth < band_lower, truth > band_upper, scale)
+
+    def copy(self) -> "AnomalyBand":
+        return AnomalyBand(self.band.copy(), self.sigma)

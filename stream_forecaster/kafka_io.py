@@ -348,7 +348,7 @@ class KafkaSink:
 class KafkaStateLog:
     """The state topic's Kafka calls through kafka-python (:class:`~stream_forecaster.state_topic.StateLog`)."""
 
-    def __init__(self, config: KafkaConfig, sink: KafkaSink):
+    def __init__(self, config: KafkaConfig, sink: KafkaSink | None = None):  # None: reading only
         self._config, self._sink = config, sink
 
     @contextlib.contextmanager
@@ -378,13 +378,19 @@ class KafkaStateLog:
         except KafkaError as exc:
             raise StateLogError(str(exc)) from None
 
+    def _writer(self) -> KafkaSink:
+        if self._sink is None:
+            raise StateLogError("this state log only reads")
+        return self._sink
+
     def publish(self, records: Sequence[OutRecord], stop: threading.Event) -> bool:
-        return self._sink.publish(records, stop)
+        return self._writer().publish(records, stop)
 
     def append(self, records: Sequence[OutRecord]) -> int:
-        futures = [self._sink.send(r) for r in records]
+        sink = self._writer()
+        futures = [sink.send(r) for r in records]
         try:
-            self._sink.flush()
+            sink.flush()
             offsets = [f.get(timeout=1).offset for f in futures]
         except KafkaError as exc:
             raise StateLogError(str(exc)) from None

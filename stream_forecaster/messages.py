@@ -33,10 +33,13 @@ __all__ = [
     "Reading",
     "RecordError",
     "UciLineParser",
+    "encode_anomalies",
+    "encode_gaps",
     "encode_predictions",
     "format_time",
     "parse_iso_time",
     "parse_number",
+    "prediction_id",
 ]
 
 UCI_COLUMNS = (
@@ -367,6 +370,37 @@ def encode_predictions(
              f'"model_version":{version},"source":{{"partition":{int(partition)},"offset":{int(offset)}}}}}').encode()
             for ident, sensor, timestamp, number, interval, partition, offset
             in zip(idents, sensors, timestamps, numbers, intervals, partitions, offsets)]
+
+
+def prediction_id(sensor: str, timestamp: str | None, partition: int, offset: int) -> str:
+    """A forecast's id: its sensor and time, else (no time) the input record it was made from. The same reading
+    always gets the same id, so at-least-once repeats are recognisable downstream."""
+    return f"{sensor}@{timestamp}" if timestamp else f"{sensor}@{partition}/{offset}"
+
+
+def encode_anomalies(idents: Sequence[str], sensors: Sequence[str], timestamps: Sequence[str | None],
+                     readings, forecasts, lower, upper, scores, targets: Sequence[str],
+                     model_version: str | None, partitions: Sequence[int], offsets: Sequence[int]) -> list[bytes]:
+    """The JSON values of anomaly events: a reading outside its forecast's anomaly band (``lower``, ``upper``),
+    with its standardised ``score``; the id is its forecast's. Numbers per target as in predictions."""
+    version = "null" if model_version is None else _quote(model_version)
+    columns = [_json_numbers(rows, targets) for rows in (readings, forecasts, lower, upper, scores)]
+    return [(f'{{"type":"anomaly","id":{_quote(ident)},"sensor":{_quote(sensor)},'
+             f'"timestamp":{"null" if timestamp is None else _quote(timestamp)},"reading":{reading},'
+             f'"forecast":{forecast},"lower":{low},"upper":{high},"score":{score},"model_version":{version},'
+             f'"source":{{"partition":{int(partition)},"offset":{int(offset)}}}}}').encode()
+            for ident, sensor, timestamp, reading, forecast, low, high, score, partition, offset
+            in zip(idents, sensors, timestamps, *columns, partitions, offsets)]
+
+
+def encode_gaps(sensors: Sequence[str], starts: Sequence[str], ends: Sequence[str], missing: Sequence[int],
+                partitions: Sequence[int], offsets: Sequence[int]) -> list[bytes]:
+    """The JSON values of gap events: ``missing`` readings of a sensor after its reading at ``start``, up to the
+    one at ``end`` that came next."""
+    return [(f'{{"type":"gap","id":{_quote(f"{sensor}@{start}/{end}")},"sensor":{_quote(sensor)},'
+             f'"from":{_quote(start)},"to":{_quote(end)},"missing":{int(n)},'
+             f'"source":{{"partition":{int(partition)},"offset":{int(offset)}}}}}').encode()
+            for sensor, start, end, n, partition, offset in zip(sensors, starts, ends, missing, partitions, offsets)]
 
 
 def _json_numbers(rows: Sequence[Sequence[float]], targets: Sequence[str]) -> list[str]:

@@ -82,6 +82,20 @@ class Metrics:
         self.batch_size = Histogram("stream_forecaster_batch_readings", "Messages handled per poll batch",
                                     buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000), registry=r)
         self.active_sensors = Gauge("stream_forecaster_active_sensors", "Sensors with a window", registry=r)
+        self.anomalies = Counter("stream_forecaster_anomalies", "Readings outside their forecast's anomaly band "
+                                 "(model.anomaly_quantiles)", registry=r)
+        self.gaps = Counter("stream_forecaster_gaps", "Runs of at least window.min_gap missing readings of one sensor",
+                            registry=r)
+        self.health_records = Counter("stream_forecaster_health_records",
+                                      "Per-sensor health records written to kafka.health_topic", registry=r)
+        self.health_sensors = Gauge("stream_forecaster_health_sensors", "Sensors whose skill counts in the "
+                                    "distribution gauges (at least 10 scored forecasts)", registry=r)
+        self.worse_than_persistence = Gauge("stream_forecaster_sensors_worse_than_persistence_ratio",
+                                            "Share of those sensors whose rolling RMSE is above persistence's",
+                                            registry=r)
+        self.sensor_skill = Gauge("stream_forecaster_sensor_skill", "Quantiles across sensors of each sensor's skill "
+                                  "against persistence (1 - RMSE / persistence's RMSE; its worst target)",
+                                  ["quantile"], registry=r)
         self.rebuilt = Counter("stream_forecaster_rebuilt_readings",
                                "Earlier readings replayed to refill windows after a restart or a new partition",
                                registry=r)

@@ -29,7 +29,7 @@ from .config import ModelConfig  # noqa: E402
 from .errors import Interrupted  # noqa: E402
 from .files import strict_json  # noqa: E402
 from .inference import batch_shapes, compiled_pieces, plain_pieces  # noqa: E402
-from .intervals import AdaptiveInterval  # noqa: E402
+from .intervals import AdaptiveInterval, AnomalyBand  # noqa: E402
 from .store import METADATA_FILE, MODEL_FILE, ModelMetadata, ModelStoreError  # noqa: E402
 
 __all__ = [
@@ -312,6 +312,7 @@ class Forecaster:
             intervals.get("adaptation", 0.0)) if intervals else None
         self.interval_quantiles: tuple[float, ...] = (self.prediction_interval.quantiles
                                                       if self.prediction_interval else ())
+        self.anomaly_band = AnomalyBand.from_dict(metadata.anomaly, to_scale) if metadata.anomaly else None
         spec = tf.TensorSpec([None, self.sequence_length - 1, len(self.features)], tf.float32)
         # One traced graph for any batch size: no per-call retracing, no model.predict overhead.
         self._graph = tf.function(lambda x: self.model(x, training=False), input_signature=[spec])

@@ -17,8 +17,21 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .config import Config
+from .health import SensorHealth, encode_health, fleet_skill
 from .inference import InferenceRunner
-from .messages import HEADER, MAX_KEY_BYTES, MISSING, Invalid, MessageParser, OutRecord, encode_predictions, format_time
+from .messages import (
+    HEADER,
+    MAX_KEY_BYTES,
+    MISSING,
+    Invalid,
+    MessageParser,
+    OutRecord,
+    encode_anomalies,
+    encode_gaps,
+    encode_predictions,
+    format_time,
+    prediction_id,
+)
 from .metrics import Metrics
 from .scoring import PendingForecasts, RollingErrors
 from .seams import Clock, Forecaster, Offsets, Record, Sink
@@ -36,12 +49,14 @@ HEADER_BUDGET = 16 * 1024  # bytes of an invalid message's own headers carried t
 @dataclass
 class _Parsed:
     """A batch's accepted readings as (record index, slot, reading); per window, its accepted index; dead letters;
-    the accepted readings that came more than one interval after their sensor's last (no forecast was for them)."""
+    the accepted readings that came more than one interval after their sensor's last (no forecast was for them),
+    and the time of that last one."""
 
     accepted: list = field(default_factory=list)
     window_of: list = field(default_factory=list)
     dead_letters: list = field(default_factory=list)
     gaps: list = field(default_factory=list)
+    gap_from: list = field(default_factory=list)
 
 
 class Stopped(Exception):
@@ -85,6 +100,8 @@ class Pipeline:
         self.runner = runner or InferenceRunner(1)
         self.output_topic = config.kafka.output_topic
         self.dead_letter_topic = config.kafka.dead_letter_topic
+        self.anomaly_topic, self.health_topic = config.kafka.anomaly_topic, config.kafka.health_topic
+        self.min_gap = config.window.min_gap
         self.period = config.data.period
         features, targets = forecaster.features, forecaster.targets
         self.columns = tuple(dict.fromkeys(features + targets))
@@ -99,6 +116,7 @@ class Pipeline:
         self.baseline_errors = RollingErrors(config.metrics.rolling_window, len(targets))
         # 1 where a truth fell inside its interval; its rolling "MAE" is the interval's coverage
         self.inside = RollingErrors(config.metrics.rolling_window, len(targets))
+        self.health = SensorHealth(len(targets), config.metrics.health_span)
         metrics.bind_rolling(targets, self.model_errors, self.baseline_errors, self.inside)
         self._invalid_log = _RateLimitedLog("invalid messages", clock)
         self._stale_log = _RateLimitedLog("stale readings", clock)
@@ -149,7 +167,8 @@ class Pipeline:
             predictions, scale = self.forecaster.forecast_scaled(windows)
             lower, upper = self.forecaster.bounds(predictions, scale) or (None, None)
             # persistence's forecast is the newest reading
-            self.pending.put(part, predictions, full[:, -1, self.target_index], lower, upper, scale)
+            self.pending.put(part, predictions, full[:, -1, self.target_index], lower, upper, scale,
+                             self.windows.times[part], self.windows.last[part])
         self.metrics.rebuilt.inc(replayed)
         self.metrics.active_sensors.set(len(self.windows))
         return replayed
@@ -169,6 +188,7 @@ class Pipeline:
         """Forget the sensors of partitions this daemon no longer owns."""
         slots = self.windows.drop_partitions(partitions)
         self.pending.clear(slots)
+        self.health.clear(slots)
         self.metrics.active_sensors.set(len(self.windows))
         return len(slots)
 
@@ -176,10 +196,36 @@ class Pipeline:
         """Drop the windows (and pending forecasts) of ``partition``'s sensors last read before ``offset``."""
         slots = self.windows.evict_before(partition, offset)
         self.pending.clear(slots)
+        self.health.clear(slots)
         if count:  # a refill repeats evictions the running daemon counted
             self.metrics.evicted.inc(len(slots))
         self.metrics.active_sensors.set(len(self.windows))
         return len(slots)
+
+    def health_report(self, now: float) -> list[OutRecord]:
+        """Update the fleet's skill gauges; return each scored sensor's health record for ``kafka.health_topic``
+        (none when it is not set), stamped with wall-clock time ``now``."""
+        slots = self.windows.in_use()
+        figures = self.health.figures(slots)
+        fleet = fleet_skill(figures)
+        m = self.metrics
+        m.health_sensors.set(fleet.sensors)
+        m.worse_than_persistence.set(fleet.worse_than_persistence)
+        for q, value in fleet.quantiles.items():
+            m.sensor_skill.labels(str(q)).set(value)
+        if not self.health_topic:
+            return []
+        scored = figures["scored"] > 0
+        slots = slots[scored]
+        figures = {k: v[scored] for k, v in figures.items()}
+        sensors = self.windows.sensors(slots)
+        last = [None if t != t else format_time(t, aware)
+                for t, aware in zip(self.windows.times[slots].tolist(), self.health.aware[slots].tolist())]
+        values = encode_health(sensors, figures, last, self.forecaster.targets, self.forecaster.version,
+                               format_time(now, True))
+        m.health_records.inc(len(values))
+        return [OutRecord(self.health_topic, sensor.encode("utf-8", "surrogateescape"), value)
+                for sensor, value in zip(sensors, values)]
 
     def swap_model(self, forecaster: Forecaster) -> None:
         """Serve ``forecaster`` from the next batch on; windows and pending forecasts carry over.
@@ -206,7 +252,10 @@ class Pipeline:
                 windows = self._batch[first:len(parsed.window_of)]
                 forecasts.append((first, self.runner.forecast_async(self.forecaster, windows)))
         predictions = self._publish(records, parsed, forecasts)
-        self._score(parsed.accepted, parsed.window_of, predictions, parsed.gaps)
+        events = self._score(records, parsed, predictions)
+        events += self._gap_events(records, parsed)
+        if events and self.anomaly_topic and not self.sink.publish(events, self.stop):
+            raise Stopped()
         self.metrics.batch_size.observe(len(records))
         self.metrics.active_sensors.set(len(self.windows))
         offsets: Offsets = {}
@@ -257,6 +306,7 @@ class Pipeline:
                 continue
             if when - last >= gap:
                 parsed.gaps.append(len(accepted))
+                parsed.gap_from.append(last)
             full = windows.append(slot, reading.values, record.offset, when)
             if full and not replay:
                 if self._all_features:
@@ -306,9 +356,7 @@ class Pipeline:
             i, _, reading = parsed.accepted[a]
             record = records[i]
             when = None if reading.timestamp is None else format_time(reading.timestamp + period, reading.aware)
-            # the same reading always gets the same id, so at-least-once repeats are recognisable downstream
-            idents.append(f"{reading.sensor}@{when}" if when else
-                          f"{reading.sensor}@{record.partition}/{record.offset}")
+            idents.append(prediction_id(reading.sensor, when, record.partition, record.offset))
             sensors.append(reading.sensor)
             times.append(when)
             partitions.append(record.partition)
@@ -352,20 +400,24 @@ class Pipeline:
                 key = key[:MAX_KEY_BYTES]
             dead_letters.append(OutRecord(self.dead_letter_topic, key, value, headers))
 
-    def _score(self, accepted, window_of, predictions, gaps=()) -> None:
-        """Score every accepted reading against the forecast pending for its sensor; leave the new ones pending.
+    def _score(self, records: Sequence[Record], parsed: _Parsed, predictions: np.ndarray) -> list[OutRecord]:
+        """Score every accepted reading against the forecast pending for its sensor; leave the new ones pending;
+        return the anomaly events.
 
         A sensor can send several readings in one batch: each is scored against
         the forecast made from the one before it, the first against what was
-        pending from earlier batches. A reading in ``gaps`` came more than one
+        pending from earlier batches. A reading after a gap came more than one
         interval after that one: the forecast was for a minute without a
         reading, so it is not scored. One pass of array operations per batch.
         """
+        accepted, window_of = parsed.accepted, parsed.window_of
         n = len(accepted)
         if n == 0:
-            return
+            return []
         slots = np.fromiter((slot for _, slot, _ in accepted), dtype=np.int64, count=n)
         truth = np.array([reading.values for _, _, reading in accepted], dtype=np.float32)[:, self.target_index]
+        times = np.array([np.nan if r.timestamp is None else r.timestamp for _, _, r in accepted], dtype=np.float64)
+        offsets = np.fromiter((records[i].offset for i, _, _ in accepted), dtype=np.int64, count=n)
         made = np.full((4,) + truth.shape, np.nan, dtype=np.float32)  # what each reading's window yielded, if any
         made[:, window_of] = predictions
         order = np.argsort(slots, kind="stable")
@@ -375,28 +427,50 @@ class Pipeline:
         forecast, baseline = np.empty((4,) + truth.shape, dtype=np.float32), np.empty_like(truth)
         inside, first = before >= 0, before < 0
         forecast[:, inside], baseline[inside] = made[:, before[inside]], truth[before[inside]]
+        made_at, made_from = np.empty(n), np.empty(n, dtype=np.int64)  # the reading each forecast came from
+        made_at[inside], made_from[inside] = times[before[inside]], offsets[before[inside]]
+        made_at[first], made_from[first] = self.pending.origin(slots[first])
         taken = self.pending.take(slots[first])
         forecast[0, first], baseline[first] = taken[:2]
         forecast[1:, first] = taken[2:]
-        forecast[:, list(gaps)] = np.nan
+        forecast[:, parsed.gaps] = np.nan
         last = np.ones(n, dtype=bool)
         last[order[:-1][repeat]] = False
-        self.pending.put(slots[last], made[0, last], truth[last], *made[1:, last])
+        self.pending.put(slots[last], made[0, last], truth[last], made[1, last], made[2, last], made[3, last],
+                         times[last], offsets[last])
 
         scored = np.isfinite(forecast[0]).all(axis=1)
         if not scored.any():
-            return
+            return []
+        rows = np.flatnonzero(scored)
         # in float64: readings near float32's limit (3e38, then -3e38) differ by more than float32 holds
-        error = forecast[0, scored].astype(np.float64) - truth[scored]
-        self.model_errors.add(error)
-        lower, upper, scale, seen = forecast[1, scored], forecast[2, scored], forecast[3, scored], truth[scored]
+        seen = truth[rows]
+        error = forecast[0, rows].astype(np.float64) - seen
+        baseline_error = baseline[rows].astype(np.float64) - seen
+        lower, upper, scale = forecast[1, rows], forecast[2, rows], forecast[3, rows]
         banded = np.isfinite(lower).all(axis=1)  # published with an interval
+        covered = np.where(banded[:, None], (lower <= seen) & (seen <= upper), np.nan)
+        self.model_errors.add(error)
+        self.baseline_errors.add(baseline_error)
+        self.health.add(slots[rows], error, baseline_error, covered)
+        self.health.aware[slots[rows]] = [accepted[a][2].aware for a in rows]
         if banded.any():
-            lower, upper, scale, seen = lower[banded], upper[banded], scale[banded], seen[banded]
-            self.inside.add((lower <= seen) & (seen <= upper))
+            self.inside.add(covered[banded])
             if self.forecaster.prediction_interval is not None:  # the live coverage steers the next intervals
-                self.forecaster.prediction_interval.update(seen < lower, seen > upper, scale)
-        self.baseline_errors.add(baseline[scored].astype(np.float64) - truth[scored])
+                self.forecaster.prediction_interval.update(seen[banded] < lower[banded], seen[banded] > upper[banded],
+                                                           scale[banded])
+        events: list[OutRecord] = []
+        band = self.forecaster.anomaly_band
+        if band is not None:
+            outside, band_lower, band_upper, score = band.judge(forecast[0, rows], scale, seen, lower, upper)
+            band.update(seen, band_lower, band_upper, scale)
+            if outside.any():
+                self.metrics.anomalies.inc(int(outside.sum()))
+                if self.anomaly_topic:
+                    at = np.flatnonzero(outside)
+                    events = self._anomaly_events(records, [accepted[a] for a in rows[at]], made_at[rows[at]],
+                                                  made_from[rows[at]], forecast[0, rows[at]], band_lower[at],
+                                                  band_upper[at], score[at])
         m = self.metrics
         m.scored.inc(len(error))
         for t, histogram in enumerate(m.abs_error):
@@ -407,3 +481,49 @@ class Pipeline:
                 if sensor in m.labelled_sensors:
                     for target, e in zip(self.forecaster.targets, row):
                         m.sensor_abs_error.labels(sensor, target).set(e)
+        return events
+
+    def _anomaly_events(self, records: Sequence[Record], readings: list, made_at: np.ndarray, made_from: np.ndarray,
+                        forecasts: np.ndarray, lower: np.ndarray, upper: np.ndarray,
+                        scores: np.ndarray) -> list[OutRecord]:
+        """The events of anomalous ``readings`` ((record index, slot, reading)), each named by its forecast's id."""
+        idents, sensors, times, partitions, offsets, keys = [], [], [], [], [], []
+        for (i, _, reading), at, source in zip(readings, made_at.tolist(), made_from.tolist()):
+            record = records[i]
+            forecast_time = None if at != at else format_time(at + self.period, reading.aware)
+            idents.append(prediction_id(reading.sensor, forecast_time, record.partition, source))
+            sensors.append(reading.sensor)
+            times.append(None if reading.timestamp is None else format_time(reading.timestamp, reading.aware))
+            partitions.append(record.partition)
+            offsets.append(record.offset)
+            keys.append(record.key)
+        values = encode_anomalies(idents, sensors, times,
+                                  [[r.values[t] for t in self.target_index] for _, _, r in readings],
+                                  forecasts.tolist(), lower.tolist(), upper.tolist(), scores.tolist(),
+                                  self.forecaster.targets, self.forecaster.version, partitions, offsets)
+        return [OutRecord(self.anomaly_topic or "", key, value, [("event", b"anomaly"), ("id", ident.encode())])
+                for key, value, ident in zip(keys, values, idents)]
+
+    def _gap_events(self, records: Sequence[Record], parsed: _Parsed) -> list[OutRecord]:
+        """Gap events: readings that came after at least ``window.min_gap`` missing ones of their sensor."""
+        if not self.min_gap or not parsed.gaps:
+            return []
+        sensors, starts, ends, missing, partitions, offsets, keys = [], [], [], [], [], [], []
+        for a, since in zip(parsed.gaps, parsed.gap_from):
+            i, _, reading = parsed.accepted[a]
+            skipped = round((reading.timestamp - since) / self.period) - 1
+            if skipped < self.min_gap:
+                continue
+            record = records[i]
+            sensors.append(reading.sensor)
+            starts.append(format_time(since, reading.aware))
+            ends.append(format_time(reading.timestamp, reading.aware))
+            missing.append(skipped)
+            partitions.append(record.partition)
+            offsets.append(record.offset)
+            keys.append(record.key)
+        self.metrics.gaps.inc(len(sensors))
+        if not self.anomaly_topic:
+            return []
+        return [OutRecord(self.anomaly_topic, key, value, [("event", b"gap")])
+                for key, value in zip(keys, encode_gaps(sensors, starts, ends, missing, partitions, offsets))]

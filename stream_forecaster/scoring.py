@@ -83,15 +83,25 @@ class PendingForecasts:
 
     def __init__(self, n_targets: int, capacity: int = 1024):
         self._rows = np.full((capacity, self._FIELDS, n_targets), np.nan, dtype=np.float32)
+        self._made_at = np.full(capacity, np.nan)  # the time of the reading each forecast was made from
+        self._made_from = np.full(capacity, -1, dtype=np.int64)  # and its input offset
 
     def put(self, slots: np.ndarray, forecasts: np.ndarray, baselines: np.ndarray,
-            lower: np.ndarray | None = None, upper: np.ndarray | None = None, scale: np.ndarray | None = None) -> None:
+            lower: np.ndarray | None = None, upper: np.ndarray | None = None, scale: np.ndarray | None = None,
+            made_at: np.ndarray | None = None, made_from: np.ndarray | None = None) -> None:
+        """Leave forecasts pending; ``made_at`` and ``made_from``, the time (NaN: none) and offset of the reading
+        each was made from, name it again when its truth comes (:meth:`origin`)."""
         slots = np.asarray(slots, dtype=np.int64)
         if len(slots) and slots.max() >= len(self._rows):
             old = len(self._rows)
-            grown = np.full((max(2 * old, int(slots.max()) + 1),) + self._rows.shape[1:], np.nan, dtype=np.float32)
+            new = max(2 * old, int(slots.max()) + 1)
+            grown = np.full((new,) + self._rows.shape[1:], np.nan, dtype=np.float32)
             grown[:old] = self._rows
             self._rows = grown
+            self._made_at = np.concatenate([self._made_at, np.full(new - old, np.nan)])
+            self._made_from = np.concatenate([self._made_from, np.full(new - old, -1, dtype=np.int64)])
+        self._made_at[slots] = np.nan if made_at is None else made_at
+        self._made_from[slots] = -1 if made_from is None else made_from
         self._rows[slots, 0] = forecasts
         self._rows[slots, 1] = baselines
         self._rows[slots, 2] = np.nan if lower is None else lower
@@ -105,6 +115,14 @@ class PendingForecasts:
     def forget_intervals(self) -> None:
         """Leave the pending forecasts unbanded: another model's intervals must not steer the next one's."""
         self._rows[:, 2:4] = np.nan
+
+    def origin(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(made_at, made_from)`` of the forecasts last put for ``slots`` (NaN and -1 where unknown)."""
+        slots = np.asarray(slots, dtype=np.int64)
+        known = slots < len(self._made_at)
+        at, offset = np.full(len(slots), np.nan), np.full(len(slots), -1, dtype=np.int64)
+        at[known], offset[known] = self._made_at[slots[known]], self._made_from[slots[known]]
+        return at, offset
 
     def take(self, slots: np.ndarray) -> tuple[np.ndarray, ...]:
         """``(forecasts, baselines, lower, upper, scale)`` pending for the slots (NaN rows where none); the slots are

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 if TYPE_CHECKING:
-    from .intervals import AdaptiveInterval
+    from .intervals import AdaptiveInterval, AnomalyBand
     from .messages import OutRecord
     from .store import ModelMetadata
 
@@ -138,6 +138,7 @@ class Forecaster(Protocol):
     targets: tuple[str, ...]
     sequence_length: int
     prediction_interval: AdaptiveInterval | None
+    anomaly_band: AnomalyBand | None
 
     def forecast_scaled(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(predictions, scale)``, both ``[n, targets]``, for windows ``[n, sequence_length - 1, features]``."""

@@ -24,6 +24,7 @@ from .metrics import CollectorRegistry, Metrics, MetricsServer, new_registry
 from .pipeline import CHUNK, Pipeline, Stopped
 from .recovery import Recovery
 from .seams import Checkpoints, Clock, Forecaster, Sink, Source, Wait
+from .state_topic import StateLog, StateTopic, ensure_compacted
 from .store import ModelStore, ModelStoreError
 
 __all__ = ["Daemon", "ModelWatcher"]
@@ -199,7 +200,7 @@ class Daemon:
             return self.source, self.sink, self.checkpoints
         backoff = self.retry_s
         sink, checkpoints = self.sink, self.checkpoints
-        sink_type, source_type, checkpoints_of = self._kafka_client()
+        sink_type, source_type, log_type = self._kafka_client()
         while not self.stop.is_set():
             try:
                 if sink is None:  # kept as soon as made: shutdown closes it even if the rest never comes
@@ -210,7 +211,12 @@ class Daemon:
                 if checkpoints is None and isinstance(sink, sink_type):
                     # the state topic is written by the sink's producer; with a sink of another kind refills
                     # replay window.rebuild_messages readings
-                    checkpoints = checkpoints_of(self.config.kafka, sink)
+                    state_log = log_type(self.config.kafka, sink)
+                    checkpoints = StateTopic(self.config.kafka, state_log)
+                    k = self.config.kafka
+                    if k.health_topic:
+                        ensure_compacted(state_log, k.health_topic, max(1, state_log.partitions(k.input_topic)),
+                                         "health topic")
                 source = self.source or source_type(self.config.kafka, on_unreadable=metrics.invalid.inc)
                 return source, sink, checkpoints
             except BrokerUnavailable as exc:
@@ -219,16 +225,16 @@ class Daemon:
                 backoff = min(30.0 * self.retry_s, backoff * 2)
         return None
 
-    def _kafka_client(self) -> tuple[type[Any], Callable[..., Source], Callable[..., Checkpoints]]:
-        """The sink and source types and the checkpoints of the client ``kafka.client`` names; only its module
-        is imported."""
+    def _kafka_client(self) -> tuple[type[Any], Callable[..., Source], Callable[..., StateLog]]:
+        """The sink, source and state log types of the client ``kafka.client`` names; only its module is
+        imported."""
         if self.config.kafka.client == "confluent":
             from . import confluent_io  # noqa: PLC0415
 
-            return confluent_io.ConfluentSink, confluent_io.ConfluentSource, confluent_io.confluent_checkpoints
+            return confluent_io.ConfluentSink, confluent_io.ConfluentSource, confluent_io.ConfluentStateLog
         from . import kafka_io  # noqa: PLC0415
 
-        return kafka_io.KafkaSink, kafka_io.KafkaSource, kafka_io.kafka_checkpoints
+        return kafka_io.KafkaSink, kafka_io.KafkaSource, kafka_io.KafkaStateLog
 
     def _wait_for_model(self) -> Forecaster | None:
         told = False
@@ -250,6 +256,7 @@ class Daemon:
         if source is None or pipeline is None or recovery is None or metrics is None:
             raise RuntimeError("Daemon.loop() runs after initialize()")
         next_gauges = next_eviction = 0.0
+        next_health = self.clock() + self.config.metrics.health_interval
         while not self.stop.is_set():
             self._swap_if_ready(pipeline, metrics)
             try:
@@ -294,6 +301,9 @@ class Daemon:
             if now >= next_gauges:
                 self._update_gauges(source, metrics)
                 next_gauges = now + GAUGE_INTERVAL_S
+            if now >= next_health:
+                self._report_health(pipeline)
+                next_health = now + self.config.metrics.health_interval
 
     def _size_batches(self, n: int, seconds: float) -> None:
         """Keep a batch's handling time within a quarter of ``max_poll_interval_ms``.
@@ -325,6 +335,13 @@ class Daemon:
         except (TypeError, ValueError):
             created = 0.0  # unknown: an alert on model age fires, which is what an unknown age deserves
         metrics.model_created.set(created)
+
+    def _report_health(self, pipeline: Pipeline) -> None:
+        """Each sensor's health to the health topic (waiting for the acknowledgements, as it waits for forecasts)
+        and the fleet's gauges."""
+        records = pipeline.health_report(time.time())
+        if records and self.sink is not None and not self.sink.publish(records, self.stop):
+            log.info("stopping before the sensors' health was acknowledged; the next daemon writes it again")
 
     @staticmethod
     def _update_gauges(source: Source, metrics: Metrics) -> None:

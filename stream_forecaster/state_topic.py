@@ -22,7 +22,7 @@ from .config import KafkaConfig
 from .messages import OutRecord
 from .seams import Record
 
-__all__ = ["StateLog", "StateLogError", "StateTopic"]
+__all__ = ["StateLog", "StateLogError", "StateTopic", "ensure_compacted", "read_latest"]
 
 log = logging.getLogger(__name__)
 
@@ -145,3 +145,34 @@ class StateTopic:
                 return found.value.decode("utf-8", "replace") if found.value else None
             back, stop = back * 8, start
         return None
+
+
+def ensure_compacted(store: StateLog, topic: str, partitions: int, what: str) -> bool:
+    """Create ``topic`` compacted with ``partitions`` if it does not exist; False (logged, saying what to do) if
+    it cannot be."""
+    try:
+        if store.partitions(topic):
+            return True
+        store.create_compacted(topic, partitions)
+    except StateLogError as exc:  # not allowed to create topics, say
+        log.error("cannot create the %s %s (%s): create it (cleanup.policy=compact) or name another", what, topic,
+                  exc)
+        return False
+    log.info("created the %s %s (compacted, %d partitions)", what, topic, partitions)
+    return True
+
+
+def read_latest(store: StateLog, topic: str) -> dict[bytes, Record]:
+    """The latest record of every key of a compacted ``topic``, up to its end offsets (a key whose latest record
+    is a tombstone is left out)."""
+    latest: dict[bytes, Record] = {}
+    for partition in range(store.partitions(topic)):
+        start, end = store.offsets(topic, partition)
+        for record in store.read(topic, partition, start, end):
+            if record.key is None:
+                continue
+            if record.value is None:
+                latest.pop(record.key, None)
+            else:
+                latest[record.key] = record
+    return latest

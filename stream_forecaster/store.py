@@ -82,6 +82,7 @@ class ModelMetadata:
     scaled_units: bool = False  # min_step and the interval's offsets are in units of each forecast's scale
     min_step: tuple[float, ...] | None = None
     intervals: Mapping[str, Any] | None = None  # AdaptiveInterval.to_dict(), calibrated on the validation slice
+    anomaly: Mapping[str, Any] | None = None  # the anomaly band: AdaptiveInterval.to_dict() and the residuals' sigma
     created: str | None = None  # ISO-8601
     data: Mapping[str, Any] = field(default_factory=dict)
     training: Mapping[str, Any] = field(default_factory=dict)

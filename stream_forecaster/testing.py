@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .intervals import AdaptiveInterval
+from .intervals import AdaptiveInterval, AnomalyBand
 from .messages import OutRecord
 from .seams import Offsets
 from .store import ModelMetadata
@@ -236,19 +236,21 @@ class StubForecaster:
     Its scale is what the real model's window normalisation gives (each
     column's standard deviation over the window), so intervals, scoring and
     metrics see the same kind of numbers. ``interval`` (an
-    :class:`~stream_forecaster.intervals.AdaptiveInterval`) publishes bounds.
+    :class:`~stream_forecaster.intervals.AdaptiveInterval`) publishes bounds; ``anomaly_band``
+    (:class:`~stream_forecaster.intervals.AnomalyBand`) judges readings.
     ``windows_seen`` counts the windows forecast.
     """
 
     def __init__(self, features: Sequence[str], targets: Sequence[str], sequence_length: int,
                  version: str | None = "1", step: float = 0.0, interval: AdaptiveInterval | None = None,
-                 created: str | None = None):
+                 created: str | None = None, anomaly_band: AnomalyBand | None = None):
         self.features, self.targets = tuple(features), tuple(targets)
         missing = set(self.targets) - set(self.features)
         if missing:
             raise ValueError(f"the stub forecasts from each target's last reading: {sorted(missing)} must be features")
         self.sequence_length, self.version, self.step = sequence_length, version, step
         self.prediction_interval = interval
+        self.anomaly_band = anomaly_band
         self.metadata = ModelMetadata(self.features, self.targets, sequence_length, {"method": "window"},
                                       created=created)
         self._last = [self.features.index(t) for t in self.targets]

@@ -18,7 +18,7 @@ import numpy as np
 from .config import Config
 from .errors import UserError
 from .files import Series, iso_time
-from .intervals import AdaptiveInterval
+from .intervals import AdaptiveInterval, robust_sigma
 from .model import Forecaster, Scaler, build_model, clone_model, fit, library_versions
 from .scoring import Scores, score
 from .store import ModelMetadata
@@ -411,16 +411,22 @@ def train(config: Config, series: Series, initial: Forecaster | None = None,
                         "is 0 or the data too short): no forecast step is held (give model.min_step)")
     if validation is not None and metadata.min_step is not None:  # the interval is calibrated on what will be published
         validation = backtest(Forecaster(model, metadata, jit_compile=spec.jit_compile), series, validation_starts)
-    if spec.intervals and validation is None:
-        log.warning("model.intervals are measured on the validation slice, and there is none "
-                    "(model.validation_split is 0 or the data too short): the model publishes no interval")
-    if spec.intervals and validation is not None and validation.scale is not None:
+    if (spec.intervals or spec.anomaly_quantiles) and validation is None:
+        log.warning("model.intervals and model.anomaly_quantiles are measured on the validation slice, and there is "
+                    "none (model.validation_split is 0 or the data too short): the model publishes no interval "
+                    "and no anomaly events")
+    if validation is not None and validation.scale is not None:
         varying = (validation.scale > 0).all(axis=1)
         residuals = (validation.truth[varying] - validation.predicted[varying]) / validation.scale[varying]
-        if len(residuals):
+        if len(residuals) and spec.intervals:
             metadata = metadata.replace(intervals={
                 **AdaptiveInterval.calibrate(spec.intervals, residuals, spec.interval_adaptation).to_dict(),
                 "from_windows": len(residuals),
+            })
+        if len(residuals) and spec.anomaly_quantiles:
+            metadata = metadata.replace(anomaly={
+                **AdaptiveInterval.calibrate(spec.anomaly_quantiles, residuals, spec.interval_adaptation).to_dict(),
+                "sigma": robust_sigma(residuals).tolist(), "from_windows": len(residuals),
             })
     forecaster = Forecaster(model, metadata, jit_compile=spec.jit_compile)
     test = backtest(forecaster, series, test_starts)

@@ -116,6 +116,15 @@ class SensorWindows:
         used = len(self._sensors)
         return np.flatnonzero((self.partitions[:used] == partition) & (self.last[:used] >= 0))
 
+    def in_use(self) -> np.ndarray:
+        """The slots holding a sensor."""
+        used = len(self._sensors)
+        return np.flatnonzero(self.last[:used] >= 0)
+
+    def sensors(self, slots) -> list[str]:
+        """The sensors of ``slots`` in use."""
+        return [self._sensors[s] or "" for s in slots]
+
     def evict_before(self, partition: int, offset: int) -> list[int]:
         """Free the slots of ``partition``'s sensors whose last reading came before ``offset``; returns them."""
         used = len(self._sensors)

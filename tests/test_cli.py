@@ -185,8 +185,8 @@ def test_without_a_validation_slice_a_given_min_step_still_holds_and_the_lack_of
     assert main(["train", "--data", str(data_file), "--quiet", *TINY, "--set", "model.validation_split=0",
                  "--set", "model.min_step=5", "--set", "model.intervals=[0.1, 0.9]", *store_args(tmp_path)]) == 0
     meta = ModelStore(tmp_path / "models").metadata("1").to_dict()
-    assert meta["min_step"] == [5.0] and "intervals" not in meta
-    assert "the model publishes no interval" in capsys.readouterr().err
+    assert meta["min_step"] == [5.0] and "intervals" not in meta and "anomaly" not in meta
+    assert "the model publishes no interval and no anomaly events" in capsys.readouterr().err
 
 
 def test_change_model_with_intervals_trained_before_a_date_and_scored_after_it(tmp_path, capsys):
@@ -204,6 +204,10 @@ def test_change_model_with_intervals_trained_before_a_date_and_scored_after_it(t
     assert meta["data"]["last"] < cut  # nothing at or after the cut was read
     low, high = meta["intervals"]["lower"][0], meta["intervals"]["upper"][0]
     assert low <= 0 <= high
+    # the anomaly band: wider quantiles of the same residuals, with their robust spread for the scores
+    anomaly = meta["anomaly"]
+    assert anomaly["quantiles"] == [0.005, 0.995] and anomaly["from_windows"] == meta["intervals"]["from_windows"]
+    assert anomaly["lower"][0] <= low and high <= anomaly["upper"][0] and anomaly["sigma"][0] > 0
 
     assert main(["evaluate", "--data", str(data), "--json", "--since", cut, *store_args(tmp_path)]) == 0
     report = json.loads(capsys.readouterr().out)

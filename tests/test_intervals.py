@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from stream_forecaster.intervals import AdaptiveInterval
+from stream_forecaster.intervals import AdaptiveInterval, AnomalyBand, robust_sigma
 
 
 def coverage(lower, upper, truth):
@@ -62,3 +62,24 @@ def test_offsets_that_would_cross_meet_instead():
     # every truth exactly on the forecast: neither side misses, so both offsets move inward
     interval.update(np.zeros((64, 1), bool), np.zeros((64, 1), bool), np.ones((64, 1)))
     assert interval.lower[0] == interval.upper[0] == pytest.approx(0.0)
+
+
+def test_the_robust_sigma_is_the_normal_spread_and_ignores_the_tails():
+    rng = np.random.default_rng(2)
+    residuals = rng.normal(size=(20000, 2)) * [1.0, 3.0]
+    residuals[:200] = 1e6  # one per cent of wild outliers
+    np.testing.assert_allclose(robust_sigma(residuals), [1.0, 3.0], rtol=0.05)
+    assert robust_sigma(np.zeros((5, 1)))[0] == 1.0  # never 0: scores divide by it
+
+
+def test_the_anomaly_band_never_lies_inside_the_interval_and_judges_no_window_without_spread():
+    band = AnomalyBand(AdaptiveInterval((0.005, 0.995), [-2.0], [2.0]), [0.5])
+    forecast, scale = np.array([[10.0], [10.0], [10.0]]), np.array([[1.0], [1.0], [0.0]])
+    truth = np.array([[12.5], [11.0], [30.0]])
+    lower, upper = np.array([[7.0], [np.nan], [np.nan]]), np.array([[13.0], [np.nan], [np.nan]])
+    outside, band_lower, band_upper, score = band.judge(forecast, scale, truth, lower, upper)
+    assert outside.tolist() == [False, False, False]  # inside the wider interval; inside the band; no spread
+    assert band_lower[:, 0].tolist() == [7.0, 8.0, 10.0] and band_upper[:, 0].tolist() == [13.0, 12.0, 10.0]
+    assert score[:2, 0].tolist() == [5.0, 2.0]  # residual / (scale * sigma)
+    outside, *_ = band.judge(forecast, scale, np.array([[13.5], [7.5], [30.0]]), lower, upper)
+    assert outside.tolist() == [True, True, False]

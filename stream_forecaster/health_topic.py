@@ -1,0 +1,77 @@
+"""The health topic read back: each sensor's latest health record, for ``stream-forecaster health`` and the
+retrainer's skill trigger.
+
+Written by the daemon (:meth:`stream_forecaster.pipeline.Pipeline.health_report`);
+read here through the configured Kafka client, outside any consumer group.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from .config import KafkaConfig
+from .errors import UserError
+from .state_topic import StateLog, read_latest
+
+__all__ = ["fleet_median_skill", "open_log", "read_health", "skill_of", "worst"]
+
+
+def open_log(config: KafkaConfig) -> StateLog:
+    """A reading-only :class:`~stream_forecaster.state_topic.StateLog` of the client ``kafka.client`` names."""
+    if config.client == "confluent":
+        from .confluent_io import ConfluentStateLog  # noqa: PLC0415 (only the client named is imported)
+
+        return ConfluentStateLog(config)
+    from .kafka_io import KafkaStateLog  # noqa: PLC0415
+
+    return KafkaStateLog(config)
+
+
+def read_health(config: KafkaConfig, log: StateLog | None = None) -> dict[str, dict[str, Any]]:
+    """``{sensor: its latest health record}`` of ``kafka.health_topic`` (records that are not health records,
+    written by someone else, are left out)."""
+    if not config.health_topic:
+        raise UserError("kafka.health_topic is not set: the daemons write no health records (set it, e.g. "
+                        "--set kafka.health_topic=sensor-health, for the daemons and for this command)")
+    log = log or open_log(config)
+    if not log.partitions(config.health_topic):
+        raise UserError(f"the health topic {config.health_topic!r} does not exist yet: a daemon with "
+                        "kafka.health_topic set creates it and writes every metrics.health_interval")
+    health = {}
+    for record in read_latest(log, config.health_topic).values():
+        try:
+            value = json.loads(record.value or b"")
+        except ValueError:
+            continue
+        if isinstance(value, dict) and isinstance(value.get("sensor"), str):
+            health[value["sensor"]] = value
+    return health
+
+
+def skill_of(record: dict[str, Any]) -> float:
+    """A health record's skill: its worst target's (NaN when unknown)."""
+    skill = record.get("skill")
+    values = list(skill.values()) if isinstance(skill, dict) else [skill]
+    numbers = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return min(numbers) if numbers and len(numbers) == len(values) else math.nan
+
+
+def worst(health: dict[str, dict[str, Any]], n: int, min_scored: int = 1) -> list[dict[str, Any]]:
+    """The ``n`` records of lowest skill among sensors with at least ``min_scored`` scored forecasts; sensors whose
+    skill is unknown come last."""
+    counted = [r for r in health.values() if int(r.get("scored") or 0) >= min_scored]
+    counted.sort(key=lambda r: (math.isnan(skill_of(r)), skill_of(r), r["sensor"]))
+    return counted[:n]
+
+
+def fleet_median_skill(health: dict[str, dict[str, Any]], min_scored: int) -> tuple[float, int]:
+    """The median skill of the sensors with at least ``min_scored`` scored forecasts, and how many they are."""
+    skills = sorted(s for s in (skill_of(r) for r in health.values() if int(r.get("scored") or 0) >= min_scored)
+                    if not math.isnan(s))
+    if not skills:
+        return math.nan, 0
+    middle = len(skills) // 2
+    median = skills[middle] if len(skills) % 2 else (skills[middle - 1] + skills[middle]) / 2
+    return median, len(skills)
