@@ -86,6 +86,13 @@ class Metrics:
                                  "(model.anomaly_quantiles)", registry=r)
         self.gaps = Counter("stream_forecaster_gaps", "Runs of at least window.min_gap missing readings of one sensor",
                             registry=r)
+        shadow = Counter("stream_forecaster_shadow_decisions", "Shadow candidates promoted (beat the serving model "
+                         "and persistence on live readings) or dropped", ["decision"], registry=r)
+        self.shadow_decisions = {d: shadow.labels(d) for d in ("promoted", "dropped")}
+        self.shadow_scored = Counter("stream_forecaster_shadow_scored_predictions",
+                                     "Forecasts of the shadow candidate scored against the readings", registry=r)
+        self.shadow_version = Gauge("stream_forecaster_shadow_version",
+                                    "Version number of the candidate forecasting in shadow (0: none)", registry=r)
         self.health_records = Counter("stream_forecaster_health_records",
                                       "Per-sensor health records written to kafka.health_topic", registry=r)
         self.health_sensors = Gauge("stream_forecaster_health_sensors", "Sensors whose skill counts in the "
@@ -200,6 +207,12 @@ class RetrainMetrics:
                            "held-out slice", ["model"], registry=r)
         self.last_run = Gauge("stream_forecaster_retrain_last_run_timestamp_seconds",
                               "When the latest cycle ended, by outcome", ["outcome"], registry=r)
+        starts = Counter("stream_forecaster_retrain_starts", "Retraining cycles started, by why: schedule "
+                         "(retrain.every) or skill (the fleet's live skill below retrain.trigger_skill)", ["reason"],
+                         registry=r)
+        self.starts = {reason: starts.labels(reason) for reason in ("schedule", "skill")}
+        self.fleet_skill = Gauge("stream_forecaster_retrain_fleet_skill", "The fleet's median skill against "
+                                 "persistence, as the retrainer last read it from kafka.health_topic", registry=r)
 
 
 def new_registry() -> CollectorRegistry:
