@@ -72,6 +72,8 @@ DESCRIPTIONS = {
     "models": "List the model versions in model_store.path, show one's metadata, make one current, or roll back "
               "to the previous one; the daemon swaps to the current version by itself. Most common: "
               "stream-forecaster models list",
+    "health": "Each sensor's live errors beside persistence's, as the daemons last wrote them to kafka.health_topic, "
+              "worst skill first. Most common: stream-forecaster health --worst 20",
     "demo": "Everything on one machine: a development broker, a model (trained if the store has none), the daemon "
             "and a replay of the bundled sample's last week, with a live view and a plot at the end. Most common: "
             "stream-forecaster demo",
@@ -137,6 +139,13 @@ def _parser() -> argparse.ArgumentParser:
     models = command("models", "list, show, promote and roll back model versions")
     models.add_argument("action", choices=("list", "show", "promote", "rollback"))
     models.add_argument("version", nargs="?", help="the version, for show and promote")
+
+    health = command("health", "the sensors with the worst live skill, from kafka.health_topic")
+    health.add_argument("--worst", type=_positive(int), default=20, metavar="N",
+                        help="list the N sensors with the lowest skill (default 20)")
+    health.add_argument("--min-scored", type=_positive(int, zero=True), default=1, metavar="N",
+                        help="only sensors with at least N scored forecasts (default 1)")
+    health.add_argument("--json", action="store_true", help="print their health records as one JSON array")
 
     demo = command("demo", "broker, model, daemon and replay together, with a live view")
     demo.add_argument("--duration", type=_positive(float), metavar="SECONDS",
@@ -419,8 +428,28 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_health(args) -> int:
+    from .health_topic import read_health, skill_of, worst
+    from .report import format_health
+
+    config = _config(args)
+    health = read_health(config.kafka)
+    records = worst(health, args.worst, args.min_scored)
+    if args.json:
+        print(json.dumps(records))
+        return 0
+    if not health:
+        print(f"no sensor health in {config.kafka.health_topic} yet: the daemons write it every "
+              "metrics.health_interval once they score forecasts")
+        return 0
+    losing = sum(1 for r in health.values() if skill_of(r) < 0)
+    print(format_health(records, len(health), losing))
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "run": cmd_run, "replay": cmd_replay,
-            "broker": cmd_broker, "demo": cmd_demo, "retrain": cmd_retrain, "models": cmd_models}
+            "broker": cmd_broker, "demo": cmd_demo, "retrain": cmd_retrain, "models": cmd_models,
+            "health": cmd_health}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,8 +9,8 @@ from pathlib import Path
 from .errors import UserError
 from .files import iso_time, strict_json
 
-__all__ = ["format_sensors", "format_table", "format_versions", "to_json", "worst_sensors", "write_csvs",
-           "write_plot"]
+__all__ = ["format_health", "format_sensors", "format_table", "format_versions", "to_json", "worst_sensors",
+           "write_csvs", "write_plot"]
 
 PLOT_POINTS = 100  # the seeds plot the first 100 predictions
 
@@ -62,6 +62,28 @@ def format_sensors(per_sensor: dict, count: int) -> str:
     lines += ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
               for row in rows]
     return "\n".join(lines)
+
+
+def format_health(records: list[dict], sensors: int, losing: int) -> str:
+    """Health records (worst first) of the ``sensors`` in the health topic, ``losing`` of them worse than
+    persistence: skill, RMSE beside persistence's, MAE, coverage, scored forecasts and last reading. Figures of
+    several targets show each target's, separated by '/'."""
+    rows = [("sensor", "skill", "RMSE", "persistence", "MAE", "coverage", "scored", "last reading", "model")]
+    for r in records:
+        rows.append((r["sensor"], _figure(r.get("skill"), "{:+.1%}"), _figure(r.get("rmse"), "{:.5g}"),
+                     _figure(r.get("persistence_rmse"), "{:.5g}"), _figure(r.get("mae"), "{:.5g}"),
+                     _figure(r.get("coverage"), "{:.0%}"), str(r.get("scored", "-")), str(r.get("last_reading") or "-"),
+                     str(r.get("model_version") or "-")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [f"{sensors} sensors, {losing} worse than persistence (RMSE); the {len(rows) - 1} lowest skills:"]
+    lines += ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+              for row in rows]
+    return "\n".join(lines)
+
+
+def _figure(value, form: str) -> str:
+    values = list(value.values()) if isinstance(value, dict) else [value]
+    return "/".join("-" if not isinstance(v, (int, float)) else form.format(v) for v in values)
 
 
 def format_versions(store) -> str:
