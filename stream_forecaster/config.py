@@ -567,6 +567,9 @@ def _check_consistency(config: Config, origins: Mapping, source: str) -> None:
     if model.intervals and (len(model.intervals) != 2 or not model.intervals[0] < model.intervals[1] < 1.0):
         raise ConfigError(f"{where('model.intervals')}: model.intervals: two quantiles, lower then upper, each "
                           f"between 0 and 1, e.g. [0.1, 0.9], or [] for none (got {list(model.intervals)})")
+    if config.retrain.trigger_skill is not None and not k.health_topic:
+        raise ConfigError(f"{where('retrain.trigger_skill')}: retrain.trigger_skill: the fleet's skill is read from "
+                          "kafka.health_topic, which is not set: set it, for the daemons and the retrainer alike")
     band = model.anomaly_quantiles
     if band and (len(band) != 2 or not band[0] < band[1] < 1.0):
         raise ConfigError(f"{where('model.anomaly_quantiles')}: model.anomaly_quantiles: two quantiles, lower then "

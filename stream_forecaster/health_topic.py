@@ -7,6 +7,7 @@ read here through the configured Kafka client, outside any consumer group.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 from typing import Any
@@ -15,7 +16,7 @@ from .config import KafkaConfig
 from .errors import UserError
 from .state_topic import StateLog, read_latest
 
-__all__ = ["fleet_median_skill", "open_log", "read_health", "skill_of", "worst"]
+__all__ = ["fleet_median_skill", "open_log", "read_health", "recent", "skill_of", "worst"]
 
 
 def open_log(config: KafkaConfig) -> StateLog:
@@ -75,3 +76,17 @@ def fleet_median_skill(health: dict[str, dict[str, Any]], min_scored: int) -> tu
     middle = len(skills) // 2
     median = skills[middle] if len(skills) % 2 else (skills[middle - 1] + skills[middle]) / 2
     return median, len(skills)
+
+
+def recent(health: dict[str, dict[str, Any]], span_s: float) -> dict[str, dict[str, Any]]:
+    """The records written within ``span_s`` of the newest: the latest rounds, without sensors no daemon reports
+    any more (evicted, retired) whose last record stays in the compacted topic."""
+    def written(record) -> float:
+        try:
+            return dt.datetime.fromisoformat(str(record.get("at")).replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return math.nan
+
+    at = {sensor: written(r) for sensor, r in health.items()}
+    newest = max((t for t in at.values() if not math.isnan(t)), default=math.nan)
+    return {sensor: r for sensor, r in health.items() if at[sensor] >= newest - span_s}

@@ -1,16 +1,19 @@
 """The retrainer: refreshed weights on recent readings, published only past a validation gate.
 
 Runs as its own process (training must never stall inference), one cycle every
-``retrain.every`` on a monotonic clock, or once (``--once``, for cron). A
-cycle reads the most recent ``retrain.history`` of readings, from the input
-topic with the daemon's own parser, or from a file; trains a candidate (from
-the current weights or from scratch) on at most ``model.max_windows``
-windows, sampled across sensors and time; scores candidate, current model and
-persistence on the most recent slice the candidate did not train on (sampled
-per sensor the same way), with the live error's metric; and publishes the
-candidate only if its error is finite and lower than the current model's by
-at least ``retrain.min_improvement``. A failed cycle leaves the store
-untouched; the next one runs as scheduled.
+``retrain.every`` on a monotonic clock, or once (``--once``, for cron). With
+``retrain.trigger_skill`` it also starts a cycle when the fleet's live skill
+against persistence, read from the daemons' health topic, has stayed below it
+for ``retrain.trigger_for`` (:class:`SkillTrigger`). A cycle reads the most
+recent ``retrain.history`` of readings, from the input topic with the daemon's
+own parser, or from a file; trains a candidate (from the current weights or
+from scratch) on at most ``model.max_windows`` windows, sampled across sensors
+and time; scores candidate, current model and persistence on the most recent
+slice the candidate did not train on (sampled per sensor the same way), with
+the live error's metric; and publishes the candidate only if its error is
+finite and lower than the current model's by at least
+``retrain.min_improvement``. A failed cycle leaves the store untouched; the
+next one runs as scheduled.
 """
 
 from __future__ import annotations
@@ -23,21 +26,23 @@ import time
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from .config import Config, DataConfig
-from .errors import Interrupted, UserError
+from .errors import BrokerUnavailable, Interrupted, UserError
 from .files import Series, read_series
+from .health import MIN_SCORED
 from .messages import MISSING, MessageParser, Reading
 from .metrics import MetricsServer, RetrainMetrics
+from .seams import Clock, Wait
 from .store import IncompatibleModel, ModelStore
 
 if TYPE_CHECKING:
     from .model import Forecaster
 
-__all__ = ["Outcome", "Retrainer", "read_file", "read_topic", "series_from_records"]
+__all__ = ["Outcome", "Retrainer", "SkillTrigger", "read_file", "read_topic", "series_from_records"]
 
 log = logging.getLogger(__name__)
 
@@ -187,13 +192,48 @@ def read_topic(config: Config, columns, stop: threading.Event) -> Series:
     return series
 
 
+class SkillTrigger:
+    """Whether the fleet's live skill calls for a cycle: below ``threshold`` on every look for ``hold_s``, and
+    ``min_interval_s`` since the last cycle started (of any kind: one that just ran saw the same data)."""
+
+    def __init__(self, threshold: float, hold_s: float, min_interval_s: float, clock: Clock = time.monotonic):
+        self.threshold, self.hold_s, self.min_interval_s, self.clock = threshold, hold_s, min_interval_s, clock
+        self.below_since: float | None = None
+        self._last_cycle: float | None = None
+
+    def cycle_started(self) -> None:
+        """A cycle starts: the skill must stay low for ``hold_s`` again before it calls for another."""
+        self._last_cycle, self.below_since = self.clock(), None
+
+    def observe(self, skill: float) -> bool:
+        """Note the skill just read (NaN: unknown, which is not low); True when a cycle should start now."""
+        now = self.clock()
+        if not skill < self.threshold:
+            self.below_since = None
+            return False
+        if self.below_since is None:
+            self.below_since = now
+        rested = self._last_cycle is None or now - self._last_cycle >= self.min_interval_s
+        return now - self.below_since >= self.hold_s and rested
+
+
 class Retrainer:
-    def __init__(self, config: Config, data_path: Path | None = None, metrics: RetrainMetrics | None = None):
+    """``clock`` and ``wait`` pace the schedule (tests pass a manual clock's); ``fleet_skill()`` returns the
+    fleet's median skill and how many sensors it counts (by default read from ``kafka.health_topic``)."""
+
+    def __init__(self, config: Config, data_path: Path | None = None, metrics: RetrainMetrics | None = None,
+                 clock: Clock = time.monotonic, wait: Wait | None = None,
+                 fleet_skill: Callable[[], tuple[float, int]] | None = None):
         self.config = config
         self.data_path = data_path
         self.store = ModelStore(config.model_store.path, config.model_store.keep)
         self.metrics = metrics or RetrainMetrics()
         self.stop = threading.Event()
+        self.clock, self.wait = clock, wait or self.stop.wait
+        self.fleet_skill = fleet_skill or self._read_fleet_skill
+        r = config.retrain
+        self.trigger = (SkillTrigger(r.trigger_skill, r.trigger_for, r.min_interval, clock)
+                        if r.trigger_skill is not None else None)
         self.columns = list(dict.fromkeys(config.data.features + config.data.targets))
 
     def request_stop(self, *_signal_args) -> None:
@@ -213,8 +253,12 @@ class Retrainer:
             signal.signal(signal.SIGTERM, self.request_stop)
             signal.signal(signal.SIGINT, self.request_stop)
         try:
-            while True:
-                started = time.monotonic()
+            reason: str | None = "schedule"
+            while reason is not None:
+                started = self.clock()
+                self.metrics.starts[reason].inc()
+                if self.trigger is not None:
+                    self.trigger.cycle_started()
                 try:
                     outcome = self.run_once()
                 except Interrupted:
@@ -222,11 +266,43 @@ class Retrainer:
                     return 0
                 if once:
                     return 1 if outcome.outcome == "failed" else 0
-                if self.stop.wait(max(0.0, started + self.config.retrain.every - time.monotonic())):
-                    return 0
+                reason = self._next_cycle(started + self.config.retrain.every)
+            return 0
         finally:
             if server is not None:
                 server.stop()
+
+    def _next_cycle(self, due: float) -> str | None:
+        """Wait for the next cycle: ``"schedule"`` at ``due``, ``"skill"`` sooner when the trigger says so, None
+        when stopped first. The skill is read every ``metrics.health_interval``, as often as it is written."""
+        while True:
+            now = self.clock()
+            if now >= due:
+                return "schedule"
+            step = due - now if self.trigger is None else min(due - now, self.config.metrics.health_interval)
+            if self.wait(step):
+                return None
+            if self.trigger is None or self.clock() >= due:
+                continue
+            skill, sensors = self.fleet_skill()
+            self.metrics.fleet_skill.set(skill)
+            if self.trigger.observe(skill):
+                log.info("retraining now: the fleet's median skill against persistence, %.4g over %d sensors, has "
+                         "stayed below retrain.trigger_skill %.4g for %.0f s", skill, sensors,
+                         self.trigger.threshold, self.trigger.hold_s)
+                return "skill"
+
+    def _read_fleet_skill(self) -> tuple[float, int]:
+        """The median skill of the sensors in the health topic's latest rounds; NaN (logged) when unreadable."""
+        from .health_topic import fleet_median_skill, read_health, recent  # noqa: PLC0415 (Kafka only if used)
+
+        try:
+            health = read_health(self.config.kafka)
+        except (UserError, BrokerUnavailable) as exc:
+            log.warning("the fleet's skill is unknown (%s); trying again in %.0f s", exc,
+                        self.config.metrics.health_interval)
+            return math.nan, 0
+        return fleet_median_skill(recent(health, 2 * self.config.metrics.health_interval), MIN_SCORED)
 
     def run_once(self) -> Outcome:
         """One cycle: load, train, gate, maybe publish. Never raises but for :class:`Interrupted`."""

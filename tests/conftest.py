@@ -25,7 +25,8 @@ HEADER = ("Date;Time;Global_active_power;Global_reactive_power;Voltage;Global_in
 
 
 UNIT_MODULES = {"test_config", "test_daemon_fakes", "test_first_minutes", "test_fleet_events", "test_inference",
-                "test_intervals", "test_messages", "test_metrics", "test_readers", "test_store", "test_window"}
+                "test_intervals", "test_messages", "test_metrics", "test_readers", "test_retrain_trigger", "test_store",
+                "test_window"}
 
 
 def pytest_ignore_collect(collection_path, config):

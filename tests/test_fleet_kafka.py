@@ -135,3 +135,57 @@ def test_a_spike_is_one_anomaly_a_run_of_missing_readings_one_gap_and_health_mat
         assert daemon.terminate() == 0, daemon.output()
     finally:
         daemon.close()
+
+
+def test_the_retrainer_retrains_when_the_skill_in_the_health_topic_stays_low(broker, kafka_names, tmp_path):
+    from stream_forecaster.kafka_io import KafkaSink, KafkaStateLog
+    from stream_forecaster.messages import OutRecord
+    from stream_forecaster.retrain import Retrainer
+    from stream_forecaster.testing import ManualClock
+
+    topic = f"health-{kafka_names['group']}"
+    config = load_config(None, [
+        f"kafka.bootstrap_servers={broker.address}", f"kafka.health_topic={topic}", "retrain.trigger_skill=0",
+        "retrain.trigger_for=2m", "retrain.min_interval=1h", "retrain.every=6h", "metrics.health_interval=1m",
+        "retrain.metrics_port=0", f"model_store.path={tmp_path / 'models'}", "model.sequence_length=8",
+    ], environ={})
+    KafkaStateLog(config.kafka).create_compacted(topic, 2)
+    sink = KafkaSink(config.kafka)
+
+    def write(skills, at, scored=50):
+        sink.publish([OutRecord(topic, sensor.encode(), json.dumps(
+            {"sensor": sensor, "skill": skill, "scored": scored, "at": at}).encode()) for sensor, skill in skills])
+
+    write([(f"s{i}", skill) for i, skill in enumerate([0.3, 0.1, -0.2, 0.5, 0.0])], "2026-01-01T10:00:00Z")
+    write([("retired", -5.0)], "2026-01-01T08:00:00Z")  # evicted long ago: its last record stays
+    write([("new", -9.0)], "2026-01-01T10:00:00Z", scored=3)  # too few scored forecasts to count
+    write([("trailer", None)], "2026-01-01T07:00:00Z")  # the development broker may leave the newest batch out
+    manual = ManualClock()
+    # its cycles find no data file and fail at once: what starts them is under test, not the training
+    r = Retrainer(config, tmp_path / "no-data-yet.txt", clock=manual)
+    assert r.fleet_skill() == (pytest.approx(0.1), 5)
+
+    write([(f"s{i}", -0.3) for i in range(5)], "2026-01-01T10:01:00Z")  # the world drifted
+    write([("trailer", None)], "2026-01-01T07:00:00Z")
+
+    def wait(seconds):
+        manual.advance(seconds)
+        if starts("skill") == 1:
+            r.stop.set()
+        return r.stop.is_set()
+
+    def starts(reason):
+        return r.metrics.registry.get_sample_value("stream_forecaster_retrain_starts_total", {"reason": reason})
+
+    r.wait = wait
+    assert r.run() == 0
+    sink.close()
+    assert starts("schedule") == 1 and starts("skill") == 1
+    runs = sum(r.metrics.registry.get_sample_value("stream_forecaster_retrain_runs_total", {"outcome": o})
+               for o in ("published", "rejected", "failed"))
+    assert runs == 2 and r.metrics.registry.get_sample_value("stream_forecaster_retrain_runs_total",
+                                                             {"outcome": "failed"}) == 2
+    assert r.metrics.registry.get_sample_value("stream_forecaster_retrain_fleet_skill") == -0.3
+    # read every minute, the skill is low from 60 s on, but the skill's cycle waits for retrain.min_interval after the
+    # scheduled one (at 0 s): it starts at 3600 s, and the stop comes one wait later
+    assert manual() == pytest.approx(3600 + 60)
