@@ -51,8 +51,17 @@ def test_rules_cover_the_alerts_operators_need():
     alerts = {r["alert"]: r["expr"] for r in rules if "alert" in r}
     assert set(alerts) == {"StreamForecasterWorseThanPersistence", "StreamForecasterNoPredictions",
                            "StreamForecasterConsumerLagGrowing", "StreamForecasterRetrainFailing",
-                           "StreamForecasterModelStale", "StreamForecasterStuck"}
+                           "StreamForecasterModelStale", "StreamForecasterStuck", "StreamForecasterAnomalyRateHigh",
+                           "StreamForecasterSensorsWorseThanPersistence"}
     assert all(r.get("annotations", {}).get("description") for r in rules if "alert" in r)
+    assert "stream_forecaster_anomalies_total" in rules_expr(rules, "stream_forecaster:anomaly_ratio_15m")
+    assert "stream_forecaster_scored_predictions_total" in rules_expr(rules, "stream_forecaster:anomaly_ratio_1d")
+    descriptions = {r["alert"]: r["annotations"]["description"] for r in rules if "alert" in r}
+    assert "stream-forecaster health --worst" in descriptions["StreamForecasterAnomalyRateHigh"]
+
+
+def rules_expr(rules: list[dict], record: str) -> str:
+    return next(r["expr"] for r in rules if r.get("record") == record)
 
 
 def exported_names() -> set[str]:
@@ -71,7 +80,7 @@ def exported_names() -> set[str]:
 
 
 def series_names(expr: str) -> set[str]:
-    return set(re.findall(r"\b(stream_forecaster[:_][a-z_:]+)", expr))
+    return set(re.findall(r"\b(stream_forecaster[:_][a-z0-9_:]+)", expr))
 
 
 def test_rules_and_dashboard_query_only_series_that_exist():
@@ -82,8 +91,42 @@ def test_rules_and_dashboard_query_only_series_that_exist():
     used = set().union(*map(series_names, exprs))
     assert used and used <= known, f"unknown series: {sorted(used - known)}"
     titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
-    for topic in ("per second", "latency", "mae", "rmse", "skill", "model version", "lag"):
+    for topic in ("per second", "latency", "mae", "rmse", "skill", "model version", "lag", "quantiles",
+                  "worse than persistence", "sensors counted", "anomaly rate", "gaps", "shadow candidate",
+                  "shadow decisions", "retraining starts", "fleet skill"):
         assert topic in titles
+    panel_exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    shown = set().union(*map(series_names, panel_exprs))
+    assert {"stream_forecaster_sensor_skill", "stream_forecaster_sensors_worse_than_persistence_ratio",
+            "stream_forecaster_health_sensors", "stream_forecaster:anomaly_ratio_15m", "stream_forecaster_gaps_total",
+            "stream_forecaster_shadow_decisions_total", "stream_forecaster_shadow_scored_predictions_total",
+            "stream_forecaster_shadow_version", "stream_forecaster_retrain_starts_total",
+            "stream_forecaster_retrain_fleet_skill"} <= shown
+    assert any('forecaster="candidate"' in e for e in panel_exprs)
+
+
+def test_dashboard_panels_have_unique_ids_and_do_not_overlap():
+    panels = json.loads((DEPLOY / "grafana" / "dashboards" / "stream-forecaster.json").read_text())["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    cells = set()
+    for p in panels:
+        assert p["datasource"] == {"type": "prometheus", "uid": "prometheus"}
+        g = p["gridPos"]
+        assert 0 <= g["x"] and g["x"] + g["w"] <= 24
+        area = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+        assert not area & cells, f"panel {p['id']} overlaps another"
+        cells |= area
+        assert len({t["refId"] for t in p["targets"]}) == len(p["targets"])
+
+
+@needs_promtool
+def test_dashboard_queries_parse(tmp_path):
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "stream-forecaster.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    rules = {"groups": [{"name": "dashboard", "rules": [{"record": f"panel:query_{i}", "expr": e}
+                                                        for i, e in enumerate(exprs)]}]}
+    (tmp_path / "dashboard.yml").write_text(yaml.safe_dump(rules))
+    assert f"SUCCESS: {len(exprs)} rules found" in promtool("check", "rules", str(tmp_path / "dashboard.yml"))
 
 
 def test_compose_runs_kafka_in_kraft_mode_daemon_retrainer_prometheus_and_grafana():
