@@ -69,8 +69,9 @@ DESCRIPTIONS = {
     "retrain": "Retrain on the recent history of the input topic on a schedule, and publish a new version only "
                "when it beats the serving one (the validation gate). Most common: stream-forecaster retrain next "
                "to the daemon, or retrain --once from cron.",
-    "models": "List the model versions in model_store.path, show one's metadata, make one current, or roll back "
-              "to the previous one; the daemon swaps to the current version by itself. Most common: "
+    "models": "List the model versions in model_store.path, show one's metadata, make one current, roll back "
+              "to the previous one, or have the daemons forecast one in shadow beside the current one (promoted "
+              "if it beats it on live readings); the daemon swaps to the current version by itself. Most common: "
               "stream-forecaster models list",
     "health": "Each sensor's live errors beside persistence's, as the daemons last wrote them to kafka.health_topic, "
               "worst skill first. Most common: stream-forecaster health --worst 20",
@@ -137,8 +138,9 @@ def _parser() -> argparse.ArgumentParser:
                          help="train on this CSV, JSON lines or UCI file instead of the input topic")
 
     models = command("models", "list, show, promote and roll back model versions")
-    models.add_argument("action", choices=("list", "show", "promote", "rollback"))
-    models.add_argument("version", nargs="?", help="the version, for show and promote")
+    models.add_argument("action", choices=("list", "show", "promote", "rollback", "shadow"))
+    models.add_argument("version", nargs="?",
+                        help="the version, for show, promote and shadow (shadow none: stop the shadow)")
 
     health = command("health", "the sensors with the worst live skill, from kafka.health_topic")
     health.add_argument("--worst", type=_positive(int), default=20, metavar="N",
@@ -403,7 +405,7 @@ def cmd_retrain(args) -> int:
 def cmd_models(args) -> int:
     config = _config(args)
     store = ModelStore(config.model_store.path, config.model_store.keep)
-    if args.action in ("show", "promote") and not args.version:
+    if args.action in ("show", "promote", "shadow") and not args.version:
         raise UserError(f"models {args.action} needs a VERSION; versions: {', '.join(store.versions()) or 'none'}")
     if args.action == "list":
         from .report import format_versions
@@ -416,6 +418,18 @@ def cmd_models(args) -> int:
             raise UserError(f"no model version {args.version!r}; versions: {', '.join(store.versions()) or 'none'}")
         store.set_current(args.version)
         print(f"current model: version {args.version}")
+    elif args.action == "shadow":
+        if args.version == "none":
+            store.set_shadow(None)
+            print("no shadow candidate")
+            return 0
+        if args.version not in store.versions():
+            raise UserError(f"no model version {args.version!r}; versions: {', '.join(store.versions()) or 'none'}")
+        if args.version == store.current():
+            raise UserError(f"version {args.version} is the current one: shadow another, to compare with it")
+        store.set_shadow(args.version)
+        print(f"shadow candidate: version {args.version} (the daemons forecast it beside version "
+              f"{store.current()} and promote it if it wins)")
     else:
         previous, current = store.previous(), store.current()
         if current is None:

@@ -8,6 +8,7 @@ rate and forwarded to the dead-letter topic, and the batch goes on.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -35,6 +36,7 @@ from .messages import (
 from .metrics import Metrics
 from .scoring import PendingForecasts, RollingErrors
 from .seams import Clock, Forecaster, Offsets, Record, Sink
+from .shadow import Shadow, in_sample
 from .window import SensorWindows
 
 __all__ = ["Pipeline", "Stopped"]
@@ -117,6 +119,9 @@ class Pipeline:
         # 1 where a truth fell inside its interval; its rolling "MAE" is the interval's coverage
         self.inside = RollingErrors(config.metrics.rolling_window, len(targets))
         self.health = SensorHealth(len(targets), config.metrics.health_span)
+        self.shadow: Shadow | None = None
+        self._shadow_settings = (config.retrain.shadow_sample, config.retrain.shadow_for, config.retrain.metric,
+                                 config.metrics.rolling_window)
         metrics.bind_rolling(targets, self.model_errors, self.baseline_errors, self.inside)
         self._invalid_log = _RateLimitedLog("invalid messages", clock)
         self._stale_log = _RateLimitedLog("stale readings", clock)
@@ -227,6 +232,16 @@ class Pipeline:
         return [OutRecord(self.health_topic, sensor.encode("utf-8", "surrogateescape"), value)
                 for sensor, value in zip(sensors, values)]
 
+    def set_candidate(self, candidate: Forecaster | None) -> None:
+        """Forecast ``candidate`` in shadow from the next batch on (None: no more); it starts with no score."""
+        self.shadow = None if candidate is None else Shadow(candidate, *self._shadow_settings)
+        for i, target in enumerate(self.forecaster.targets):
+            errors = self.shadow.errors if self.shadow is not None else None
+            self.metrics.rolling_mae.labels(target, "candidate").set_function(
+                (lambda: float("nan")) if errors is None else functools.partial(errors.mae, i))
+            self.metrics.rolling_rmse.labels(target, "candidate").set_function(
+                (lambda: float("nan")) if errors is None else functools.partial(errors.rmse, i))
+
     def swap_model(self, forecaster: Forecaster) -> None:
         """Serve ``forecaster`` from the next batch on; windows and pending forecasts carry over.
 
@@ -244,15 +259,18 @@ class Pipeline:
         soon as they are cut, so the model computes while the next chunk is
         parsed and the forecasts before it are encoded and sent.
         """
-        parsed, forecasts = _Parsed(), []
+        parsed, forecasts, shadowed = _Parsed(), [], []
         for lo in range(0, len(records), CHUNK):
             first = len(parsed.window_of)
             self._ingest(records, lo, min(len(records), lo + CHUNK), parsed)
             if len(parsed.window_of) > first:
                 windows = self._batch[first:len(parsed.window_of)]
                 forecasts.append((first, self.runner.forecast_async(self.forecaster, windows)))
+                if self.shadow is not None:
+                    shadowed.append(self._shadow_forecasts(parsed, first, windows))
         predictions = self._publish(records, parsed, forecasts)
-        events = self._score(records, parsed, predictions)
+        candidate = self._shadow_predictions(len(parsed.window_of), shadowed)
+        events = self._score(records, parsed, predictions, candidate)
         events += self._gap_events(records, parsed)
         if events and self.anomaly_topic and not self.sink.publish(events, self.stop):
             raise Stopped()
@@ -321,6 +339,24 @@ class Pipeline:
             m.ignored.inc(ignored)
             m.stale.inc(stale)
             m.accepted.inc(len(accepted) - count)
+
+    def _shadow_forecasts(self, parsed: _Parsed, first: int, windows: np.ndarray) -> tuple[np.ndarray, object]:
+        """Start the candidate's forecasts of the sampled sensors' windows ``first`` on: (their indices, future)."""
+        assert self.shadow is not None
+        sensors = [parsed.accepted[a][2].sensor for a in parsed.window_of[first:]]
+        picked = np.flatnonzero(in_sample(sensors, self.shadow.share))
+        future = self.runner.forecast_async(self.shadow.candidate, windows[picked]) if len(picked) else None
+        return first + picked, future
+
+    def _shadow_predictions(self, n_windows: int, shadowed: list) -> np.ndarray | None:
+        """The candidate's forecast of each window of the batch (NaN for those not in its sample)."""
+        if self.shadow is None:
+            return None
+        made = np.full((n_windows, len(self.forecaster.targets)), np.nan, dtype=np.float32)
+        for picked, future in shadowed:
+            if future is not None:
+                made[picked] = future.result()[0]
+        return made
 
     def _publish(self, records: Sequence[Record], parsed: _Parsed, forecasts: list) -> np.ndarray:
         """Send the dead letters, then each chunk's forecasts as soon as its future completes; return once every
@@ -400,7 +436,8 @@ class Pipeline:
                 key = key[:MAX_KEY_BYTES]
             dead_letters.append(OutRecord(self.dead_letter_topic, key, value, headers))
 
-    def _score(self, records: Sequence[Record], parsed: _Parsed, predictions: np.ndarray) -> list[OutRecord]:
+    def _score(self, records: Sequence[Record], parsed: _Parsed, predictions: np.ndarray,
+               candidate: np.ndarray | None = None) -> list[OutRecord]:
         """Score every accepted reading against the forecast pending for its sensor; leave the new ones pending;
         return the anomaly events.
 
@@ -440,6 +477,9 @@ class Pipeline:
                          times[last], offsets[last])
 
         scored = np.isfinite(forecast[0]).all(axis=1)
+        if candidate is not None and self.shadow is not None:
+            self._score_shadow(self.shadow, candidate, slots, truth, forecast[0], baseline, scored,
+                               (window_of, before, inside, first, last, parsed.gaps))
         if not scored.any():
             return []
         rows = np.flatnonzero(scored)
@@ -482,6 +522,24 @@ class Pipeline:
                     for target, e in zip(self.forecaster.targets, row):
                         m.sensor_abs_error.labels(sensor, target).set(e)
         return events
+
+    def _score_shadow(self, shadow: Shadow, made: np.ndarray, slots: np.ndarray, truth: np.ndarray,
+                      forecast: np.ndarray, baseline: np.ndarray, scored: np.ndarray, order: tuple) -> None:
+        """Score the candidate's forecasts as :meth:`_score` scores the serving model's, on the readings both
+        forecast; leave its new ones pending."""
+        window_of, before, inside, first, last, gaps = order
+        window_made = np.full(truth.shape, np.nan, dtype=np.float32)  # per reading, the candidate's from its window
+        window_made[window_of] = made
+        forecast_c = np.empty_like(truth)
+        forecast_c[inside] = window_made[before[inside]]
+        forecast_c[first] = shadow.pending.take(slots[first])[0]
+        forecast_c[gaps] = np.nan
+        shadow.pending.put(slots[last], window_made[last], truth[last])
+        both = scored & np.isfinite(forecast_c).all(axis=1)
+        if both.any():
+            seen = truth[both].astype(np.float64)
+            shadow.score(forecast_c[both] - seen, forecast[both] - seen, baseline[both] - seen)
+            self.metrics.shadow_scored.inc(int(both.sum()))
 
     def _anomaly_events(self, records: Sequence[Record], readings: list, made_at: np.ndarray, made_from: np.ndarray,
                         forecasts: np.ndarray, lower: np.ndarray, upper: np.ndarray,

@@ -87,26 +87,31 @@ def _figure(value, form: str) -> str:
 
 
 def format_versions(store) -> str:
-    """One line per model version: creation time, data range, test scores, gate decision."""
-    current = store.current()
+    """One line per model version (``*`` the current one, ``s`` the shadow candidate): creation time, data range,
+    test scores, gate decision."""
+    current, shadow = store.current(), store.shadow()
     rows = [("", "version", "created", "trained on", "test RMSE", "persistence", "gate")]
     for version in store.versions():
         try:
             meta = store.metadata(version)
         except Exception as exc:  # a damaged version is listed, not fatal to the listing
-            rows.append(("*" if version == current else "", version, f"unreadable: {exc}", "", "", "", ""))
+            rows.append((_mark(version, current, shadow), version, f"unreadable: {exc}", "", "", "", ""))
             continue
         data, test, gate = meta.data, meta.test, meta.gate or {}
         train_range = " .. ".join(data.get("train_range", ["?", "?"]))
         gate_text = gate.get("decision", "manual (train)")
         if gate.get("current") is not None:
             gate_text += f" ({gate['metric']} {gate['candidate']:.4g} vs {gate['current']:.4g})"
-        rows.append(("*" if version == current else "", version, meta.created or "?", train_range,
+        rows.append((_mark(version, current, shadow), version, meta.created or "?", train_range,
                      _num(test.get("rmse")), _num(test.get("persistence_rmse")), gate_text))
     if len(rows) == 1:
         return f"no model versions in {store.path}"
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def _mark(version: str, current: str | None, shadow: str | None) -> str:
+    return "*" if version == current else "s" if version == shadow else ""
 
 
 def _num(value) -> str:

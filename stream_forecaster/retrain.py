@@ -391,6 +391,12 @@ class Retrainer:
         })
         if self.stop.is_set():
             raise Interrupted("stopped before publishing")
+        if self.config.retrain.shadow and current is not None:
+            # the held-out slice said yes; the live readings decide (the daemons promote it or drop it)
+            version = self.store.publish(published.save, make_current=False)
+            self.store.set_shadow(version)
+            return Outcome("published", reason + "; in shadow until it wins live", version, candidate, current_error,
+                           persistence)
         version = self.store.publish(published.save)
         return Outcome("published", reason, version, candidate, current_error, persistence)
 

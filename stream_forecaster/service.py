@@ -50,6 +50,9 @@ class ModelWatcher:
         self.serving = serving
         self._seen = serving.version
         self._ready: Forecaster | None = None
+        self._shadow_seen: str | None = None  # the SHADOW version last acted on
+        self._candidate: list[Forecaster | None] = []  # a change of candidate to hand over (None: no more)
+        self.decided: set[str] = set()  # candidates this daemon promoted or dropped: never shadowed again
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="model-watcher", daemon=True)
 
@@ -65,25 +68,42 @@ class ModelWatcher:
                 log.exception("checking the model store failed; trying again in %.0f s", self.poll_interval)
 
     def check(self) -> None:
-        """Load the current version if it is new; refuse it (logged, counted) if it does not fit."""
+        """Load the current version if it is new, and the shadow version if it changed; refuse either (logged,
+        counted) if it does not fit."""
         try:
-            version = self.store.current()
+            version, shadow = self.store.current(), self.store.shadow()
         except (OSError, ModelStoreError) as exc:  # checked again next poll: fixing the pointer is enough
             log.warning("cannot read the model store pointer: %s", exc)
             return
-        if version is None or version == self._seen:
-            return
-        self._seen = version
+        if version is not None and version != self._seen:
+            self._seen = version
+            loaded = self._load(version, "model version")
+            if loaded is not None:
+                with self._lock:
+                    self._ready = loaded
+        if shadow != self._shadow_seen:
+            self._shadow_seen = shadow
+            wanted = shadow is not None and shadow not in self.decided and shadow != self._seen
+            candidate = self._load(shadow, "shadow candidate") if wanted and shadow is not None else None
+            with self._lock:
+                self._candidate.append(candidate)
+
+    def _load(self, version: str, what: str) -> Forecaster | None:
         served = (self.serving.features, self.serving.targets, self.serving.sequence_length)
         try:
-            candidate = self.store.load(version, expect=served, jit_compile=self.jit_compile)
-            candidate.warm_up(CHUNK)
+            loaded = self.store.load(version, expect=served, jit_compile=self.jit_compile)
+            loaded.warm_up(CHUNK)
+            return loaded
         except Exception as exc:  # a bad version must never take the daemon down
             self.metrics.swap_refused.inc()
-            log.error("refusing model version %s: %s; still serving version %s", version, exc, self.serving.version)
-            return
+            log.error("refusing %s %s: %s; still serving version %s", what, version, exc, self.serving.version)
+            return None
+
+    def take_candidate(self) -> tuple[bool, Forecaster | None]:
+        """``(changed, candidate)``: whether the shadow candidate changed since the last call, and to what."""
         with self._lock:
-            self._ready = candidate
+            changes, self._candidate = self._candidate, []
+        return (True, changes[-1]) if changes else (False, None)
 
     def take(self) -> Forecaster | None:
         """The loaded new forecaster, once, or None."""
@@ -259,6 +279,7 @@ class Daemon:
         next_health = self.clock() + self.config.metrics.health_interval
         while not self.stop.is_set():
             self._swap_if_ready(pipeline, metrics)
+            self._shadow_if_changed(pipeline, metrics)
             try:
                 records = source.poll(POLL_TIMEOUT_S, self.batch_limit)
             except Exception as exc:  # kafka-python raises on some broker faults; they pass, the loop must not
@@ -292,6 +313,7 @@ class Daemon:
                     return
                 recovery.processed(offsets)
                 self._size_batches(len(records), time.monotonic() - started)
+                self._decide_on_shadow(pipeline, metrics)
             now = self.clock()
             if now >= next_eviction:
                 recovery.evict()
@@ -326,6 +348,45 @@ class Daemon:
         metrics.swapped.inc()
         self._show_model(metrics, new)
         log.info("now serving model version %s (was %s)", new.version, old)
+
+    def _shadow_if_changed(self, pipeline: Pipeline, metrics: Metrics) -> None:
+        changed, candidate = self.watcher.take_candidate() if self.watcher is not None else (False, None)
+        if not changed:
+            return
+        pipeline.set_candidate(candidate)
+        metrics.shadow_version.set(_version_number(candidate.version if candidate else None))
+        if candidate is not None:
+            log.info("forecasting model version %s in shadow for %.0f%% of the sensors (serving %s)",
+                     candidate.version, 100 * self.config.retrain.shadow_sample, pipeline.forecaster.version)
+        else:
+            log.info("no shadow candidate")
+
+    def _decide_on_shadow(self, pipeline: Pipeline, metrics: Metrics) -> None:
+        """Promote the candidate that beat the serving model and persistence over ``retrain.shadow_for`` scored
+        forecasts, drop one that did not; either way it leaves the shadow."""
+        shadow = pipeline.shadow
+        verdict = shadow.verdict() if shadow is not None else None
+        if shadow is None or verdict is None:
+            return
+        version = shadow.candidate.version or ""
+        candidate, serving, persistence = shadow.figures()
+        pipeline.set_candidate(None)
+        metrics.shadow_version.set(0)
+        metrics.shadow_decisions[verdict].inc()
+        if self.watcher is not None:
+            self.watcher.decided.add(version)
+        log.info("shadow candidate %s %s after %d scored forecasts: %s %.6g against the serving model's %.6g and "
+                 "persistence's %.6g", version, verdict, shadow.scored, shadow.metric, candidate, serving,
+                 persistence)
+        try:
+            if self.store.shadow() != version:  # another daemon decided first, or an operator changed it
+                return
+            if verdict == "promoted":
+                self.store.set_current(version)
+            self.store.set_shadow(None)
+        except (OSError, ModelStoreError) as exc:
+            log.warning("cannot record the shadow decision in the model store (%s); the candidate stays there for "
+                        "an operator (stream-forecaster models promote or shadow none)", exc)
 
     @staticmethod
     def _show_model(metrics: Metrics, forecaster: Forecaster) -> None:

@@ -246,3 +246,64 @@ def test_without_a_health_topic_only_the_gauges_are_updated():
     pipeline, _, metrics = run([records(series())], forecaster, "kafka.health_topic=null")
     assert pipeline.health_report(0) == []
     assert metrics.registry.get_sample_value("stream_forecaster_health_sensors") == 3
+
+
+class Trend(StubForecaster):
+    """Extrapolates the last step: on smooth readings it beats persistence, which the shadow needs to see."""
+
+    def forecast_scaled(self, windows):
+        last, scale = super().forecast_scaled(windows)
+        return (2 * windows[:, -1, self._last] - windows[:, -2, self._last]).astype(np.float32), scale
+
+
+def shadow_run(candidate, *overrides):
+    values = series(120)
+    serving = StubForecaster(["Global_active_power"], ["Global_active_power"], L, step=0.5)
+    metrics = Metrics(serving.targets)
+    pipeline = Pipeline(config("retrain.shadow_sample=0.5", *overrides), serving, ListSink(), metrics)
+    pipeline.set_candidate(candidate)
+    stream = records(values)
+    for i in range(0, len(stream), 50):
+        pipeline.process(stream[i:i + 50])
+    return pipeline, metrics, values
+
+
+def test_the_candidate_forecasts_its_sample_in_shadow_scored_on_the_same_readings_and_never_published():
+    candidate = Trend(["Global_active_power"], ["Global_active_power"], L, version="2")
+    pipeline, metrics, values = shadow_run(candidate, "retrain.shadow_for=100000")
+    from stream_forecaster.shadow import in_sample
+
+    sampled = [s for s, picked in zip(SENSORS, in_sample(SENSORS, 0.5)) if picked]
+    assert 0 < len(sampled) < len(SENSORS)  # the sample, by the sensors' ids, holds some sensors and not others
+    assert candidate.windows_seen == len(sampled) * (120 - (L - 1) + 1)
+    assert {json.loads(r.value)["model_version"] for r in pipeline.sink.records} == {"1"}
+    errors = {"candidate": [], "serving": [], "persistence": []}
+    for sensor in sampled:
+        x = values[sensor].astype(np.float32).astype(np.float64)
+        for t in range(L - 1, 120):
+            window = x[t - (L - 1):t]
+            errors["candidate"].append(np.float32(2 * window[-1] - window[-2]) - x[t])
+            errors["serving"].append(np.float32(window[-1] + 0.5 * window.std()) - x[t])
+            errors["persistence"].append(window[-1] - x[t])
+    shadow = pipeline.shadow
+    assert shadow.scored == len(errors["candidate"])
+    rmse = [np.sqrt(np.mean(np.square(errors[k]))) for k in ("candidate", "serving", "persistence")]
+    np.testing.assert_allclose(shadow.figures(), rmse, rtol=1e-5)
+    assert metrics.registry.get_sample_value("stream_forecaster_shadow_scored_predictions_total") == shadow.scored
+    assert metrics.registry.get_sample_value("stream_forecaster_rolling_rmse",
+                                             {"target": "Global_active_power", "forecaster": "candidate"}) > 0
+    assert shadow.verdict() is None  # fewer than retrain.shadow_for
+    pipeline.set_candidate(None)
+    assert np.isnan(metrics.registry.get_sample_value(
+        "stream_forecaster_rolling_rmse", {"target": "Global_active_power", "forecaster": "candidate"}))
+
+
+@pytest.mark.parametrize("candidate, verdict", [
+    (Trend(["Global_active_power"], ["Global_active_power"], L, version="2"), "promoted"),
+    (StubForecaster(["Global_active_power"], ["Global_active_power"], L, version="2", step=1.0), "dropped"),
+    (StubForecaster(["Global_active_power"], ["Global_active_power"], L, version="2", step=0.0), "dropped"),
+])
+def test_the_verdict_needs_shadow_for_forecasts_and_a_win_over_both(candidate, verdict):
+    # the third is persistence itself: it beats the serving model but does not beat persistence
+    pipeline, _, _ = shadow_run(candidate, "retrain.shadow_for=60")
+    assert pipeline.shadow.scored >= 60 and pipeline.shadow.verdict() == verdict

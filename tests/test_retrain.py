@@ -46,15 +46,18 @@ def test_first_cycle_publishes_with_the_gate_in_the_metadata(tmp_path):
         pytest.approx(gate["candidate"])
 
 
-def test_warm_start_beats_and_replaces_the_current_model(tmp_path):
-    r = retrainer(tmp_path, "model.epochs=1")
+@pytest.mark.parametrize("shadow", [False, True])
+def test_warm_start_beats_and_replaces_the_current_model(tmp_path, shadow):
+    r = retrainer(tmp_path, "model.epochs=1", f"retrain.shadow={str(shadow).lower()}")
     r.run_once()
-    outcome = retrainer(tmp_path, "model.epochs=2").run_once()
+    assert r.store.current() == "1" and r.store.shadow() is None  # no model to compare with live: served at once
+    outcome = retrainer(tmp_path, "model.epochs=2", f"retrain.shadow={str(shadow).lower()}").run_once()
     assert outcome.outcome == "published" and outcome.candidate_error < outcome.current_error
     meta = r.store.metadata("2").to_dict()
     assert meta["training"]["warm_start_from"] == "1"
     assert meta["normalization"] == r.store.metadata("1").to_dict()["normalization"]  # fine-tuning keeps the scaling
-    assert r.store.current() == "2"
+    # with retrain.shadow the daemons decide, on live readings, whether it replaces the current model
+    assert (r.store.current(), r.store.shadow()) == (("1", "2") if shadow else ("2", None))
 
 
 def test_a_new_network_shape_trains_from_scratch_and_is_still_gated(tmp_path, caplog):
