@@ -192,16 +192,14 @@ class Pipeline:
     def drop_partitions(self, partitions) -> int:
         """Forget the sensors of partitions this daemon no longer owns."""
         slots = self.windows.drop_partitions(partitions)
-        self.pending.clear(slots)
-        self.health.clear(slots)
+        self._forget(slots)
         self.metrics.active_sensors.set(len(self.windows))
         return len(slots)
 
     def evict_before(self, partition: int, offset: int, count: bool = True) -> int:
         """Drop the windows (and pending forecasts) of ``partition``'s sensors last read before ``offset``."""
         slots = self.windows.evict_before(partition, offset)
-        self.pending.clear(slots)
-        self.health.clear(slots)
+        self._forget(slots)
         if count:  # a refill repeats evictions the running daemon counted
             self.metrics.evicted.inc(len(slots))
         self.metrics.active_sensors.set(len(self.windows))
@@ -241,6 +239,13 @@ class Pipeline:
                 (lambda: float("nan")) if errors is None else functools.partial(errors.mae, i))
             self.metrics.rolling_rmse.labels(target, "candidate").set_function(
                 (lambda: float("nan")) if errors is None else functools.partial(errors.rmse, i))
+
+    def _forget(self, slots: list[int]) -> None:
+        """Clear what freed slots held beside their windows: a new sensor may take the slot."""
+        self.pending.clear(slots)
+        self.health.clear(slots)
+        if self.shadow is not None:
+            self.shadow.pending.clear(slots)
 
     def swap_model(self, forecaster: Forecaster) -> None:
         """Serve ``forecaster`` from the next batch on; windows and pending forecasts carry over.
