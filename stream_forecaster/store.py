@@ -6,6 +6,7 @@ Layout (as TensorFlow Serving expects numbered version directories)::
     <store>/1/metadata.json
     <store>/1/checksums.sha256     # `sha256sum -c` can check it too
     <store>/CURRENT                # the version being served, e.g. "1"
+    <store>/SHADOW                 # optional: a version to evaluate beside the served one
 
 A version is written into a hidden temporary directory, synced, and renamed into
 place; ``CURRENT`` is replaced with ``os.replace``. Readers therefore see a
@@ -44,13 +45,14 @@ from .errors import UserError
 if TYPE_CHECKING:
     from .model import Forecaster
 
-__all__ = ["CHECKSUM_FILE", "METADATA_FILE", "MODEL_FILE", "POINTER_FILE", "IncompatibleModel", "ModelMetadata",
-           "ModelStore", "ModelStoreError"]
+__all__ = ["CHECKSUM_FILE", "METADATA_FILE", "MODEL_FILE", "POINTER_FILE", "SHADOW_FILE", "IncompatibleModel",
+           "ModelMetadata", "ModelStore", "ModelStoreError"]
 
 CHECKSUM_FILE = "checksums.sha256"
 METADATA_FILE = "metadata.json"
 MODEL_FILE = "model.keras"
 POINTER_FILE = "CURRENT"
+SHADOW_FILE = "SHADOW"
 _LOCK_FILE = ".lock"
 _TMP_PREFIX = ".tmp-"
 _STALE_TMP_SECONDS = 3600
@@ -163,7 +165,14 @@ class ModelStore:
 
     def current(self) -> str | None:
         """The version ``CURRENT`` points at, or None for an empty store."""
-        pointer = self.path / POINTER_FILE
+        return self._read_pointer(POINTER_FILE)
+
+    def shadow(self) -> str | None:
+        """The version ``SHADOW`` points at (to be evaluated beside the current one), or None."""
+        return self._read_pointer(SHADOW_FILE)
+
+    def _read_pointer(self, name: str) -> str | None:
+        pointer = self.path / name
         try:
             version = pointer.read_text().strip()
         except FileNotFoundError:
@@ -171,21 +180,23 @@ class ModelStore:
         except NotADirectoryError:
             raise self._not_a_directory() from None
         except IsADirectoryError:
-            raise ModelStoreError(self._pointer_is_a_directory()) from None
+            raise ModelStoreError(self._pointer_is_a_directory(name)) from None
         except OSError as exc:
             raise ModelStoreError(f"cannot read {pointer}: {exc.strerror or exc}") from None
         except UnicodeDecodeError:
-            raise ModelStoreError(f"{self.path / POINTER_FILE} is damaged: not text") from None
+            raise ModelStoreError(f"{pointer} is damaged: not text") from None
         if version and not _is_number(version):
-            raise ModelStoreError(f"{self.path / POINTER_FILE} is damaged: {version[:40]!r} is not a version number")
+            raise ModelStoreError(f"{pointer} is damaged: {version[:40]!r} is not a version number")
         return version or None
 
     def _not_a_directory(self) -> ModelStoreError:
         return ModelStoreError(f"model store {self.path} is not a directory (a file is in the way): "
                                "set model_store.path to a directory; it is created if absent")
 
-    def _pointer_is_a_directory(self) -> str:
+    def _pointer_is_a_directory(self, name: str = POINTER_FILE) -> str:
         # os.replace cannot put the pointer file over a directory, so promoting cannot repair this
+        if name != POINTER_FILE:
+            return f"{self.path / name} is a directory, not the file naming a version: remove it"
         return (f"{self.path / POINTER_FILE} is a directory, not the file naming the current version: remove it, "
                 "then choose the version to serve with `stream-forecaster models promote VERSION`")
 
@@ -293,12 +304,7 @@ class ModelStore:
         except OSError as exc:
             raise ModelStoreError(f"cannot write a model version into {self.path}: {exc.strerror or exc}") from None
         try:
-            write(tmp)
-            files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-            lines = [f"{_sha256(tmp / name)}  {name}" for name in files]
-            (tmp / CHECKSUM_FILE).write_text("\n".join(lines) + "\n")
-            for name in files + [CHECKSUM_FILE]:
-                _fsync(tmp / name)
+            self._write_version(write, tmp)
             with self._lock():
                 version = self._rename_into_place(tmp)
                 _fsync(self.path)
@@ -312,6 +318,16 @@ class ModelStore:
                 shutil.rmtree(tmp, ignore_errors=True)
         return version
 
+    @staticmethod
+    def _write_version(write: Callable[[Path], None], tmp: Path) -> None:
+        """Fill the empty directory ``tmp`` with ``write`` and the checksum list, synced to disk."""
+        write(tmp)
+        files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+        lines = [f"{_sha256(tmp / name)}  {name}" for name in files]
+        (tmp / CHECKSUM_FILE).write_text("\n".join(lines) + "\n")
+        for name in files + [CHECKSUM_FILE]:
+            _fsync(tmp / name)
+
     def previous(self) -> str | None:
         """The newest version older than the current one (what ``rollback`` goes back to)."""
         current = self.current()
@@ -323,6 +339,20 @@ class ModelStore:
         with self._lock():
             self._point_at(version)
 
+    def set_shadow(self, version: str | None) -> None:
+        """Point ``SHADOW`` at ``version`` atomically (a complete version: it is verified); None removes it."""
+        with self._lock():
+            if version is not None:
+                self._point_at(version, SHADOW_FILE)
+                return
+            try:
+                (self.path / SHADOW_FILE).unlink()
+                _fsync(self.path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise ModelStoreError(f"cannot remove {self.path / SHADOW_FILE}: {exc.strerror or exc}") from None
+
     @contextlib.contextmanager
     def _lock(self):
         """One writer at a time (advisory: readers need none, every change is a rename)."""
@@ -333,14 +363,14 @@ class ModelStore:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def _point_at(self, version: str) -> None:
+    def _point_at(self, version: str, name: str = POINTER_FILE) -> None:
         self.verify(self.directory(version))
-        if (self.path / POINTER_FILE).is_dir():
-            raise ModelStoreError(self._pointer_is_a_directory())
-        pointer = self.path / f"{_TMP_PREFIX}{POINTER_FILE}-{uuid.uuid4().hex}"
+        if (self.path / name).is_dir():
+            raise ModelStoreError(self._pointer_is_a_directory(name))
+        pointer = self.path / f"{_TMP_PREFIX}{name}-{uuid.uuid4().hex}"
         pointer.write_text(f"{version}\n")
         _fsync(pointer)
-        os.replace(pointer, self.path / POINTER_FILE)
+        os.replace(pointer, self.path / name)
         _fsync(self.path)
 
     def _rename_into_place(self, tmp: Path) -> str:
@@ -359,10 +389,10 @@ class ModelStore:
                 number += 1
 
     def _prune(self) -> None:
-        current = self.current()
+        pointed = {self.current(), self.shadow()}
         old = self.versions()[: -self.keep]
         for version in old:
-            if version != current:
+            if version not in pointed:
                 shutil.rmtree(self.directory(version), ignore_errors=True)
 
     def _remove_stale_tmp(self) -> None:

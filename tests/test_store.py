@@ -8,6 +8,7 @@ import pytest
 from stream_forecaster.store import (
     CHECKSUM_FILE,
     POINTER_FILE,
+    SHADOW_FILE,
     IncompatibleModel,
     ModelMetadata,
     ModelStore,
@@ -274,3 +275,24 @@ def test_load_checks_checksums_and_the_interface_before_building_the_model(tmp_p
         store.load("1", expect=(["a"], ["a"], 4))
     with pytest.raises(ModelStoreError, match="no model version or directory '7'"):
         store.load("7")
+
+
+def test_the_shadow_pointer_is_set_atomically_cleared_and_spared_by_pruning(tmp_path):
+    store = ModelStore(tmp_path, keep=1)
+    store.publish(writer("a"))
+    assert store.shadow() is None
+    store.set_shadow("1")
+    assert store.shadow() == "1" and (tmp_path / SHADOW_FILE).read_text() == "1\n"
+    store.publish(writer("b"))
+    store.publish(writer("c"))
+    assert store.versions() == ["1", "3"] and store.current() == "3"  # the shadow version is kept, as the current
+    (store.directory("1") / "model.keras").write_text("changed")
+    with pytest.raises(ModelStoreError, match="checksum mismatch"):
+        store.set_shadow("1")  # only a complete version is pointed at
+    store.set_shadow(None)
+    store.set_shadow(None)  # already none: nothing to do
+    assert store.shadow() is None and not (tmp_path / SHADOW_FILE).exists() and store.current() == "3"
+    (tmp_path / SHADOW_FILE).write_text("latest\n")
+    with pytest.raises(ModelStoreError, match="SHADOW is damaged"):
+        store.shadow()
+
