@@ -32,7 +32,7 @@ from .errors import Interrupted, UserError
 from .files import Series, read_series
 from .messages import MISSING, MessageParser, Reading
 from .metrics import MetricsServer, RetrainMetrics
-from .store import IncompatibleModel, ModelStore
+from .store import IncompatibleModel, open_store
 
 if TYPE_CHECKING:
     from .model import Forecaster
@@ -191,7 +191,7 @@ class Retrainer:
     def __init__(self, config: Config, data_path: Path | None = None, metrics: RetrainMetrics | None = None):
         self.config = config
         self.data_path = data_path
-        self.store = ModelStore(config.model_store.path, config.model_store.keep)
+        self.store = open_store(config)
         self.metrics = metrics or RetrainMetrics()
         self.stop = threading.Event()
         self.columns = list(dict.fromkeys(config.data.features + config.data.targets))
