@@ -266,7 +266,9 @@ class TopicModelStore(ModelStore):
                     return  # no topic yet: an empty store
                 self._exists = True
             first, end = log.offsets(self.topic, 0)
-            if first > self._next:  # removed before it was read (deleted records): read it all again
+            # records removed before they were read (deleted), or a topic made anew (a broker that lost its
+            # state): what was read says nothing any more, so read it all again
+            if first > self._next or end < self._next:
                 self._view, self._next = {}, first
             end = max(end, until)
             if end > self._next:
@@ -360,9 +362,12 @@ class TopicModelStore(ModelStore):
         return found
 
     def _next_number(self) -> int:
-        """One more than any number the topic names: a number is never used twice."""
+        """One more than any number the topic or the cache names: a number is never used twice (the cache's count
+        for a topic made anew, whose old versions daemons may still serve)."""
         numbers = [int(key.split("/")[1]) for key in self._view
                    if key.startswith("manifest/") and _is_number(key.split("/")[1])]
+        with contextlib.suppress(OSError):
+            numbers += [int(p.name) for p in self.path.iterdir() if _is_number(p.name)]
         for name in (POINTER_FILE, SHADOW_FILE):
             pointed = self._view.get(name)
             text = pointed.value.decode("utf-8", "replace").strip() if pointed else ""

@@ -415,3 +415,12 @@ def test_a_topic_store_whose_broker_is_away_says_so_and_the_watcher_waits(tmp_pa
     watcher = ModelWatcher(store, SimpleNamespace(version="1"), 1.0, None, None)
     watcher.check()  # a warning; the next poll tries again
     assert "cannot read the model store pointer: model store topic models" in caplog.text
+
+
+def test_a_topic_made_anew_is_read_anew(tmp_path):
+    log = MemoryLog()
+    store = memory_store(tmp_path / "cache", log)
+    store.publish(writer("a"))
+    log.records.clear()  # a development broker restarted: everything is gone
+    assert store.current() is None and store.versions() == []
+    assert store.publish(writer("b")) == "2" and store.metadata("2").features == ("b",)  # "1" may still serve
