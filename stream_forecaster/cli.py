@@ -26,7 +26,7 @@ from . import __version__, logs
 from .config import Config, load_config
 from .errors import Interrupted, UserError
 from .files import SAMPLE_PATH
-from .store import ModelStore
+from .store import ModelStore, open_store
 
 if TYPE_CHECKING:
     from .model import Forecaster
@@ -249,7 +249,7 @@ def _stop_on_signals() -> threading.Event:
 
 def cmd_train(args) -> int:
     config = _config(args)
-    store = ModelStore(config.model_store.path, config.model_store.keep)
+    store = open_store(config)
     store.check_writable()
     path = None if args.from_topic else _check_input(_data_path(args, config))
     initial = _initial(store, args.initial, config) if args.initial else None
@@ -312,7 +312,7 @@ def cmd_evaluate(args) -> int:
         csv_dir = Path(args.csv_dir).absolute()  # created with its parents: the nearest existing one must be writable
         _check_output(csv_dir, next(p for p in (csv_dir, *csv_dir.parents) if p.exists()), directory=True)
     path = _check_input(_data_path(args, config))
-    store = ModelStore(config.model_store.path, config.model_store.keep)
+    store = open_store(config)
     directory, version = store.resolve(args.model)
     store.verify(directory)
     _load_tensorflow()
@@ -387,7 +387,7 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     config = _config(args)  # its logging settings; the demo adds its broker's address to the rest
-    if ModelStore(config.model_store.path, config.model_store.keep).current() is None:
+    if config.model_store.topic or open_store(config).current() is None:  # a topic's broker is the demo's
         _load_tensorflow()  # the demo trains a first model
     path = args.config if args.config or not Path("config.yaml").is_file() else "config.yaml"
     return run_demo(path, args.overrides, duration=args.duration, rate=args.rate, out_dir=Path(args.out))
@@ -404,7 +404,7 @@ def cmd_retrain(args) -> int:
 
 def cmd_models(args) -> int:
     config = _config(args)
-    store = ModelStore(config.model_store.path, config.model_store.keep)
+    store = open_store(config)
     if args.action in ("show", "promote", "shadow") and not args.version:
         raise UserError(f"models {args.action} needs a VERSION; versions: {', '.join(store.versions()) or 'none'}")
     if args.action == "list":

@@ -130,6 +130,7 @@ class ModelStoreConfig:
     path: str = _spec("models")
     keep: int = _spec(5, low=1, high=10_000)
     poll_interval: Duration = _spec(5.0, low=0.1)
+    topic: str | None = _spec(None)  # a compacted Kafka topic holding the versions; path then caches them
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from .errors import Interrupted, UserError
 from .files import SAMPLE_PATH, read_uci
 from .metrics import scrape
 from .replay import replay_file
-from .store import ModelStore
+from .store import open_store
 from .topics import ensure_topics, read_topic
 
 __all__ = ["run_demo"]
@@ -65,7 +65,7 @@ def run_demo(config_path: str | None, overrides: list[str], *, duration: float |
 
 
 def _train_if_empty(config: Config, stop: threading.Event) -> None:
-    store = ModelStore(config.model_store.path, config.model_store.keep)
+    store = open_store(config)
     if store.current() is not None:
         print(f"model: version {store.current()} from {store.path}")
         return

@@ -171,7 +171,7 @@ class OutRecord(NamedTuple):  # a tuple: made for every forecast, at a fifth of 
 
     topic: str
     key: bytes | None
-    value: bytes
+    value: bytes | None  # None: a tombstone, which removes the key from a compacted topic
     headers: Sequence[tuple[str, bytes]] = ()
     partition: int | None = None  # None: chosen from the key
 

@@ -37,7 +37,7 @@ from .health import MIN_SCORED
 from .messages import MISSING, MessageParser, Reading
 from .metrics import MetricsServer, RetrainMetrics
 from .seams import Clock, Wait
-from .store import IncompatibleModel, ModelStore
+from .store import IncompatibleModel, open_store
 
 if TYPE_CHECKING:
     from .model import Forecaster
@@ -226,7 +226,7 @@ class Retrainer:
                  fleet_skill: Callable[[], tuple[float, int]] | None = None):
         self.config = config
         self.data_path = data_path
-        self.store = ModelStore(config.model_store.path, config.model_store.keep)
+        self.store = open_store(config)
         self.metrics = metrics or RetrainMetrics()
         self.stop = threading.Event()
         self.clock, self.wait = clock, wait or self.stop.wait

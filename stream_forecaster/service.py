@@ -25,7 +25,7 @@ from .pipeline import CHUNK, Pipeline, Stopped
 from .recovery import Recovery
 from .seams import Checkpoints, Clock, Forecaster, Sink, Source, Wait
 from .state_topic import StateLog, StateTopic, ensure_compacted
-from .store import ModelStore, ModelStoreError
+from .store import ModelStore, ModelStoreError, open_store
 
 __all__ = ["Daemon", "ModelWatcher"]
 
@@ -137,7 +137,7 @@ class Daemon:
         self.clock = clock
         self.wait: Wait = wait or self.stop.wait
         self.retry_s = retry_s
-        self.store = ModelStore(config.model_store.path, config.model_store.keep)
+        self.store = open_store(config)
         self.source, self.sink = source, sink
         self.checkpoints = checkpoints  # where refill checkpoints are kept (the state topic)
         self.forecaster = forecaster
@@ -259,11 +259,16 @@ class Daemon:
     def _wait_for_model(self) -> Forecaster | None:
         told = False
         while not self.stop.is_set():
-            version = self.store.current()
-            if version is not None:
-                forecaster = self.store.load(version, jit_compile=self.config.model.jit_compile)
-                forecaster.warm_up(CHUNK)
-                return forecaster
+            try:
+                version = self.store.current()
+                if version is not None:
+                    forecaster = self.store.load(version, jit_compile=self.config.model.jit_compile)
+                    forecaster.warm_up(CHUNK)
+                    return forecaster
+            except BrokerUnavailable as exc:  # a store in a Kafka topic, its broker away: tried again
+                log.warning("%s; trying again in %.0f s", exc, self.config.model_store.poll_interval)
+                self.wait(self.config.model_store.poll_interval)
+                continue
             if not told:
                 log.warning("no model in %s yet: waiting for one (train with `stream-forecaster train`)",
                             self.store.path)

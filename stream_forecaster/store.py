@@ -18,6 +18,10 @@ models: callers pass a function that writes the model into a directory, which
 keeps TensorFlow out of the ``models`` commands. :meth:`ModelStore.load` alone
 imports the model module, when a version is to be served or trained on.
 
+:func:`open_store` opens the store the configuration names: this directory, or
+with ``model_store.topic`` a compacted Kafka topic (:mod:`.model_topic`, whose
+versions are cached in ``model_store.path``).
+
 :class:`ModelMetadata` is what a version says about its model (columns, window,
 normalisation, calibration, provenance): written by training, read by the
 daemon, the retrainer and ``models``, one type for all of them.
@@ -43,10 +47,11 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from .errors import UserError
 
 if TYPE_CHECKING:
+    from .config import Config
     from .model import Forecaster
 
 __all__ = ["CHECKSUM_FILE", "METADATA_FILE", "MODEL_FILE", "POINTER_FILE", "SHADOW_FILE", "IncompatibleModel",
-           "ModelMetadata", "ModelStore", "ModelStoreError"]
+           "ModelMetadata", "ModelStore", "ModelStoreError", "open_store"]
 
 CHECKSUM_FILE = "checksums.sha256"
 METADATA_FILE = "metadata.json"
@@ -404,6 +409,17 @@ class ModelStore:
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
             except OSError:
                 pass
+
+
+def open_store(config: Config) -> ModelStore:
+    """The model store ``config`` names: the directory ``model_store.path``, or the compacted Kafka topic
+    ``model_store.topic`` (then ``model_store.path`` caches the versions read from it)."""
+    s = config.model_store
+    if s.topic is None:
+        return ModelStore(s.path, s.keep)
+    from .model_topic import TopicModelStore  # noqa: PLC0415 (a Kafka client loads only when a topic is configured)
+
+    return TopicModelStore.open(config)
 
 
 def _is_number(name: str) -> bool:

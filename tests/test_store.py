@@ -1,3 +1,4 @@
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -5,6 +6,7 @@ import shutil
 
 import pytest
 
+from stream_forecaster.messages import OutRecord
 from stream_forecaster.store import (
     CHECKSUM_FILE,
     POINTER_FILE,
@@ -296,3 +298,129 @@ def test_the_shadow_pointer_is_set_atomically_cleared_and_spared_by_pruning(tmp_
     with pytest.raises(ModelStoreError, match="SHADOW is damaged"):
         store.shadow()
 
+
+class MemoryLog:
+    """A compacted topic in memory (:class:`~stream_forecaster.state_topic.StateLog`), for the topic store's logic.
+
+    ``before_append(records)`` runs first on each append: another publisher's turn."""
+
+    def __init__(self):
+        self.records, self.topics, self.before_append = [], {}, None
+
+    def partitions(self, topic):
+        return self.topics.get(topic, 0)
+
+    def create_compacted(self, topic, partitions):
+        self.topics[topic] = partitions
+
+    def append(self, records):
+        if self.before_append is not None:
+            hook, self.before_append = self.before_append, None
+            hook(records)
+        from stream_forecaster.testing import FakeRecord
+
+        first = len(self.records)
+        for r in records:
+            self.records.append(FakeRecord(r.topic, 0, len(self.records), r.key, r.value, self.now_ms()))
+        return first
+
+    @staticmethod
+    def now_ms():
+        import time
+
+        return int(time.time() * 1000)
+
+    def offsets(self, topic, partition):
+        return 0, len(self.records)
+
+    def read(self, topic, partition, start, end):
+        return iter(self.records[start:end])
+
+    def keys(self):
+        """The keys a compaction would keep."""
+        latest = {r.key: r.value for r in self.records}
+        return sorted(k.decode() for k, v in latest.items() if v is not None)
+
+
+class MemoryLogs:
+    def __init__(self, log):
+        self.log = log
+
+    def reader(self):
+        return self.log
+
+    @contextlib.contextmanager
+    def writer(self):
+        yield self.log
+
+
+def memory_store(path, log, keep=5):
+    from stream_forecaster.model_topic import TopicModelStore
+
+    return TopicModelStore(path, keep, "models", MemoryLogs(log))
+
+
+def test_two_publishers_choosing_one_number_keep_the_first_manifest_and_the_other_takes_the_next(tmp_path):
+    log = MemoryLog()
+    first, second = memory_store(tmp_path / "first", log), memory_store(tmp_path / "second", log)
+    assert first.publish(writer("a")) == "1"
+
+    def the_other_publisher_first(records):
+        if records[0].key.startswith(b"manifest/"):
+            assert second.publish(writer("c")) == "2"  # it read the topic before this manifest was written
+
+    log.before_append = lambda records: setattr(log, "before_append", the_other_publisher_first)  # after the chunks
+    assert first.publish(writer("b")) == "3"
+    reader = memory_store(tmp_path / "reader", log)
+    assert reader.versions() == ["1", "2", "3"] and reader.current() == "3"
+    assert [reader.metadata(v).features for v in ("2", "3")] == [("c",), ("b",)]
+    assert len([k for k in log.keys() if k.startswith("manifest/")]) == 3  # the lost claim was tombstoned
+
+
+def test_an_abandoned_upload_is_invisible_and_tombstoned_an_hour_later(tmp_path, monkeypatch):
+    log = MemoryLog()
+    store = memory_store(tmp_path / "cache", log)
+    store.publish(writer("a"))
+    log.append([OutRecord("models", b"chunk/dead/model.keras/0", b"half")])  # a publisher that died
+    assert store.versions() == ["1"] and memory_store(tmp_path / "other", log).versions() == ["1"]
+    store.publish(writer("b"))
+    assert "chunk/dead/model.keras/0" in log.keys()  # may still be on its way to a manifest
+    monkeypatch.setattr("stream_forecaster.model_topic._STALE_UPLOAD_S", -1)
+    store.publish(writer("c"))
+    assert "chunk/dead/model.keras/0" not in log.keys() and store.versions() == ["1", "2", "3"]
+
+
+def test_the_topic_store_never_caches_into_a_directory_store(tmp_path):
+    ModelStore(tmp_path / "models").publish(writer("a"))
+    store = memory_store(tmp_path / "models", MemoryLog())
+    with pytest.raises(ModelStoreError, match="holds a directory model store .*set it to another directory"):
+        store.publish(writer("b"))
+    assert ModelStore(tmp_path / "models").versions() == ["1"]
+
+
+def test_a_topic_store_whose_broker_is_away_says_so_and_the_watcher_waits(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from stream_forecaster.errors import BrokerUnavailable
+    from stream_forecaster.service import ModelWatcher
+
+    class Away(MemoryLogs):
+        def reader(self):
+            raise BrokerUnavailable("cannot set up the state reader: no broker (kafka.bootstrap_servers ...)")
+
+    store = memory_store(tmp_path, MemoryLog())
+    store._logs = Away(None)
+    with pytest.raises(BrokerUnavailable, match="model store topic models: cannot read it: cannot set up"):
+        store.current()
+    watcher = ModelWatcher(store, SimpleNamespace(version="1"), 1.0, None, None)
+    watcher.check()  # a warning; the next poll tries again
+    assert "cannot read the model store pointer: model store topic models" in caplog.text
+
+
+def test_a_topic_made_anew_is_read_anew(tmp_path):
+    log = MemoryLog()
+    store = memory_store(tmp_path / "cache", log)
+    store.publish(writer("a"))
+    log.records.clear()  # a development broker restarted: everything is gone
+    assert store.current() is None and store.versions() == []
+    assert store.publish(writer("b")) == "2" and store.metadata("2").features == ("b",)  # "1" may still serve
