@@ -191,13 +191,7 @@ class TopicModelStore(ModelStore):
     def publish(self, write: Callable[[Path], None], make_current: bool = True) -> str:
         """Write a version with ``write(directory)``, publish it to the topic, return its number."""
         self._check_cache()
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            self._remove_stale_tmp()
-            tmp = self.path / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
-            tmp.mkdir()
-        except OSError as exc:
-            raise ModelStoreError(f"cannot write a model version into {self.path}: {exc.strerror or exc}") from None
+        tmp = self._new_tmp()
         try:
             self._write_version(write, tmp)
             upload = uuid.uuid4().hex

@@ -302,13 +302,7 @@ class ModelStore:
 
     def publish(self, write: Callable[[Path], None], make_current: bool = True) -> str:
         """Write a new version with ``write(directory)``, rename it into place, return its name."""
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            self._remove_stale_tmp()
-            tmp = self.path / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
-            tmp.mkdir()
-        except OSError as exc:
-            raise ModelStoreError(f"cannot write a model version into {self.path}: {exc.strerror or exc}") from None
+        tmp = self._new_tmp()
         try:
             self._write_version(write, tmp)
             with self._lock():
@@ -323,6 +317,17 @@ class ModelStore:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
         return version
+
+    def _new_tmp(self) -> Path:
+        """An empty hidden directory in the store to write a version into (those crashed writers left go)."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._remove_stale_tmp()
+            tmp = self.path / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+            tmp.mkdir()
+            return tmp
+        except OSError as exc:
+            raise ModelStoreError(f"cannot write a model version into {self.path}: {exc.strerror or exc}") from None
 
     @staticmethod
     def _write_version(write: Callable[[Path], None], tmp: Path) -> None:
