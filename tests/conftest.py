@@ -135,6 +135,18 @@ def kafka_names(request):
     return {"input": f"in-{tag}", "output": f"out-{tag}", "dead": f"dead-{tag}", "group": f"g-{tag}"}
 
 
+def level_model(level: float, series, sequence_length: int = 6):
+    """An untrained model shifted so that its forecasts average ``level`` on the readings of ``series`` (a list
+    of arrays): readings scattered around that level are forecast better than persistence does, which chases the
+    noise."""
+    import numpy as np
+
+    probe = make_forecaster(sequence_length=sequence_length, target_mean=0.0)
+    windows = np.stack([v[t:t + sequence_length - 1] for v in series for t in range(len(v) - sequence_length + 1)])
+    offset = float(probe.forecast(windows[:, :, None].astype(np.float32)).mean())
+    return make_forecaster(sequence_length=sequence_length, target_mean=level - offset)
+
+
 def offline_forecasts(forecaster, lines: list[str]):
     """The values of UCI ``lines`` and the forecaster's prediction after each full window, computed offline."""
     import numpy as np

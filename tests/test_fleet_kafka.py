@@ -13,7 +13,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import daemon_overrides, make_forecaster, offline_forecasts, sample_lines
+from conftest import daemon_overrides, level_model, make_forecaster, offline_forecasts, sample_lines
 from daemon import DaemonProcess, wait_for
 from test_daemon_kafka import collect, produce
 
@@ -189,3 +189,53 @@ def test_the_retrainer_retrains_when_the_skill_in_the_health_topic_stays_low(bro
     # read every minute, the skill is low from 60 s on, but the skill's cycle waits for retrain.min_interval after the
     # scheduled one (at 0 s): it starts at 3600 s, and the stop comes one wait later
     assert manual() == pytest.approx(3600 + 60)
+
+
+def test_a_level_shift_on_every_sensor_drives_the_live_skill_down_and_starts_one_retraining_cycle(
+        broker, kafka_names, tmp_path):
+    """The whole chain: the daemon scores, writes each sensor's health, the retrainer reads the fleet's skill."""
+    import threading
+
+    from stream_forecaster.retrain import Retrainer
+    from stream_forecaster.service import Daemon
+
+    rng = np.random.default_rng(11)
+    sensors = [f"site-{i}" for i in range(6)]
+    model = level_model(1.0, [1.0 + 0.1 * rng.standard_normal(200) for _ in sensors], L)
+    store = ModelStore(tmp_path / "models")
+    store.publish(model.save)  # forecasts about 1.0: better than persistence while the readings hover there
+    health = f"health-{kafka_names['group']}"
+    overrides = daemon_overrides(broker.address, kafka_names, store.path, kafka__health_topic=health,
+                                 metrics__health_interval="1s", metrics__health_span="10", metrics__port="0",
+                                 model__jit_compile="false", retrain__trigger_skill="0", retrain__trigger_for="3s",
+                                 retrain__min_interval="10s", retrain__every="1h", retrain__metrics_port="0")
+    config = load_config(None, overrides, environ={})
+    ensure_topics(config.kafka, [kafka_names["input"], kafka_names["output"]], partitions=2)
+
+    def send(level, n=30):
+        produce(config, [(s, repr(level + 0.1 * float(rng.standard_normal()))) for _ in range(n) for s in sensors])
+
+    daemon = Daemon(config)
+    serving = threading.Thread(target=daemon.run)
+    retrainer = Retrainer(config, tmp_path / "no-data.txt")  # its cycles fail at once: what starts them is tested
+    retraining = threading.Thread(target=retrainer.run)
+    metric = retrainer.metrics.registry.get_sample_value
+    serving.start()
+    retraining.start()
+    try:
+        send(1.0)
+        wait_for(lambda: (metric("stream_forecaster_retrain_fleet_skill") or 0) > 0.1, 90,
+                 "the retrainer to read the healthy fleet's skill from the health topic")
+        assert metric("stream_forecaster_retrain_starts_total", {"reason": "skill"}) == 0
+        send(3.0)  # every sensor's level shifts: the model still forecasts 1.0
+        wait_for(lambda: metric("stream_forecaster_retrain_starts_total", {"reason": "skill"}) == 1, 90,
+                 "the low skill to start a cycle")
+        assert metric("stream_forecaster_retrain_fleet_skill") < 0
+    finally:
+        retrainer.request_stop()
+        daemon.request_stop()
+        retraining.join(60)
+        serving.join(60)
+    # the next could start 10 s (retrain.min_interval) after it: stopped well before
+    assert metric("stream_forecaster_retrain_starts_total", {"reason": "skill"}) == 1
+    assert metric("stream_forecaster_retrain_starts_total", {"reason": "schedule"}) == 1

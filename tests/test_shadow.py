@@ -8,7 +8,7 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import make_forecaster
+from conftest import level_model
 
 from stream_forecaster.cli import main
 from stream_forecaster.config import load_config
@@ -29,21 +29,13 @@ def readings(n=120, seed=5):
     return values, records
 
 
-def level_model(level, values):
-    """An untrained model shifted so that its forecasts average ``level`` on these readings."""
-    probe = make_forecaster(sequence_length=L, target_mean=0.0)
-    windows = np.stack([v[t:t + L - 1] for v in values.values() for t in range(len(v) - L + 1)])[:, :, None]
-    offset = float(probe.forecast(windows.astype(np.float32)).mean())
-    return make_forecaster(sequence_length=L, target_mean=level - offset)
-
-
 @pytest.mark.parametrize("level, verdict", [(1.0, "promoted"), (1.6, "dropped")])
 def test_a_shadow_candidate_is_promoted_only_when_it_beats_the_serving_model_and_persistence(
         tmp_path, level, verdict, capsys):
     values, records = readings()
     store = ModelStore(tmp_path / "models")
-    store.publish(level_model(3.0, values).save)  # serving: far off, worse than persistence
-    store.publish(level_model(level, values).save, make_current=False)
+    store.publish(level_model(3.0, values.values(), L).save)  # serving: far off, worse than persistence
+    store.publish(level_model(level, values.values(), L).save, make_current=False)
     overrides = ["model.sequence_length=6", "data.features=[Global_active_power]", "model.layers=[1, 8, 1]",
                  f"model_store.path={store.path}", "model_store.poll_interval=1h", "metrics.port=0",
                  "retrain.shadow_sample=1", "retrain.shadow_for=300", "model.jit_compile=false"]
