@@ -12,6 +12,7 @@ wait), which is why ``kafka.fetch_max_wait_ms`` is short by default.
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import time
@@ -80,7 +81,10 @@ class DevBroker:
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.process and self.process.poll() is None:
-            self.process.terminate()
+            # Tansu's Ctrl-C: it stops listening, closes its connections and exits 0 at once. On SIGTERM it
+            # does the same after serving the connections still open for up to 5 s more (clients that are
+            # still connected, as a daemon stopped with its broker is, keep it waiting the whole 5 s).
+            self.process.send_signal(signal.SIGINT)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
