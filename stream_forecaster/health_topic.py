@@ -14,9 +14,10 @@ from typing import Any
 
 from .config import KafkaConfig
 from .errors import UserError
-from .state_topic import StateLog, read_latest
+from .seams import Record
+from .state_topic import StateLog
 
-__all__ = ["fleet_median_skill", "open_log", "read_health", "recent", "skill_of", "worst"]
+__all__ = ["HealthView", "fleet_median_skill", "open_log", "read_health", "recent", "skill_of", "worst"]
 
 
 def open_log(config: KafkaConfig) -> StateLog:
@@ -30,25 +31,50 @@ def open_log(config: KafkaConfig) -> StateLog:
     return KafkaStateLog(config)
 
 
-def read_health(config: KafkaConfig, log: StateLog | None = None) -> dict[str, dict[str, Any]]:
-    """``{sensor: its latest health record}`` of ``kafka.health_topic`` (records that are not health records,
-    written by someone else, are left out)."""
-    if not config.health_topic:
-        raise UserError("kafka.health_topic is not set: the daemons write no health records (set it, e.g. "
-                        "--set kafka.health_topic=sensor-health, for the daemons and for this command)")
-    log = log or open_log(config)
-    if not log.partitions(config.health_topic):
-        raise UserError(f"the health topic {config.health_topic!r} does not exist yet: a daemon with "
-                        "kafka.health_topic set creates it and writes every metrics.health_interval")
-    health = {}
-    for record in read_latest(log, config.health_topic).values():
+class HealthView:
+    """The latest health record of every sensor in ``kafka.health_topic``; each :meth:`refresh` reads only what
+    was written since the one before (records that are not health records, written by someone else, are left
+    out)."""
+
+    def __init__(self, config: KafkaConfig, log: StateLog | None = None):
+        if not config.health_topic:
+            raise UserError("kafka.health_topic is not set: the daemons write no health records (set it, e.g. "
+                            "--set kafka.health_topic=sensor-health, for the daemons and for this command)")
+        self.topic, self._config, self._log = config.health_topic, config, log
+        self.records: dict[str, dict[str, Any]] = {}
+        self._next: dict[int, int] = {}  # per partition, the offset to read from next
+
+    def refresh(self) -> dict[str, dict[str, Any]]:
+        log = self._log = self._log or open_log(self._config)
+        partitions = log.partitions(self.topic)
+        if not partitions:
+            raise UserError(f"the health topic {self.topic!r} does not exist yet: a daemon with "
+                            "kafka.health_topic set creates it and writes every metrics.health_interval")
+        for partition in range(partitions):
+            first, end = log.offsets(self.topic, partition)
+            start = self._next.get(partition, first)
+            if not first <= start <= end:  # compacted past what was read, or a topic made anew: read it again
+                start = first
+            for record in log.read(self.topic, partition, start, end):
+                self._take(record)
+            self._next[partition] = max(start, end)
+        return self.records
+
+    def _take(self, record: Record) -> None:
+        if record.value is None:  # a tombstone: the sensor is gone
+            self.records.pop((record.key or b"").decode("utf-8", "replace"), None)
+            return
         try:
-            value = json.loads(record.value or b"")
+            value = json.loads(record.value)
         except ValueError:
-            continue
+            return
         if isinstance(value, dict) and isinstance(value.get("sensor"), str):
-            health[value["sensor"]] = value
-    return health
+            self.records[value["sensor"]] = value
+
+
+def read_health(config: KafkaConfig, log: StateLog | None = None) -> dict[str, dict[str, Any]]:
+    """``{sensor: its latest health record}`` of ``kafka.health_topic``."""
+    return HealthView(config, log).refresh()
 
 
 def skill_of(record: dict[str, Any]) -> float:

@@ -40,6 +40,7 @@ from .seams import Clock, Wait
 from .store import IncompatibleModel, open_store
 
 if TYPE_CHECKING:
+    from .health_topic import HealthView
     from .model import Forecaster
 
 __all__ = ["Outcome", "Retrainer", "SkillTrigger", "read_file", "read_topic", "series_from_records"]
@@ -231,6 +232,7 @@ class Retrainer:
         self.stop = threading.Event()
         self.clock, self.wait = clock, wait or self.stop.wait
         self.fleet_skill = fleet_skill or self._read_fleet_skill
+        self._health: HealthView | None = None  # the health topic as last read
         r = config.retrain
         self.trigger = (SkillTrigger(r.trigger_skill, r.trigger_for, r.min_interval, clock)
                         if r.trigger_skill is not None else None)
@@ -294,10 +296,11 @@ class Retrainer:
 
     def _read_fleet_skill(self) -> tuple[float, int]:
         """The median skill of the sensors in the health topic's latest rounds; NaN (logged) when unreadable."""
-        from .health_topic import fleet_median_skill, read_health, recent  # noqa: PLC0415 (Kafka only if used)
+        from .health_topic import HealthView, fleet_median_skill, recent  # noqa: PLC0415 (Kafka only if used)
 
         try:
-            health = read_health(self.config.kafka)
+            self._health = self._health or HealthView(self.config.kafka)
+            health = self._health.refresh()
         except (UserError, BrokerUnavailable) as exc:
             log.warning("the fleet's skill is unknown (%s); trying again in %.0f s", exc,
                         self.config.metrics.health_interval)

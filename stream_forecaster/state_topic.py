@@ -22,7 +22,7 @@ from .config import KafkaConfig
 from .messages import OutRecord
 from .seams import Record
 
-__all__ = ["StateLog", "StateLogError", "StateTopic", "ensure_compacted", "read_latest"]
+__all__ = ["StateLog", "StateLogError", "StateTopic", "ensure_compacted"]
 
 log = logging.getLogger(__name__)
 
@@ -161,18 +161,3 @@ def ensure_compacted(store: StateLog, topic: str, partitions: int, what: str) ->
     log.info("created the %s %s (compacted, %d partitions)", what, topic, partitions)
     return True
 
-
-def read_latest(store: StateLog, topic: str) -> dict[bytes, Record]:
-    """The latest record of every key of a compacted ``topic``, up to its end offsets (a key whose latest record
-    is a tombstone is left out)."""
-    latest: dict[bytes, Record] = {}
-    for partition in range(store.partitions(topic)):
-        start, end = store.offsets(topic, partition)
-        for record in store.read(topic, partition, start, end):
-            if record.key is None:
-                continue
-            if record.value is None:
-                latest.pop(record.key, None)
-            else:
-                latest[record.key] = record
-    return latest
