@@ -12,6 +12,7 @@ import json
 import math
 from typing import Any
 
+from .clients import kafka_client
 from .config import KafkaConfig
 from .errors import UserError
 from .seams import Record
@@ -22,13 +23,7 @@ __all__ = ["HealthView", "fleet_median_skill", "open_log", "read_health", "recen
 
 def open_log(config: KafkaConfig) -> StateLog:
     """A reading-only :class:`~stream_forecaster.state_topic.StateLog` of the client ``kafka.client`` names."""
-    if config.client == "confluent":
-        from .confluent_io import ConfluentStateLog  # noqa: PLC0415 (only the client named is imported)
-
-        return ConfluentStateLog(config)
-    from .kafka_io import KafkaStateLog  # noqa: PLC0415
-
-    return KafkaStateLog(config)
+    return kafka_client(config).state_log(config)
 
 
 class HealthView:

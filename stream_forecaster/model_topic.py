@@ -32,8 +32,9 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, NamedTuple, Protocol
 
+from .clients import kafka_client
 from .errors import BrokerUnavailable
 from .messages import OutRecord
 from .state_topic import StateLog, StateLogError
@@ -78,27 +79,17 @@ class KafkaModelLogs:
         self.config = config
         self._reader: StateLog | None = None
 
-    def _kinds(self) -> tuple[Callable[..., StateLog], Callable[..., Any]]:
-        if self.config.client == "confluent":
-            from . import confluent_io  # noqa: PLC0415
-
-            return confluent_io.ConfluentStateLog, confluent_io.ConfluentSink
-        from . import kafka_io  # noqa: PLC0415
-
-        return kafka_io.KafkaStateLog, kafka_io.KafkaSink
-
     def reader(self) -> StateLog:
         if self._reader is None:
-            log_type, _ = self._kinds()
-            self._reader = log_type(self.config, None)  # reads only: its producer is never asked for
+            self._reader = kafka_client(self.config).state_log(self.config, None)  # reads only
         return self._reader
 
     @contextlib.contextmanager
     def writer(self) -> Iterator[StateLog]:
-        log_type, sink_type = self._kinds()
-        sink = sink_type(self.config, "stream-forecaster-models")
+        client = kafka_client(self.config)
+        sink = client.sink(self.config, "stream-forecaster-models")
         try:
-            yield log_type(self.config, sink)
+            yield client.state_log(self.config, sink)
         finally:
             sink.close()
 
@@ -191,8 +182,7 @@ class TopicModelStore(ModelStore):
     def publish(self, write: Callable[[Path], None], make_current: bool = True) -> str:
         """Write a version with ``write(directory)``, publish it to the topic, return its number."""
         self._check_cache()
-        tmp = self._new_tmp()
-        try:
+        with self._writing() as tmp:
             self._write_version(write, tmp)
             upload = uuid.uuid4().hex
             files, chunks = self._chunks(tmp, upload)
@@ -207,11 +197,6 @@ class TopicModelStore(ModelStore):
                 self._prune_topic(log)
             with contextlib.suppress(OSError):  # published: a cache that cannot take it reads it back when needed
                 self._move_into_cache(tmp, version)
-        except OSError as exc:
-            raise ModelStoreError(f"cannot write a model version into {self.path}: {exc.strerror or exc}") from None
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         return version
 
     def set_current(self, version: str) -> None:
@@ -447,33 +432,22 @@ class TopicModelStore(ModelStore):
         with contextlib.suppress(OSError, ModelStoreError):
             if _sha256(target / CHECKSUM_FILE) == listing.sha256 and self.verify(target):
                 return target
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            tmp = self.path / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
-            tmp.mkdir()
-        except OSError as exc:
-            raise ModelStoreError(f"cannot write into the model cache {self.path}: {exc.strerror or exc}") from None
-        try:
+        with self._writing() as tmp:
             for f in manifest.files:
                 data = b"".join(self._view[_chunk_key(manifest.upload, f.name, k)].value for k in range(f.chunks))
                 (tmp / f.name).write_bytes(data)
                 _fsync(tmp / f.name)
+            # the manifest vouches for the checksum list, which vouches for every file
+            if _sha256(tmp / CHECKSUM_FILE) != listing.sha256:
+                raise ModelStoreError(f"model version {manifest.version} in the topic {self.topic} is damaged: "
+                                      f"{CHECKSUM_FILE} does not match its manifest")
             try:
                 self.verify(tmp)
             except ModelStoreError as exc:
                 raise ModelStoreError(f"model version {manifest.version} in the topic {self.topic} is damaged: "
                                       f"{str(exc).removeprefix(f'{tmp}: ')}") from None
-            for f in manifest.files:
-                if _sha256(tmp / f.name) != f.sha256:
-                    raise ModelStoreError(f"model version {manifest.version} in the topic {self.topic} is damaged: "
-                                          f"{f.name} does not match its manifest")
             self._move_into_cache(tmp, manifest.version)
             self._trim_cache()
-        except OSError as exc:
-            raise ModelStoreError(f"cannot write into the model cache {self.path}: {exc.strerror or exc}") from None
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         return target
 
     def _trim_cache(self) -> None:

@@ -14,9 +14,9 @@ import logging
 import signal
 import threading
 import time
-from typing import Any, Callable
 
 from . import __version__
+from .clients import kafka_client
 from .config import Config
 from .errors import BrokerUnavailable
 from .inference import InferenceRunner
@@ -24,7 +24,7 @@ from .metrics import CollectorRegistry, Metrics, MetricsServer, new_registry
 from .pipeline import CHUNK, Pipeline, Stopped
 from .recovery import Recovery
 from .seams import Checkpoints, Clock, Forecaster, Sink, Source, Wait
-from .state_topic import StateLog, StateTopic, ensure_compacted
+from .state_topic import StateTopic, ensure_compacted
 from .store import ModelStore, ModelStoreError, open_store
 
 __all__ = ["Daemon", "ModelWatcher"]
@@ -220,7 +220,7 @@ class Daemon:
             return self.source, self.sink, self.checkpoints
         backoff = self.retry_s
         sink, checkpoints = self.sink, self.checkpoints
-        sink_type, source_type, log_type = self._kafka_client()
+        sink_type, source_type, log_type = kafka_client(self.config.kafka)
         while not self.stop.is_set():
             try:
                 if sink is None:  # kept as soon as made: shutdown closes it even if the rest never comes
@@ -244,17 +244,6 @@ class Daemon:
                 self.wait(backoff)
                 backoff = min(30.0 * self.retry_s, backoff * 2)
         return None
-
-    def _kafka_client(self) -> tuple[type[Any], Callable[..., Source], Callable[..., StateLog]]:
-        """The sink, source and state log types of the client ``kafka.client`` names; only its module is
-        imported."""
-        if self.config.kafka.client == "confluent":
-            from . import confluent_io  # noqa: PLC0415
-
-            return confluent_io.ConfluentSink, confluent_io.ConfluentSource, confluent_io.ConfluentStateLog
-        from . import kafka_io  # noqa: PLC0415
-
-        return kafka_io.KafkaSink, kafka_io.KafkaSource, kafka_io.KafkaStateLog
 
     def _wait_for_model(self) -> Forecaster | None:
         told = False

@@ -42,7 +42,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from .errors import UserError
 
@@ -302,8 +302,7 @@ class ModelStore:
 
     def publish(self, write: Callable[[Path], None], make_current: bool = True) -> str:
         """Write a new version with ``write(directory)``, rename it into place, return its name."""
-        tmp = self._new_tmp()
-        try:
+        with self._writing() as tmp:
             self._write_version(write, tmp)
             with self._lock():
                 version = self._rename_into_place(tmp)
@@ -311,23 +310,24 @@ class ModelStore:
                 if make_current:
                     self._point_at(version)
                 self._prune()
-        except OSError as exc:  # a full disk, say: nothing was published
+        return version
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[Path]:
+        """An empty hidden directory in the store to write a version into, removed on leaving unless it was
+        renamed away (those crashed writers left go too); a file system error is a :class:`ModelStoreError`:
+        nothing was published."""
+        tmp = self.path / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._remove_stale_tmp()
+            tmp.mkdir()
+            yield tmp
+        except OSError as exc:  # a full disk, say
             raise ModelStoreError(f"cannot write a model version into {self.path}: {exc.strerror or exc}") from None
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-        return version
-
-    def _new_tmp(self) -> Path:
-        """An empty hidden directory in the store to write a version into (those crashed writers left go)."""
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            self._remove_stale_tmp()
-            tmp = self.path / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
-            tmp.mkdir()
-            return tmp
-        except OSError as exc:
-            raise ModelStoreError(f"cannot write a model version into {self.path}: {exc.strerror or exc}") from None
 
     @staticmethod
     def _write_version(write: Callable[[Path], None], tmp: Path) -> None:
