@@ -13,11 +13,14 @@ whole reading *missing*: it is skipped and counted, never filled in.
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import functools
 import json
 import math
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
+
+import numpy as np
 
 from .errors import UserError
 
@@ -28,8 +31,10 @@ __all__ = [
     "MISSING",
     "UCI_COLUMNS",
     "Invalid",
+    "Kind",
     "MessageParser",
     "OutRecord",
+    "ParsedBatch",
     "Reading",
     "RecordError",
     "UciLineParser",
@@ -37,6 +42,7 @@ __all__ = [
     "encode_gaps",
     "encode_predictions",
     "format_time",
+    "format_times",
     "parse_iso_time",
     "parse_number",
     "prediction_id",
@@ -125,6 +131,21 @@ class UciLineParser:
             values.append(value)
         return self._timestamp(fields[0], fields[1]), values
 
+    def _timestamps(self, dates: list[str], times: list[str]) -> np.ndarray:
+        """:meth:`_timestamp` of each (date, time); NaN where either cannot be read."""
+        days: list = list(map(self._dates.get, dates))
+        seconds: list = list(map(self._times.get, times))
+        for parts, texts, cache, parse in ((days, dates, self._dates, _parse_date),
+                                           (seconds, times, self._times, _parse_time)):
+            if None in parts:
+                for i, text in enumerate(texts):
+                    if parts[i] is None:
+                        try:
+                            parts[i] = self._remember(cache, text, parse(text))
+                        except RecordError:
+                            parts[i] = math.nan
+        return np.array(days, dtype=np.float64) + np.array(seconds, dtype=np.float64)
+
     def _timestamp(self, date: str, time: str) -> int:
         day = self._dates.get(date)
         if day is None:
@@ -193,6 +214,28 @@ class Invalid:
     reason: str
 
 
+class Kind(enum.IntEnum):
+    """What a message is, in :class:`ParsedBatch`' ``kinds``."""
+
+    READING = 0
+    MISSING = 1  # parse() says MISSING
+    HEADER = 2
+    INVALID = 3
+
+
+class ParsedBatch(NamedTuple):
+    """Messages parsed together (:meth:`MessageParser.parse_batch`), a column per field: ``kinds`` says what
+    each message is (a :class:`Kind`; why it is invalid: ``invalid[i]``); rows of ``values``, ``timestamps``
+    and ``aware`` hold the readings' fields, and 0, NaN and False for other messages."""
+
+    kinds: np.ndarray  # int8
+    sensors: list[str]
+    values: np.ndarray  # float64 [messages, columns]
+    timestamps: np.ndarray  # float64; NaN: no time
+    aware: np.ndarray  # bool
+    invalid: dict[int, Invalid]
+
+
 class MessageParser:
     """Parses a Kafka message (key, value) into a :class:`Reading`, :data:`MISSING` or :class:`Invalid`.
 
@@ -206,6 +249,102 @@ class MessageParser:
         self.columns = tuple(columns)
         self.max_bytes = max_bytes
         self._uci = UciLineParser(self.columns) if set(self.columns) <= set(UCI_COLUMNS) else None
+        self._sensors: dict[bytes | None, str] = {}
+
+    def parse_batch(self, keys: Sequence[bytes | None], values: Sequence[bytes | None]) -> ParsedBatch:
+        """Parse messages ``(keys[i], values[i])``, each exactly as :meth:`parse` would.
+
+        Plain UCI lines (ASCII, no spaces, every field in place) are read
+        together: one split of the joined lines and one conversion per column.
+        Every other message, and every line that turns out not to be a plain
+        reading (a ``?``, a bad number or date), goes through :meth:`parse`.
+        """
+        n = len(values)
+        batch = ParsedBatch(np.full(n, Kind.READING, dtype=np.int8), self._sensor_names(keys),
+                            np.zeros((n, len(self.columns))), np.full(n, np.nan), np.zeros(n, dtype=bool), {})
+        plain = np.empty(0, dtype=np.int64)
+        if self._uci is not None and n:
+            plain = self._plain_lines(keys, values)
+            if len(plain):
+                plain = self._read_lines(plain, values, batch)
+        rest = np.ones(n, dtype=bool)
+        rest[plain] = False
+        for i in np.flatnonzero(rest).tolist():
+            reading = self.parse(keys[i], values[i])
+            if isinstance(reading, Reading):
+                batch.values[i], batch.aware[i] = reading.values, reading.aware
+                if reading.timestamp is not None:
+                    batch.timestamps[i] = reading.timestamp
+            elif isinstance(reading, Invalid):
+                batch.kinds[i] = Kind.INVALID
+                batch.invalid[i] = reading
+            else:
+                batch.kinds[i] = Kind.MISSING if reading is MISSING else Kind.HEADER
+        return batch
+
+    def _sensor_names(self, keys: Sequence[bytes | None]) -> list[str]:
+        """Each key's sensor name, as :meth:`parse` names it; remembered, since a fleet's keys repeat."""
+        known = self._sensors
+        names: list = list(map(known.get, keys))
+        if None in names:
+            if len(known) >= CACHE_LIMIT:
+                known.clear()
+            for i, key in enumerate(keys):
+                if names[i] is None:
+                    names[i] = key.decode("utf-8", "backslashreplace") if key else DEFAULT_SENSOR
+                    if key is None or len(key) <= MAX_KEY_BYTES:  # a longer one is refused: parse() says so
+                        known[key] = names[i]
+        return names
+
+    def _plain_lines(self, keys: Sequence[bytes | None], values: Sequence[bytes | None]) -> np.ndarray:
+        """The indices of messages that are plain UCI data lines as far as their bytes show: ASCII, no
+        whitespace or control bytes, exactly the fields of a line, a key parse() takes."""
+        assert self._uci is not None
+        try:
+            lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))  # type: ignore[arg-type]
+            key_lengths = np.fromiter((0 if k is None else len(k) for k in keys), dtype=np.int64, count=len(keys))
+        except TypeError:  # a value without bytes (None): parse() says what it is
+            return np.empty(0, dtype=np.int64)
+        candidates = np.flatnonzero((lengths > 0) & (lengths <= self.max_bytes) & (key_lengths <= MAX_KEY_BYTES))
+        if not len(candidates):
+            return candidates
+        joined = b"\n".join([values[i] for i in candidates.tolist()])
+        if not joined.isascii():
+            return np.empty(0, dtype=np.int64)
+        data = np.frombuffer(joined, dtype=np.uint8)
+        starts = np.zeros(len(candidates), dtype=np.int64)
+        np.cumsum(lengths[candidates][:-1] + 1, out=starts[1:])
+        separators = np.add.reduceat((data == ord(";")).astype(np.int32), starts)
+        blanks = np.add.reduceat((data <= ord(" ")).astype(np.int32), starts)  # the joining newline counts 1
+        blanks[:-1] -= 1
+        plain = (separators == self._uci.n_fields - 1) & (blanks == 0) & (data[starts] != ord("{"))
+        return candidates[plain]
+
+    def _read_lines(self, plain: np.ndarray, values: Sequence[bytes | None], batch: ParsedBatch) -> np.ndarray:
+        """Read the plain lines ``values[plain]`` into ``batch``; return those that are readings (the others are
+        left to parse())."""
+        assert self._uci is not None
+        n_fields = self._uci.n_fields
+        fields = b";".join([values[i] for i in plain.tolist()]).decode("ascii").split(";")
+        good = np.ones(len(plain), dtype=bool)
+        numbers = np.zeros((len(plain), len(self.columns)))
+        for c, at in enumerate(self._uci._indices):
+            column = fields[at::n_fields]
+            try:
+                numbers[:, c] = list(map(float, column))
+            except ValueError:  # a '?' or a bad number: parse() says which
+                for row, text in enumerate(column):
+                    try:
+                        numbers[row, c] = float(text)
+                    except ValueError:
+                        good[row] = False
+        with np.errstate(invalid="ignore"):
+            good &= (np.abs(numbers) <= _LARGEST).all(axis=1)  # NaN compares False
+        stamps = self._uci._timestamps(fields[0::n_fields], fields[1::n_fields])
+        good &= (EARLIEST <= stamps) & (stamps <= LATEST)
+        plain = plain[good]
+        batch.values[plain], batch.timestamps[plain] = numbers[good], stamps[good]
+        return plain
 
     def parse(self, key: bytes | None, value: bytes | None):
         sensor = key.decode("utf-8", "backslashreplace") if key else DEFAULT_SENSOR
@@ -337,6 +476,17 @@ def format_time(seconds: float, aware: bool) -> str:
     return text + "Z" if aware else text
 
 
+def format_times(seconds: np.ndarray, aware: np.ndarray) -> list[str | None]:
+    """:func:`format_time` of each time (None where NaN): whole seconds in one numpy pass."""
+    whole = np.isfinite(seconds) & (seconds == np.floor(seconds))
+    if not whole.all():
+        return [None if t != t else format_time(t, a) for t, a in zip(seconds.tolist(), aware.tolist())]
+    texts = np.datetime_as_string(seconds.astype(np.int64).astype("datetime64[s]"), unit="s").tolist()
+    if aware.any():
+        return [text + "Z" if a else text for text, a in zip(texts, aware.tolist())]
+    return texts
+
+
 _quote = json.encoder.encode_basestring_ascii  # what json.dumps uses for strings (in C)
 
 
@@ -344,12 +494,12 @@ def encode_predictions(
     idents: Sequence[str],
     sensors: Sequence[str],
     timestamps: Sequence[str | None],
-    predictions: Sequence[Sequence[float]],
+    predictions,
     targets: Sequence[str],
     model_version: str | None,
     partitions: Sequence[int],
     offsets: Sequence[int],
-    bounds: tuple[Sequence[Sequence[float]], Sequence[Sequence[float]]] | None = None,
+    bounds: tuple | None = None,
 ) -> list[bytes]:
     """The JSON values of prediction messages, one per row of ``predictions`` (a value per target, in the data's
     own units; null where not finite).
@@ -403,9 +553,14 @@ def encode_gaps(sensors: Sequence[str], starts: Sequence[str], ends: Sequence[st
             for sensor, start, end, n, partition, offset in zip(sensors, starts, ends, missing, partitions, offsets)]
 
 
-def _json_numbers(rows: Sequence[Sequence[float]], targets: Sequence[str]) -> list[str]:
-    """Per row: one target, the number; several, an object per target; null where not finite."""
-    if len(targets) == 1:  # x - x is 0 for a finite x, NaN otherwise
-        return [repr(float(row[0])) if row[0] - row[0] == 0 else "null" for row in rows]
-    return [json.dumps(dict(zip(targets, [float(v) if v - v == 0 else None for v in row])), separators=(",", ":"))
-            for row in rows]
+def _json_numbers(rows, targets: Sequence[str]) -> list[str]:
+    """Per row (of an array or of lists): one target, the number; several, an object per target; null where
+    not finite."""
+    rows = np.asarray(rows, dtype=np.float64).reshape(-1, len(targets))
+    if len(targets) == 1:
+        texts = list(map(repr, rows[:, 0].tolist()))
+        for i in np.flatnonzero(~np.isfinite(rows[:, 0])).tolist():
+            texts[i] = "null"
+        return texts
+    return [json.dumps(dict(zip(targets, [v if v - v == 0 else None for v in row])), separators=(",", ":"))
+            for row in rows.tolist()]

@@ -9,6 +9,7 @@ rate and forwarded to the dead-letter topic, and the batch goes on.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import threading
 import time
@@ -21,16 +22,16 @@ from .config import Config
 from .health import SensorHealth, encode_health, fleet_skill
 from .inference import InferenceRunner
 from .messages import (
-    HEADER,
     MAX_KEY_BYTES,
-    MISSING,
     Invalid,
+    Kind,
     MessageParser,
     OutRecord,
     encode_anomalies,
     encode_gaps,
     encode_predictions,
     format_time,
+    format_times,
     prediction_id,
 )
 from .metrics import Metrics
@@ -50,15 +51,38 @@ HEADER_BUDGET = 16 * 1024  # bytes of an invalid message's own headers carried t
 
 @dataclass
 class _Parsed:
-    """A batch's accepted readings as (record index, slot, reading); per window, its accepted index; dead letters;
-    the accepted readings that came more than one interval after their sensor's last (no forecast was for them),
+    """A batch's accepted readings, a column each: the record it came in, its sensor's slot and name, its values
+    (an array per chunk), time (NaN: none) and whether that carried a zone; per window, its reading's index; dead
+    letters; the readings that came more than one interval after their sensor's last (no forecast was for them),
     and the time of that last one."""
 
-    accepted: list = field(default_factory=list)
+    index: list = field(default_factory=list)
+    slots: list = field(default_factory=list)
+    sensors: list = field(default_factory=list)
+    values: list = field(default_factory=list)
+    timestamps: list = field(default_factory=list)
+    aware: list = field(default_factory=list)
     window_of: list = field(default_factory=list)
     dead_letters: list = field(default_factory=list)
     gaps: list = field(default_factory=list)
     gap_from: list = field(default_factory=list)
+    _columns: tuple | None = None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``index``, ``timestamps`` and ``aware`` as arrays, once every chunk is in."""
+        if self._columns is None:
+            self._columns = (np.array(self.index, dtype=np.int64), np.array(self.timestamps, dtype=np.float64),
+                             np.array(self.aware, dtype=bool))
+        return self._columns
+
+    def value_rows(self) -> np.ndarray:
+        """Every accepted reading's values ``[readings, columns]`` (float64, as read)."""
+        if len(self.values) != 1:
+            self.values[:] = [np.concatenate(self.values)]
+        return self.values[0]
 
 
 class Stopped(Exception):
@@ -148,7 +172,7 @@ class Pipeline:
             nonlocal replayed
             parsed = _Parsed()
             self._ingest(chunk, 0, len(chunk), parsed, replay=True)
-            replayed += len(parsed.accepted)
+            replayed += len(parsed)
             chunk.clear()
 
         for record in records:
@@ -295,60 +319,89 @@ class Pipeline:
         replay (``replay=True``) only rebuilds the windows: its readings were
         counted, logged and dead-lettered when they were first read.
         """
-        accepted, window_of = parsed.accepted, parsed.window_of
+        window_of = parsed.window_of
         if not replay and len(self._batch) < len(window_of) + hi - lo:
             # earlier chunks' windows stay valid: the model holds views of the old buffer
             self._batch = np.empty((max(len(records), len(window_of) + hi - lo),) + self._batch.shape[1:],
                                    dtype=np.float32)
-        windows, gap = self.windows, 1.5 * self.period  # a reading further on skipped one (a '?', or lost)
-        missing = ignored = stale = 0
-        count = len(accepted)
-        for i in range(lo, hi):
-            record = records[i]
-            reading = self.parser.parse(record.key, record.value)
-            if reading is MISSING:
-                missing += 1
-                continue
-            if reading is HEADER:
-                ignored += 1
-                continue
-            if isinstance(reading, Invalid):
+        chunk = records[lo:hi]
+        got = self.parser.parse_batch([r.key for r in chunk], [r.value for r in chunk])
+        if not replay:
+            for i, invalid in got.invalid.items():
+                self._invalid(chunk[i], invalid, parsed.dead_letters)
+        rows = np.flatnonzero(got.kinds == Kind.READING)
+        taken = [chunk[i] for i in rows.tolist()]
+        slots = self.windows.slots_of([got.sensors[i] for i in rows.tolist()], [r.partition for r in taken])
+        offsets = np.array([r.offset for r in taken], dtype=np.int64)
+        when = got.timestamps[rows]
+        newer, last = self._newer(slots, when)
+        stale = len(rows) - int(newer.sum())
+        if stale:
+            for j in np.flatnonzero(~newer).tolist():
                 if not replay:
-                    self._invalid(record, reading, parsed.dead_letters)
-                continue
-            slot = windows.slot(reading.sensor, record.partition)
-            # a reading without a time keeps the sensor's newest one: its order is its arrival
-            when = np.nan if reading.timestamp is None else reading.timestamp
-            last = windows.times[slot]  # not hoisted: a new slot may grow the array
-            if when <= last:
-                stale += 1
-                if not replay:
+                    record, aware = chunk[rows[j]], bool(got.aware[rows[j]])
                     self._stale_log.warning("reading at %s[%d]@%d from sensor %r is not newer than its last one "
                                             "(%s): skipped as a repeat or late", record.topic, record.partition,
-                                            record.offset, reading.sensor, format_time(last, reading.aware))
-                continue
-            if when - last >= gap:
-                parsed.gaps.append(len(accepted))
-                parsed.gap_from.append(last)
-            full = windows.append(slot, reading.values, record.offset, when)
-            if full and not replay:
-                if self._all_features:
-                    windows.window_into(slot, self._batch[len(window_of)])
-                else:
-                    self._batch[len(window_of)] = windows.window(slot)[:, self.feature_index]
-                window_of.append(len(accepted))
-            accepted.append((i, slot, reading))
+                                            record.offset, got.sensors[rows[j]], format_time(last[j], aware))
+            rows, slots, offsets, when, last = rows[newer], slots[newer], offsets[newer], when[newer], last[newer]
+        out: np.ndarray | None = None
+        if not replay:
+            out = self._batch[len(window_of):] if self._all_features else np.empty(
+                (len(rows),) + (self.windows.size, self.windows.width), dtype=np.float32)
+        full = self.windows.append_many(slots, got.values[rows], offsets, when, out)
+        base = len(parsed)
+        with np.errstate(invalid="ignore"):
+            gaps = np.flatnonzero(when - last >= 1.5 * self.period)  # a reading further on skipped one ('?', or lost)
+        parsed.gaps += (base + gaps).tolist()
+        parsed.gap_from += last[gaps].tolist()
+        if not replay:
+            made = np.flatnonzero(full)
+            if not self._all_features and out is not None:
+                self._batch[len(window_of):len(window_of) + len(made)] = out[:len(made)][:, :, self.feature_index]
+            window_of += (base + made).tolist()
+        parsed.index += (lo + rows).tolist()
+        parsed.slots += slots.tolist()
+        parsed.sensors += [got.sensors[i] for i in rows.tolist()]
+        parsed.values.append(got.values[rows])
+        parsed.timestamps += when.tolist()
+        parsed.aware += got.aware[rows].tolist()
         if not replay:
             m = self.metrics  # counted once per chunk: a counter update takes a lock
-            m.missing.inc(missing)
-            m.ignored.inc(ignored)
+            m.missing.inc(int(np.count_nonzero(got.kinds == Kind.MISSING)))
+            m.ignored.inc(int(np.count_nonzero(got.kinds == Kind.HEADER)))
             m.stale.inc(stale)
-            m.accepted.inc(len(accepted) - count)
+            m.accepted.inc(len(rows))
+
+    def _newer(self, slots: np.ndarray, when: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Which readings (of ``slots``, in arrival order, at times ``when``) are newer than their sensor's last
+        accepted one, and that one's time (NaN: none yet).
+
+        A reading without a time is always newer: its order is its arrival. So
+        is one after a gap. Normally every reading is newer, which a few array
+        operations show; otherwise they are taken in turn.
+        """
+        last = self.windows.times[slots]
+        order = np.argsort(slots, kind="stable")
+        repeat = slots[order[1:]] == slots[order[:-1]]
+        last[order[1:][repeat]] = when[order[:-1][repeat]]  # the same sensor's reading before, in this chunk
+        timed = when == when
+        if not timed.any() or (timed.all() and not (when <= last).any()):
+            return np.ones(len(slots), dtype=bool), last
+        newer = np.ones(len(slots), dtype=bool)
+        times, newest = self.windows.times, dict[int, float]()
+        for j, (slot, at) in enumerate(zip(slots.tolist(), when.tolist())):
+            before = newest.get(slot, float(times[slot]))
+            last[j] = before
+            if at <= before:
+                newer[j] = False
+            elif at == at:
+                newest[slot] = at
+        return newer, last
 
     def _shadow_forecasts(self, parsed: _Parsed, first: int, windows: np.ndarray) -> tuple[np.ndarray, object]:
         """Start the candidate's forecasts of the sampled sensors' windows ``first`` on: (their indices, future)."""
         assert self.shadow is not None
-        sensors = [parsed.accepted[a][2].sensor for a in parsed.window_of[first:]]
+        sensors = [parsed.sensors[a] for a in parsed.window_of[first:]]
         picked = np.flatnonzero(in_sample(sensors, self.shadow.share))
         future = self.runner.forecast_async(self.shadow.candidate, windows[picked]) if len(picked) else None
         return first + picked, future
@@ -381,7 +434,7 @@ class Pipeline:
             self.sink.queue(self._forecast_messages(records, parsed, predictions, start, end))
         if not self.sink.publish((), self.stop):
             raise Stopped()
-        sent_ms = np.array([records[parsed.accepted[a][0]].timestamp for a in parsed.window_of], dtype=np.float64)
+        sent_ms = np.array([records[parsed.index[a]].timestamp for a in parsed.window_of], dtype=np.float64)
         sent_ms = sent_ms[sent_ms > 0]  # Kafka's -1: no timestamp
         self.metrics.latency_seconds.observe_many(np.maximum(0.0, time.time() * 1000 - sent_ms) / 1000)
         self.metrics.predictions.inc(len(parsed.window_of))
@@ -391,26 +444,23 @@ class Pipeline:
     def _forecast_messages(self, records: Sequence[Record], parsed: _Parsed, predictions: np.ndarray,
                            start: int, end: int) -> list[OutRecord]:
         """The forecast messages of windows ``start:end``."""
-        version, period = self.forecaster.version, self.period
-        idents, sensors, times, partitions, offsets, keys = [], [], [], [], [], []
-        for a in parsed.window_of[start:end]:
-            i, _, reading = parsed.accepted[a]
-            record = records[i]
-            when = None if reading.timestamp is None else format_time(reading.timestamp + period, reading.aware)
-            idents.append(prediction_id(reading.sensor, when, record.partition, record.offset))
-            sensors.append(reading.sensor)
-            times.append(when)
-            partitions.append(record.partition)
-            offsets.append(record.offset)
-            keys.append(record.key)
+        version = self.forecaster.version
+        at = np.array(parsed.window_of[start:end], dtype=np.int64)
+        index, stamps, aware = parsed.columns()
+        chosen = [records[i] for i in index[at].tolist()]
+        sensors = [parsed.sensors[a] for a in at.tolist()]
+        times = format_times(stamps[at] + self.period, aware[at])
+        partitions, offsets, keys = [r.partition for r in chosen], [r.offset for r in chosen], [r.key for r in chosen]
+        idents = list(map(prediction_id, sensors, times, partitions, offsets))
         bounds = None
         if self.forecaster.prediction_interval is not None:
-            bounds = (predictions[1, start:end].tolist(), predictions[2, start:end].tolist())
-        values = encode_predictions(idents, sensors, times, predictions[0, start:end].tolist(),
+            bounds = (predictions[1, start:end], predictions[2, start:end])
+        values = encode_predictions(idents, sensors, times, predictions[0, start:end],
                                     self.forecaster.targets, version, partitions, offsets, bounds)
-        topic, version_header = self.output_topic, (version or "").encode()
-        return [OutRecord(topic, key, value, [("prediction_id", ident.encode()), ("model_version", version_header)])
-                for key, value, ident in zip(keys, values, idents)]
+        version_header = ("model_version", (version or "").encode())
+        headers = [(("prediction_id", ident.encode()), version_header) for ident in idents]
+        return list(map(OutRecord._make, zip(itertools.repeat(self.output_topic), keys, values, headers,
+                                              itertools.repeat(None))))
 
     def _invalid(self, record, invalid: Invalid, dead_letters: list) -> None:
         self.metrics.invalid.inc()
@@ -452,14 +502,15 @@ class Pipeline:
         interval after that one: the forecast was for a minute without a
         reading, so it is not scored. One pass of array operations per batch.
         """
-        accepted, window_of = parsed.accepted, parsed.window_of
-        n = len(accepted)
+        window_of = parsed.window_of
+        n = len(parsed)
         if n == 0:
             return []
-        slots = np.fromiter((slot for _, slot, _ in accepted), dtype=np.int64, count=n)
-        truth = np.array([reading.values for _, _, reading in accepted], dtype=np.float32)[:, self.target_index]
-        times = np.array([np.nan if r.timestamp is None else r.timestamp for _, _, r in accepted], dtype=np.float64)
-        offsets = np.fromiter((records[i].offset for i, _, _ in accepted), dtype=np.int64, count=n)
+        slots = np.array(parsed.slots, dtype=np.int64)
+        readings = parsed.value_rows()[:, self.target_index]
+        truth = readings.astype(np.float32)
+        times = np.array(parsed.timestamps, dtype=np.float64)
+        offsets = np.array([records[i].offset for i in parsed.index], dtype=np.int64)
         made = np.full((4,) + truth.shape, np.nan, dtype=np.float32)  # what each reading's window yielded, if any
         made[:, window_of] = predictions
         order = np.argsort(slots, kind="stable")
@@ -498,7 +549,7 @@ class Pipeline:
         self.model_errors.add(error)
         self.baseline_errors.add(baseline_error)
         self.health.add(slots[rows], error, baseline_error, covered)
-        self.health.aware[slots[rows]] = [accepted[a][2].aware for a in rows]
+        self.health.aware[slots[rows]] = np.array(parsed.aware)[rows]
         if banded.any():
             self.inside.add(covered[banded])
             if self.forecaster.prediction_interval is not None:  # the live coverage steers the next intervals
@@ -513,7 +564,7 @@ class Pipeline:
                 self.metrics.anomalies.inc(int(outside.sum()))
                 if self.anomaly_topic:
                     at = np.flatnonzero(outside)
-                    events = self._anomaly_events(records, [accepted[a] for a in rows[at]], made_at[rows[at]],
+                    events = self._anomaly_events(records, parsed, rows[at], readings[rows[at]], made_at[rows[at]],
                                                   made_from[rows[at]], forecast[0, rows[at]], band_lower[at],
                                                   band_upper[at], score[at])
         m = self.metrics
@@ -521,7 +572,7 @@ class Pipeline:
         for t, histogram in enumerate(m.abs_error):
             histogram.observe_many(np.abs(error[:, t]))
         if m.labelled_sensors:
-            sensors = [accepted[a][2].sensor for a in np.flatnonzero(scored)]
+            sensors = [parsed.sensors[a] for a in rows.tolist()]
             for sensor, row in zip(sensors, np.abs(error).tolist()):
                 if sensor in m.labelled_sensors:
                     for target, e in zip(self.forecaster.targets, row):
@@ -546,23 +597,24 @@ class Pipeline:
             shadow.score(forecast_c[both] - seen, forecast[both] - seen, baseline[both] - seen)
             self.metrics.shadow_scored.inc(int(both.sum()))
 
-    def _anomaly_events(self, records: Sequence[Record], readings: list, made_at: np.ndarray, made_from: np.ndarray,
-                        forecasts: np.ndarray, lower: np.ndarray, upper: np.ndarray,
-                        scores: np.ndarray) -> list[OutRecord]:
-        """The events of anomalous ``readings`` ((record index, slot, reading)), each named by its forecast's id."""
+    def _anomaly_events(self, records: Sequence[Record], parsed: _Parsed, anomalous: np.ndarray, readings: np.ndarray,
+                        made_at: np.ndarray, made_from: np.ndarray, forecasts: np.ndarray, lower: np.ndarray,
+                        upper: np.ndarray, scores: np.ndarray) -> list[OutRecord]:
+        """The events of the ``anomalous`` accepted readings (their target values ``readings``), each named by its
+        forecast's id."""
         idents, sensors, times, partitions, offsets, keys = [], [], [], [], [], []
-        for (i, _, reading), at, source in zip(readings, made_at.tolist(), made_from.tolist()):
-            record = records[i]
-            forecast_time = None if at != at else format_time(at + self.period, reading.aware)
-            idents.append(prediction_id(reading.sensor, forecast_time, record.partition, source))
-            sensors.append(reading.sensor)
-            times.append(None if reading.timestamp is None else format_time(reading.timestamp, reading.aware))
+        for a, at, source in zip(anomalous.tolist(), made_at.tolist(), made_from.tolist()):
+            record, sensor, aware, stamp = records[parsed.index[a]], parsed.sensors[a], parsed.aware[a], \
+                parsed.timestamps[a]
+            forecast_time = None if at != at else format_time(at + self.period, aware)
+            idents.append(prediction_id(sensor, forecast_time, record.partition, source))
+            sensors.append(sensor)
+            times.append(None if stamp != stamp else format_time(stamp, aware))
             partitions.append(record.partition)
             offsets.append(record.offset)
             keys.append(record.key)
-        values = encode_anomalies(idents, sensors, times,
-                                  [[r.values[t] for t in self.target_index] for _, _, r in readings],
-                                  forecasts.tolist(), lower.tolist(), upper.tolist(), scores.tolist(),
+        values = encode_anomalies(idents, sensors, times, readings.tolist(), forecasts.tolist(), lower.tolist(),
+                                  upper.tolist(), scores.tolist(),
                                   self.forecaster.targets, self.forecaster.version, partitions, offsets)
         return [OutRecord(self.anomaly_topic or "", key, value, [("event", b"anomaly"), ("id", ident.encode())])
                 for key, value, ident in zip(keys, values, idents)]
@@ -573,14 +625,14 @@ class Pipeline:
             return []
         sensors, starts, ends, missing, partitions, offsets, keys = [], [], [], [], [], [], []
         for a, since in zip(parsed.gaps, parsed.gap_from):
-            i, _, reading = parsed.accepted[a]
-            skipped = round((reading.timestamp - since) / self.period) - 1
+            stamp, aware = parsed.timestamps[a], parsed.aware[a]
+            skipped = round((stamp - since) / self.period) - 1
             if skipped < self.min_gap:
                 continue
-            record = records[i]
-            sensors.append(reading.sensor)
-            starts.append(format_time(since, reading.aware))
-            ends.append(format_time(reading.timestamp, reading.aware))
+            record = records[parsed.index[a]]
+            sensors.append(parsed.sensors[a])
+            starts.append(format_time(since, aware))
+            ends.append(format_time(stamp, aware))
             missing.append(skipped)
             partitions.append(record.partition)
             offsets.append(record.offset)

@@ -111,6 +111,19 @@ class SensorWindows:
             self.partitions[slot] = partition
         return slot
 
+    def slots_of(self, sensors: Sequence[str], partitions: Sequence[int]) -> np.ndarray:
+        """:meth:`slot` of each (sensor, partition), in order: a sensor read from several partitions belongs to
+        the last."""
+        slots = list(map(self.slots.get, sensors))
+        if None in slots:
+            for i, slot in enumerate(slots):
+                if slot is None:
+                    slots[i] = self.slot(sensors[i], partitions[i])
+        found = np.array(slots, dtype=np.int64)
+        unique, last = _last_of_each(found)
+        self.partitions[unique] = np.asarray(partitions)[last]
+        return found
+
     def in_partition(self, partition: int) -> np.ndarray:
         """The slots in use whose sensors are read from ``partition``."""
         used = len(self._sensors)
@@ -166,6 +179,67 @@ class SensorWindows:
             self._count[slot] += 1
         return self._count[slot] == self.size
 
+    def append_many(self, slots: np.ndarray, values: np.ndarray, offsets: np.ndarray, timestamps: np.ndarray,
+                    out: np.ndarray | None = None) -> np.ndarray:
+        """:meth:`append` each reading in turn (``slots[i]``, ``values[i]``, ...); return which filled their
+        sensor's window, and write those windows, oldest row first, into ``out[:count]`` in order.
+
+        The same rows and windows as one append at a time, in a few array
+        operations: each window is gathered from this batch's readings and the
+        rings as they were, so a sensor may send any number of readings.
+        """
+        n, size = len(slots), self.size
+        if n == 0:
+            return np.zeros(0, dtype=bool)
+        order = np.argsort(slots, kind="stable")  # each sensor's readings together, in arrival order
+        ordered = slots[order]
+        starts_group = np.ones(n, dtype=bool)
+        starts_group[1:] = ordered[1:] != ordered[:-1]
+        first = np.flatnonzero(starts_group)  # each sensor's first reading, in sorted position
+        group = np.empty(n, dtype=np.int64)
+        group[order] = np.cumsum(starts_group) - 1
+        rank = np.empty(n, dtype=np.int64)  # how many of its sensor's readings came before it in this batch
+        rank[order] = np.arange(n) - first[group[order]]
+        unique = ordered[first]
+        taken = np.diff(np.append(first, n))
+        head, count = self._head[unique].astype(np.int64), self._count[unique].astype(np.int64)
+        values = np.asarray(values, dtype=np.float32)
+        full = count[group] + rank + 1 >= size
+        if out is not None and full.any():
+            rows = np.flatnonzero(full)
+            # per window row, how many readings after it came in this batch before the window's newest one:
+            # >= 0, that reading of this batch; < 0, the ring's reading that many rows back from its head
+            steps = rank[rows, None] - np.arange(size - 1, -1, -1)
+            from_batch = order[first[group[rows], None] + np.maximum(steps, 0)]
+            from_ring = n + group[rows, None] * size + (head[group[rows], None] + steps) % size
+            source = np.concatenate([values, self._rings(unique).reshape(-1, self.width)])
+            out[:len(rows)] = source[np.where(steps >= 0, from_batch, from_ring)]
+        kept = rank >= taken[group] - size  # a sensor's last `size` readings stay in its ring
+        kept_slots, kept_rows = slots[kept], (head[group] + rank)[kept] % size
+        blocks, within = np.divmod(kept_slots, self._block)
+        kept_values = values[kept]
+        for b in np.unique(blocks).tolist():
+            here = blocks == b
+            self._blocks[b][within[here], kept_rows[here]] = kept_values[here]
+        self._offsets[kept_slots, kept_rows] = offsets[kept]
+        self._head[unique] = (head + taken) % size
+        self._count[unique] = np.minimum(count + taken, size)
+        self.last[unique] = offsets[order[first + taken - 1]]
+        timed = timestamps == timestamps
+        if timed.any():  # a reading without a time leaves its sensor's newest one as it was
+            timed_slots, newest = _last_of_each(slots[timed])
+            self.times[timed_slots] = timestamps[timed][newest]
+        return full
+
+    def _rings(self, slots: np.ndarray) -> np.ndarray:
+        """The rows of ``slots``' rings as stored ``[slots, size, width]`` (a copy)."""
+        blocks, within = np.divmod(slots, self._block)
+        rings = np.empty((len(slots), self.size, self.width), dtype=np.float32)
+        for b in np.unique(blocks).tolist():
+            here = blocks == b
+            rings[here] = self._blocks[b][within[here]]
+        return rings
+
     def full(self, slots: np.ndarray) -> np.ndarray:
         """Which of ``slots`` hold a full window."""
         return self._count[slots] == self.size
@@ -187,11 +261,7 @@ class SensorWindows:
     def snapshot(self, partition: int) -> bytes:
         """Everything :meth:`restore` needs to bring back ``partition``'s windows exactly, as ``.npz`` bytes."""
         slots = self.in_partition(partition)
-        blocks, rows = np.divmod(slots, self._block)
-        values = np.empty((len(slots), self.size, self.width), dtype=np.float32)
-        for b in np.unique(blocks).tolist():
-            here = blocks == b
-            values[here] = self._blocks[b][rows[here]]
+        values = self._rings(slots)
         names = json.dumps([self._sensors[s] for s in slots.tolist()]).encode()
         out = io.BytesIO()
         np.savez(out, names=np.frombuffer(names, dtype=np.uint8), values=values, offsets=self._offsets[slots],
@@ -252,3 +322,9 @@ class SensorWindows:
         self.partitions[new // 2:] = -1
         self.times = np.resize(self.times, new)
         self.times[new // 2:] = np.nan
+
+
+def _last_of_each(items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct values of ``items`` and the index of each one's last occurrence."""
+    distinct, first_from_end = np.unique(items[::-1], return_index=True)
+    return distinct, len(items) - 1 - first_from_end

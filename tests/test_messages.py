@@ -14,7 +14,9 @@ from stream_forecaster.messages import (
     MISSING,
     UCI_COLUMNS,
     Invalid,
+    Kind,
     MessageParser,
+    Reading,
     RecordError,
     UciLineParser,
     encode_predictions,
@@ -220,3 +222,68 @@ def test_padded_dates_and_times_parse_but_are_not_remembered():
     padded = parser.parse(f"1/3/{pad}2007;{pad}10:00:00;1;2;3;4;5;6;7")
     assert padded == parser.parse("1/3/2007;10:00:00;1;2;3;4;5;6;7")
     assert max(map(len, [*parser._dates, *parser._times])) <= 10  # hostile input must not pin memory
+
+
+_fields = st.one_of(st.floats(allow_nan=True, allow_infinity=True).map(repr),
+                    st.sampled_from(["?", "", "1_0", " 1", "1e999", "-0", "0x1", "nan", "٣", "4.2", "17"]),
+                    st.text(alphabet="0123456789.e-+?; \t", max_size=6))
+_dates = st.one_of(st.sampled_from(["16/12/2006", "31/2/2007", "1/1/999", "1/1/9999", "Date", "", "01/01/2007"]),
+                   st.text(alphabet="0123456789/", max_size=11))
+_times = st.one_of(st.sampled_from(["17:24:00", "24:00:00", "Time", "0:0:0", "23:59:59"]),
+                   st.text(alphabet="0123456789:", max_size=9))
+
+
+@st.composite
+def _uci_like(draw):
+    fields = [draw(_dates), draw(_times)] + [draw(_fields) for _ in range(draw(st.sampled_from([7, 7, 7, 6, 8])))]
+    return ";".join(fields).encode("utf-8")
+
+
+
+
+def _good_line(day, month, year, second, numbers):
+    return f"{day}/{month}/{year};{second // 3600:02d}:{second // 60 % 60:02d}:{second % 60:02d};".encode() \
+        + ";".join(map(repr, numbers)).encode()
+
+
+_good_lines = st.builds(_good_line, st.integers(1, 28), st.integers(1, 12), st.integers(1000, 8999),
+                        st.integers(0, 86399), st.lists(st.floats(allow_nan=False, allow_infinity=False, width=32),
+                                                        min_size=7, max_size=7))
+_odd_messages = st.sampled_from([GOOD.encode(), b"?", b"", b" " + GOOD.encode(), GOOD.encode() + b"\n",
+                                 b'{"value": 1}', b"Date;Time;" + ";".join(UCI_COLUMNS).encode()])
+_messages = st.one_of(_good_lines, _good_lines, _uci_like(), _uci_like(), _odd_messages, st.binary(max_size=80),
+                      st.none())
+_keys = st.one_of(st.none(), st.sampled_from([b"", b"a", b"b", "ü".encode(), b"\xff", b"k" * 1025]))
+
+
+@pytest.mark.parametrize("columns", [list(UCI_COLUMNS), ["Voltage", "Global_active_power"], ["power"]])
+@given(messages=st.lists(st.tuples(_keys, _messages), max_size=30), max_bytes=st.sampled_from([65536, 60]))
+def test_a_batch_parses_each_message_as_parse_does(columns, messages, max_bytes):
+    parser = MessageParser(columns, max_bytes)
+    keys, values = [k for k, _ in messages], [v for _, v in messages]
+    batch = parser.parse_batch(keys, values)
+    assert len(batch.kinds) == len(batch.sensors) == len(messages)
+    for i, (key, value) in enumerate(messages):
+        one = MessageParser(columns, max_bytes).parse(key, value)
+        if isinstance(one, Reading):
+            assert batch.kinds[i] == Kind.READING and batch.sensors[i] == one.sensor
+            assert batch.values[i].tolist() == one.values and bool(batch.aware[i]) == one.aware
+            assert batch.timestamps[i] == one.timestamp or (math.isnan(batch.timestamps[i]) and one.timestamp is None)
+        elif isinstance(one, Invalid):
+            assert batch.kinds[i] == Kind.INVALID and batch.invalid[i] == one
+        else:
+            assert batch.kinds[i] == (Kind.MISSING if one is MISSING else Kind.HEADER)
+
+
+def test_plain_lines_are_read_together_and_the_rest_one_by_one():
+    parser = MessageParser(UCI_COLUMNS)
+    one_by_one = []
+    parse = parser.parse
+    parser.parse = lambda key, value: one_by_one.append(value) or parse(key, value)
+    lines = [GOOD.encode(), GOOD.replace("4.216", "?").encode(), b"12.5", GOOD.replace("17:24", "17:25").encode()]
+    batch = parser.parse_batch([b"a", b"a", b"b", b"a"], lines)
+    assert one_by_one == lines[1:3]
+    assert batch.kinds.tolist() == [Kind.READING, Kind.MISSING, Kind.INVALID, Kind.READING]
+    assert batch.values[3].tolist() == [4.216, 0.418, 234.84, 18.4, 0.0, 1.0, 17.0]
+    assert batch.timestamps[3] - batch.timestamps[0] == 60
+    assert "a bare number is one value" in batch.invalid[2].reason

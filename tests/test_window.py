@@ -128,3 +128,54 @@ def test_a_snapshot_brings_a_partitions_windows_back_exactly_and_nothing_else_is
         assert len(other) == 0
     with pytest.raises(ValueError):
         SensorWindows(3, 2).restore(0, b"not a snapshot")
+
+
+@st.composite
+def reading_batches(draw):
+    """Batches of (slot, value, offset, time) in arrival order: few sensors, so some send more readings in one
+    batch than a window holds; some readings carry no time."""
+    size = draw(st.integers(min_value=1, max_value=6))
+    batches, offset = [], 0
+    for _ in range(draw(st.integers(min_value=1, max_value=4))):
+        batch = []
+        for _ in range(draw(st.integers(min_value=0, max_value=25))):
+            slot = draw(st.integers(min_value=0, max_value=3))
+            timed = draw(st.booleans())
+            batch.append((slot, float(offset), offset, float(offset) if timed else np.nan))
+            offset += 1
+        batches.append(batch)
+    return size, batches
+
+
+@given(reading_batches())
+def test_appending_a_batch_at_once_is_appending_each_reading_in_turn(drawn):
+    size, batches = drawn
+    one_by_one, at_once = SensorWindows(size, 2), SensorWindows(size, 2)
+    for w in (one_by_one, at_once):
+        w.slots_of([f"s{i}" for i in range(4)], [0] * 4)
+    for batch in batches:
+        expected_full, expected_windows = [], []
+        for slot, value, offset, when in batch:
+            full = one_by_one.append(slot, [value, -value], offset, when)
+            expected_full.append(full)
+            if full:
+                expected_windows.append(one_by_one.window(slot))
+        slots = np.array([b[0] for b in batch], dtype=np.int64)
+        values = np.array([[b[1], -b[1]] for b in batch]).reshape(-1, 2)
+        out = np.full((len(batch), size, 2), np.nan, dtype=np.float32)
+        full = at_once.append_many(slots, values, np.array([b[2] for b in batch], dtype=np.int64),
+                                   np.array([b[3] for b in batch]), out)
+        assert full.tolist() == expected_full
+        np.testing.assert_array_equal(out[:len(expected_windows)], np.array(expected_windows).reshape(-1, size, 2))
+        for slot in range(4):
+            np.testing.assert_array_equal(at_once.window(slot), one_by_one.window(slot))
+        np.testing.assert_array_equal(at_once.times[:4], one_by_one.times[:4])
+        np.testing.assert_array_equal(at_once.last[:4], one_by_one.last[:4])
+        assert at_once.refill_starts() == one_by_one.refill_starts()
+
+
+def test_a_sensor_read_from_another_partition_belongs_to_the_last():
+    windows = SensorWindows(3, 1)
+    slots = windows.slots_of(["a", "b", "a"], [0, 1, 2])
+    assert slots.tolist() == [0, 1, 0]
+    assert windows.partitions[:2].tolist() == [2, 1]
