@@ -306,21 +306,27 @@ class ConfluentSink:
 
     def queue(self, records: Sequence[OutRecord]) -> None:
         """Send ``records`` without waiting; the next :meth:`publish` waits for their acknowledgements."""
-        for record in records:
-            self._produce(record)
+        produce, tokens = self._producer.produce, self._tokens
+        for record in records:  # runs for every forecast: the produce call inlined, no frame per record
+            token = next(tokens)
 
-    def _produce(self, record: OutRecord) -> None:
-        token = next(self._tokens)
+            # on this thread, from flush or poll; self's: a recreated producer's sink starts a new count
+            def delivered(error, _message, token=token, record=record):
+                if self._in_flight.pop(token, None) is not None and error is not None:
+                    self._failed.append((record, error))
 
-        def delivered(error, _message):  # on this thread, from flush or poll
-            if self._in_flight.pop(token, None) is not None and error is not None:
-                self._failed.append((record, error))
-
-        self._in_flight[token] = record
-        try:
-            self._send(record, delivered)
-        except KafkaException as exc:  # refused before it was queued (too large, say)
-            delivered(exc.args[0], None)
+            self._in_flight[token] = record
+            topic, key, value, headers, partition = record
+            try:
+                produce(topic, value, key, -1 if partition is None else partition, on_delivery=delivered,
+                        headers=list(headers) or None)
+            except BufferError:  # librdkafka's queue is full: wait for room
+                try:
+                    self._send(record, delivered)
+                except KafkaException as exc:
+                    delivered(exc.args[0], None)
+            except KafkaException as exc:  # refused before it was queued (too large, say)
+                delivered(exc.args[0], None)
 
     def _send(self, record: OutRecord, on_delivery: Callable) -> None:
         """Hand ``record`` to librdkafka, waiting while its queue is full; ``KafkaException`` if refused."""
