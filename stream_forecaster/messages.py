@@ -249,7 +249,6 @@ class MessageParser:
         self.columns = tuple(columns)
         self.max_bytes = max_bytes
         self._uci = UciLineParser(self.columns) if set(self.columns) <= set(UCI_COLUMNS) else None
-        self._sensors: dict[bytes | None, str] = {}
 
     def parse_batch(self, keys: Sequence[bytes | None], values: Sequence[bytes | None]) -> ParsedBatch:
         """Parse messages ``(keys[i], values[i])``, each exactly as :meth:`parse` would.
@@ -260,7 +259,8 @@ class MessageParser:
         reading (a ``?``, a bad number or date), goes through :meth:`parse`.
         """
         n = len(values)
-        batch = ParsedBatch(np.full(n, Kind.READING, dtype=np.int8), self._sensor_names(keys),
+        sensors = [key.decode("utf-8", "backslashreplace") if key else DEFAULT_SENSOR for key in keys]
+        batch = ParsedBatch(np.full(n, Kind.READING, dtype=np.int8), sensors,
                             np.zeros((n, len(self.columns))), np.full(n, np.nan), np.zeros(n, dtype=bool), {})
         plain = np.empty(0, dtype=np.int64)
         if self._uci is not None and n:
@@ -281,20 +281,6 @@ class MessageParser:
             else:
                 batch.kinds[i] = Kind.MISSING if reading is MISSING else Kind.HEADER
         return batch
-
-    def _sensor_names(self, keys: Sequence[bytes | None]) -> list[str]:
-        """Each key's sensor name, as :meth:`parse` names it; remembered, since a fleet's keys repeat."""
-        known = self._sensors
-        names: list = list(map(known.get, keys))
-        if None in names:
-            if len(known) >= CACHE_LIMIT:
-                known.clear()
-            for i, key in enumerate(keys):
-                if names[i] is None:
-                    names[i] = key.decode("utf-8", "backslashreplace") if key else DEFAULT_SENSOR
-                    if key is None or len(key) <= MAX_KEY_BYTES:  # a longer one is refused: parse() says so
-                        known[key] = names[i]
-        return names
 
     def _plain_lines(self, keys: Sequence[bytes | None], values: Sequence[bytes | None]) -> np.ndarray:
         """The indices of messages that are plain UCI data lines as far as their bytes show: ASCII, no

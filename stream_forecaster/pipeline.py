@@ -458,7 +458,7 @@ class Pipeline:
         values = encode_predictions(idents, sensors, times, predictions[0, start:end],
                                     self.forecaster.targets, version, partitions, offsets, bounds)
         version_header = ("model_version", (version or "").encode())
-        headers = [(("prediction_id", ident.encode()), version_header) for ident in idents]
+        headers = [[("prediction_id", ident.encode()), version_header] for ident in idents]  # kafka-python: lists
         return list(map(OutRecord._make, zip(itertools.repeat(self.output_topic), keys, values, headers,
                                               itertools.repeat(None))))
 
