@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from stream_forecaster.files import SAMPLE_PATH, read_uci
 from stream_forecaster.messages import (
+    EARLIEST,
+    LATEST,
     MISSING,
     UCI_COLUMNS,
     Invalid,
@@ -20,6 +22,8 @@ from stream_forecaster.messages import (
     RecordError,
     UciLineParser,
     encode_predictions,
+    format_time,
+    format_times,
 )
 
 GOOD = "16/12/2006;17:24:00;4.216;0.418;234.840;18.400;0.000;1.000;17.000"
@@ -287,3 +291,12 @@ def test_plain_lines_are_read_together_and_the_rest_one_by_one():
     assert batch.values[3].tolist() == [4.216, 0.418, 234.84, 18.4, 0.0, 1.0, 17.0]
     assert batch.timestamps[3] - batch.timestamps[0] == 60
     assert "a bare number is one value" in batch.invalid[2].reason
+
+
+@given(st.lists(st.tuples(st.one_of(st.integers(EARLIEST, LATEST - 86_400).map(float),
+                                    st.floats(EARLIEST, LATEST - 86_400), st.just(math.nan)), st.booleans()),
+                max_size=20))
+def test_times_formatted_together_are_each_formatted_alone(times):
+    seconds, aware = np.array([t for t, _ in times], dtype=np.float64), np.array([a for _, a in times], dtype=bool)
+    expected = [None if t != t else format_time(t, a) for t, a in times]
+    assert format_times(seconds, aware) == expected
