@@ -16,6 +16,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from .window import arrivals
+
 __all__ = ["MIN_SCORED", "FleetSkill", "SensorHealth", "encode_health", "fleet_skill"]
 
 MIN_SCORED = 10  # scored forecasts before a sensor's skill counts in the fleet's distribution
@@ -62,13 +64,19 @@ class SensorHealth:
         rows = np.stack([np.abs(error), np.square(error), np.abs(baseline), np.square(baseline),
                          np.nan_to_num(inside)], axis=1)
         banded = np.isfinite(inside).astype(np.float64)
-        # a sensor's readings of one batch are weighed one after another: rounds of distinct slots
-        for round_ in _rounds(slots):
-            s = slots[round_]
-            self._sums[s] = self.decay * self._sums[s] + rows[round_]
-            self._weight[s] = self.decay * self._weight[s] + 1.0
-            self._banded[s] = self.decay * self._banded[s] + banded[round_]
-        np.add.at(self.scored, slots, 1)
+        # a sensor's k readings of one batch, one after another: its figures decay k times, and its j-th
+        # reading's row (of k) enters with weight decay^(k-1-j)
+        _, _, unique, group, rank, counts = arrivals(slots)
+        weight = self.decay ** (counts[group] - 1 - rank)
+        decayed = self.decay ** counts
+        sums = np.zeros((len(unique),) + rows.shape[1:])
+        np.add.at(sums, group, weight[:, None, None] * rows)
+        in_band = np.zeros((len(unique), self.n_targets))
+        np.add.at(in_band, group, weight[:, None] * banded)
+        self._sums[unique] = decayed[:, None, None] * self._sums[unique] + sums
+        self._weight[unique] = decayed * self._weight[unique] + np.bincount(group, weights=weight)
+        self._banded[unique] = decayed[:, None] * self._banded[unique] + in_band
+        self.scored[unique] += counts
 
     def clear(self, slots) -> None:
         """Forget ``slots`` (their sensors were evicted or moved to another daemon)."""
@@ -106,19 +114,6 @@ class SensorHealth:
             grown = np.zeros((new,) + old.shape[1:], dtype=old.dtype)
             grown[:len(old)] = old
             setattr(self, name, grown)
-
-
-def _rounds(slots: np.ndarray) -> list[np.ndarray]:
-    """Row indices grouped so that no slot appears twice in a group, a slot's rows in order across groups."""
-    order = np.argsort(slots, kind="stable")
-    ordered = slots[order]
-    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
-    rank = np.arange(len(slots)) - np.repeat(starts, np.diff(np.r_[starts, len(slots)]))
-    if rank.max(initial=0) == 0:
-        return [np.arange(len(slots))]
-    by_row = np.empty(len(slots), dtype=np.int64)
-    by_row[order] = rank
-    return [np.flatnonzero(by_row == r) for r in range(int(rank.max()) + 1)]
 
 
 def fleet_skill(figures: dict[str, np.ndarray], quantiles: Sequence[float] = (0.1, 0.5)) -> FleetSkill:

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
-__all__ = ["SensorWindows", "sliding_windows", "split_windows", "window_starts"]
+__all__ = ["Arrivals", "SensorWindows", "arrivals", "sliding_windows", "split_windows", "window_starts"]
 
 
 def sliding_windows(values: np.ndarray, length: int) -> np.ndarray:
@@ -191,17 +191,7 @@ class SensorWindows:
         n, size = len(slots), self.size
         if n == 0:
             return np.zeros(0, dtype=bool)
-        order = np.argsort(slots, kind="stable")  # each sensor's readings together, in arrival order
-        ordered = slots[order]
-        starts_group = np.ones(n, dtype=bool)
-        starts_group[1:] = ordered[1:] != ordered[:-1]
-        first = np.flatnonzero(starts_group)  # each sensor's first reading, in sorted position
-        group = np.empty(n, dtype=np.int64)
-        group[order] = np.cumsum(starts_group) - 1
-        rank = np.empty(n, dtype=np.int64)  # how many of its sensor's readings came before it in this batch
-        rank[order] = np.arange(n) - first[group[order]]
-        unique = ordered[first]
-        taken = np.diff(np.append(first, n))
+        order, first, unique, group, rank, taken = arrivals(slots)
         head, count = self._head[unique].astype(np.int64), self._count[unique].astype(np.int64)
         values = np.asarray(values, dtype=np.float32)
         full = count[group] + rank + 1 >= size
@@ -314,6 +304,34 @@ class SensorWindows:
         self.partitions[new // 2:] = -1
         self.times = np.resize(self.times, new)
         self.times[new // 2:] = np.nan
+
+
+class Arrivals(NamedTuple):
+    """Items in arrival order, grouped by slot: ``order`` sorts them by slot, keeping arrival order within one;
+    ``first[g]`` is where group ``g`` starts in that order; ``unique[g]`` its slot, ``counts[g]`` its size; per
+    item, its ``group`` and ``rank``, how many of its slot's items came before it."""
+
+    order: np.ndarray
+    first: np.ndarray
+    unique: np.ndarray
+    group: np.ndarray
+    rank: np.ndarray
+    counts: np.ndarray
+
+
+def arrivals(slots: np.ndarray) -> Arrivals:
+    """Group ``slots`` (in arrival order) by slot, in a few array operations."""
+    n = len(slots)
+    order = np.argsort(slots, kind="stable")
+    ordered = slots[order]
+    starts = np.ones(n, dtype=bool)
+    starts[1:] = ordered[1:] != ordered[:-1]
+    first = np.flatnonzero(starts)
+    group = np.empty(n, dtype=np.int64)
+    group[order] = np.cumsum(starts) - 1
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n) - first[group[order]]
+    return Arrivals(order, first, ordered[first], group, rank, np.diff(np.append(first, n)))
 
 
 def _last_of_each(items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
