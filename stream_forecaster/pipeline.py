@@ -376,9 +376,9 @@ class Pipeline:
         """Which readings (of ``slots``, in arrival order, at times ``when``) are newer than their sensor's last
         accepted one, and that one's time (NaN: none yet).
 
-        A reading without a time is always newer: its order is its arrival. So
-        is one after a gap. Normally every reading is newer, which a few array
-        operations show; otherwise they are taken in turn.
+        A reading without a time is always newer: its order is its arrival.
+        Normally every reading is newer, which a few array operations show;
+        otherwise the readings are taken in turn.
         """
         last = self.windows.times[slots]
         order = np.argsort(slots, kind="stable")
