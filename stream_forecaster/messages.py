@@ -131,6 +131,27 @@ class UciLineParser:
             values.append(value)
         return self._timestamp(fields[0], fields[1]), values
 
+    def read_fields(self, fields: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Read the fields of whole lines (``n_fields`` per line, in order): each line's numbers, its timestamp
+        (NaN where its date or time cannot be read) and whether its numbers are all good (not ``?``, finite, in
+        range). One conversion per column, so a batch of lines costs little more than one."""
+        n_lines = len(fields) // self.n_fields
+        good = np.ones(n_lines, dtype=bool)
+        numbers = np.zeros((n_lines, len(self._indices)))
+        for c, at in enumerate(self._indices):
+            column = fields[at::self.n_fields]
+            try:
+                numbers[:, c] = list(map(float, column))
+            except ValueError:  # a '?' or a bad number in some line
+                for row, text in enumerate(column):
+                    try:
+                        numbers[row, c] = float(text)
+                    except ValueError:
+                        good[row] = False
+        with np.errstate(invalid="ignore"):
+            good &= (np.abs(numbers) <= _LARGEST).all(axis=1)  # NaN compares False
+        return numbers, self._timestamps(fields[0::self.n_fields], fields[1::self.n_fields]), good
+
     def _timestamps(self, dates: list[str], times: list[str]) -> np.ndarray:
         """:meth:`_timestamp` of each (date, time); NaN where either cannot be read."""
         days: list = list(map(self._dates.get, dates))
@@ -310,23 +331,8 @@ class MessageParser:
         """Read the plain lines ``values[plain]`` into ``batch``; return those that are readings (the others are
         left to parse())."""
         assert self._uci is not None
-        n_fields = self._uci.n_fields
         fields = b";".join([values[i] for i in plain.tolist()]).decode("ascii").split(";")
-        good = np.ones(len(plain), dtype=bool)
-        numbers = np.zeros((len(plain), len(self.columns)))
-        for c, at in enumerate(self._uci._indices):
-            column = fields[at::n_fields]
-            try:
-                numbers[:, c] = list(map(float, column))
-            except ValueError:  # a '?' or a bad number: parse() says which
-                for row, text in enumerate(column):
-                    try:
-                        numbers[row, c] = float(text)
-                    except ValueError:
-                        good[row] = False
-        with np.errstate(invalid="ignore"):
-            good &= (np.abs(numbers) <= _LARGEST).all(axis=1)  # NaN compares False
-        stamps = self._uci._timestamps(fields[0::n_fields], fields[1::n_fields])
+        numbers, stamps, good = self._uci.read_fields(fields)
         good &= (EARLIEST <= stamps) & (stamps <= LATEST)
         plain = plain[good]
         batch.values[plain], batch.timestamps[plain] = numbers[good], stamps[good]
