@@ -9,6 +9,7 @@ exits 0 within about one poll timeout plus one batch.
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import json
 import logging
 import signal
@@ -114,6 +115,22 @@ class ModelWatcher:
         return ready
 
 
+def _freeze_heap() -> None:
+    """Leave every object made so far (TensorFlow's and the model's, by far the most) out of the cyclic
+    garbage collector's passes: a full pass over them all stalls the loop, and allocating a poll batch's
+    messages sets one off every few batches."""
+    gc.collect()
+    gc.freeze()
+
+
+def _refreeze_heap() -> None:
+    """After a model came or went, if the heap is frozen: the one that went can be collected, the one that
+    came is frozen with the rest."""
+    if gc.get_freeze_count():
+        gc.unfreeze()
+        _freeze_heap()
+
+
 class Daemon:
     """``stream-forecaster run``: Kafka in, forecasts out, metrics on HTTP.
 
@@ -165,11 +182,16 @@ class Daemon:
         self._readiness = (ready, self.clock())
 
     def run(self) -> int:
-        if threading.current_thread() is threading.main_thread():
+        """Initialize, loop until stopped, shut down. In the main thread the daemon owns the process: it takes
+        SIGTERM and SIGINT, and freezes the heap it started with (:func:`_freeze_heap`)."""
+        owns_process = threading.current_thread() is threading.main_thread()
+        if owns_process:
             signal.signal(signal.SIGTERM, self.request_stop)
             signal.signal(signal.SIGINT, self.request_stop)
         try:
             if self.initialize():
+                if owns_process:
+                    _freeze_heap()
                 self.loop()
         finally:
             self.shutdown()
@@ -342,6 +364,7 @@ class Daemon:
         metrics.swapped.inc()
         self._show_model(metrics, new)
         log.info("now serving model version %s (was %s)", new.version, old)
+        _refreeze_heap()
 
     def _shadow_if_changed(self, pipeline: Pipeline, metrics: Metrics) -> None:
         changed, candidate = self.watcher.take_candidate() if self.watcher is not None else (False, None)
@@ -354,6 +377,7 @@ class Daemon:
                      candidate.version, 100 * self.config.retrain.shadow_sample, pipeline.forecaster.version)
         else:
             log.info("no shadow candidate")
+        _refreeze_heap()
 
     def _decide_on_shadow(self, pipeline: Pipeline, metrics: Metrics) -> None:
         """Promote the candidate that beat the serving model and persistence over ``retrain.shadow_for`` scored
@@ -365,6 +389,7 @@ class Daemon:
         version = shadow.candidate.version or ""
         candidate, serving, persistence = shadow.figures()
         pipeline.set_candidate(None)
+        _refreeze_heap()
         metrics.shadow_version.set(0)
         metrics.shadow_decisions[verdict].inc()
         if self.watcher is not None:

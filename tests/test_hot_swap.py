@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
+import weakref
 
 import pytest
 from conftest import make_forecaster, sample_lines
@@ -123,7 +125,23 @@ def test_daemon_swaps_between_batches_without_dropping_or_repeating(store, tmp_p
             self.inner.close()
 
     daemon.sink = PublishAfterFirstBatch(sink)
-    assert daemon.run() == 0
+    serving_first = []
+    initialize = daemon.initialize
+
+    def initialize_and_note_the_model():
+        ok = initialize()
+        serving_first.append(weakref.ref(daemon.pipeline.forecaster))
+        return ok
+
+    daemon.initialize = initialize_and_note_the_model
+    try:
+        assert daemon.run() == 0
+        # run() froze the heap it started with, the first model in it; the swap let that model go
+        assert gc.get_freeze_count() > 0
+        gc.collect()
+        assert serving_first[0]() is None
+    finally:
+        gc.unfreeze()
     got = [json.loads(r.value) for r in sink.records]
     offsets = [g["source"]["offset"] for g in got]
     assert offsets == list(range(L - 2, 40))  # every reading after the first full window, once, in order
