@@ -2,21 +2,28 @@
 
     python benchmarks/throughput.py [--readings 40000] [--sensors 1 1000] [--per-sensor 100]
 
-Every sensor reports minute by minute. A first daemon consumes the readings that
-fill the windows (no forecast yet) and stops; then at least 100 readings per
-sensor (50 under `run.py --quick`) are produced, and a second daemon, which refills the windows from the
-topic as it starts, is timed over them: the steady state, every reading forecast.
+Every sensor reports minute by minute (the sample's readings, cycled, at
+consecutive minutes). A first daemon consumes the readings that fill the windows
+(no forecast yet) and stops; then a backlog is produced, and a second daemon,
+which refills the windows from the topic as it starts, works through it: every
+reading forecast. It starts with small poll batches and doubles them while it
+times them; it is timed in the steady state, once its batches are full size
+(after its first batch of more than 10,000 readings), over at least 100
+readings per sensor (50 under `run.py --quick`) and at least ``--readings``.
 
 The default model (config defaults, untrained weights: speed does not depend on
 them) is published to a temporary store. The daemon is a real
-`stream-forecaster run` process, timed from its first accepted reading to its
-last published prediction, read off its own /metrics. The ceiling is the compiled,
-batched model call alone, in the same run.
+`stream-forecaster run` process. The timed stretch runs from the last forecast
+of the batch before it to the last forecast of all, by the forecasts' own
+timestamps in the output topic; the CPU is read from /proc at the scrapes of
+the daemon's /metrics that bound it. The ceiling is the compiled, batched model
+call alone, in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import subprocess
@@ -38,7 +45,7 @@ from stream_forecaster.messages import OutRecord  # noqa: E402
 from stream_forecaster.metrics import scrape  # noqa: E402
 from stream_forecaster.model import Forecaster, build_model, use_tensorflow_threads  # noqa: E402
 from stream_forecaster.store import ModelMetadata, ModelStore  # noqa: E402
-from stream_forecaster.topics import ensure_topics  # noqa: E402
+from stream_forecaster.topics import ensure_topics, read_topic  # noqa: E402
 
 
 def default_forecaster(config) -> Forecaster:
@@ -103,10 +110,15 @@ def _cpu_seconds(pid: int) -> dict[str, float]:
     return spent
 
 
+RAMP_READINGS = 40_000  # before the daemon's batches pass 10,000 readings: they start at 500 and double
+FULL_BATCH = 'stream_forecaster_batch_readings_bucket{le="10000.0"}'
+
+
 def end_to_end(broker, store_path: Path, readings: int, sensors: int, workdir: Path, per_sensor: int = 100,
                client: str = "kafka-python") -> dict:
     """Steady state: a first daemon fills every window and stops; a second one, which refills the windows
-    from the topic on start, is timed over a backlog in which every reading is forecast."""
+    from the topic on start, is timed over a backlog in which every reading is forecast, once its batches
+    are full size."""
     readings = max(readings, per_sensor * sensors)
     tag = f"s{sensors}-{time.monotonic_ns()}"
     overrides = [f"kafka.bootstrap_servers={broker.address}", f"kafka.input_topic=in-{tag}",
@@ -116,18 +128,17 @@ def end_to_end(broker, store_path: Path, readings: int, sensors: int, workdir: P
     ensure_topics(config.kafka, [config.kafka.input_topic, config.kafka.output_topic], partitions=3)
     with open_text(SAMPLE_PATH) as f:
         next(f)
-        lines = [line.rstrip("\n").encode() for line in f if "?" not in line]
+        values = [line.rstrip("\n").split(";", 2)[2].encode() for line in f if "?" not in line]
     keys = [f"sensor-{i}".encode() for i in range(sensors)]
-
-    # each sensor reads consecutive minutes of the sample from its own start (a reading older than the sensor's
-    # last is stale, skipped), so a run may span at most the sample's length less the starts' spread
-    starts = [s % max(1, len(lines) - 2_000) for s in range(sensors)]
+    starts = [s % len(values) for s in range(sensors)]  # each sensor its own stretch of the sample
+    first_minute = datetime.datetime(2007, 1, 1)
 
     def produce(minutes: range) -> int:
         sink = KafkaSink(config.kafka, client_id="benchmark")
         for minute in minutes:  # as a fleet reports: every sensor, minute by minute
+            stamp = (first_minute + datetime.timedelta(minutes=minute)).strftime("%d/%m/%Y;%H:%M:%S;").encode()
             for key, start in zip(keys, starts):
-                sink.send(OutRecord(config.kafka.input_topic, key, lines[start + minute]))
+                sink.send(OutRecord(config.kafka.input_topic, key, stamp + values[(start + minute) % len(values)]))
         sink.flush()
         sink.close()
         return len(minutes) * sensors
@@ -138,7 +149,8 @@ def end_to_end(broker, store_path: Path, readings: int, sensors: int, workdir: P
     url = f"http://127.0.0.1:{config.metrics.port}/metrics"
 
     def serve(until_predictions: int, until_readings: int, name: str):
-        """Run a daemon until both counts are reached; (first, last) samples of (time, readings, predictions)."""
+        """Run a daemon until both counts are reached; the samples of (time, readings, predictions, daemon CPU,
+        broker CPU) after its first full-size batch and at the end."""
         log = open(workdir / f"daemon-{client}-{sensors}-{name}.log", "wb")
         daemon = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -155,11 +167,14 @@ def end_to_end(broker, store_path: Path, readings: int, sensors: int, workdir: P
                 sample = (time.monotonic(), m.get('stream_forecaster_readings_total{outcome="accepted"}', 0),
                           m.get("stream_forecaster_predictions_total", 0), _cpu_seconds(daemon.pid),
                           _cpu_seconds(broker.process.pid))
-                if first is None and sample[1] > 0:
+                full_batches = m.get("stream_forecaster_batch_readings_count", 0) - m.get(FULL_BATCH, 0)
+                if first is None and full_batches > 0:
                     first = sample
                 if sample[1] >= until_readings and sample[2] >= until_predictions:
                     return first, sample
-                time.sleep(0.2)  # polling; a scrape costs the daemon CPU, so not too often
+                # polling: often until the steady state starts (its CPU is read then), then less (a scrape costs
+                # the daemon CPU)
+                time.sleep(0.02 if first is None else 0.2)
         finally:
             daemon.terminate()
             daemon.wait(60)
@@ -167,9 +182,16 @@ def end_to_end(broker, store_path: Path, readings: int, sensors: int, workdir: P
 
     filling = config.model.sequence_length - 2  # a sensor's first forecast comes with its next reading
     serve(0, produce(range(filling)), "filling")
-    expected = produce(range(filling, filling + -(-readings // sensors)))
+    expected = produce(range(filling, filling + -(-(RAMP_READINGS + readings) // sensors)))
     first, last = serve(expected, expected, "timed")
-    seconds, predictions = last[0] - first[0], last[2] - first[2]
+    if first is None or last[2] - first[2] < readings:
+        raise SystemExit(f"the daemon's batches never grew past 10,000 readings; see {workdir}")
+    stamps = np.sort([r.timestamp for r in read_topic(config.kafka, config.kafka.output_topic, threading.Event(),
+                                                      idle_s=5)])
+    if len(stamps) != last[2]:
+        raise SystemExit(f"{len(stamps)} forecasts in the output topic, the daemon counted {last[2]:.0f}")
+    # first[2] forecasts came before the steady state: from the last of those to the last of all
+    seconds, predictions = (stamps[-1] - stamps[int(first[2]) - 1]) / 1000, last[2] - first[2]
     cpu = {}  # where the CPU went per prediction (the broker's share included: it shares the cores here)
     if first[3] and last[3] and first[4] and last[4]:
         cpu = {"daemon main thread": last[3]["main"] - first[3]["main"],
@@ -177,7 +199,7 @@ def end_to_end(broker, store_path: Path, readings: int, sensors: int, workdir: P
                "broker": sum(last[4].values()) - sum(first[4].values())}
         cpu = {name: 1e6 * s / predictions for name, s in cpu.items()}
     return {"client": client, "sensors": sensors, "readings": last[1], "predictions": last[2], "seconds": seconds,
-            "readings_per_s": (last[1] - first[1]) / seconds, "predictions_per_s": predictions / seconds,
+            "readings_per_s": (last[1] - first[1]) / (last[0] - first[0]), "predictions_per_s": predictions / seconds,
             "cpu_us_per_prediction": cpu}
 
 
