@@ -9,6 +9,7 @@ run on one worker (:func:`pytest_xdist_make_scheduler`).
 
 from __future__ import annotations
 
+import gc
 import gzip
 import itertools
 import multiprocessing.process
@@ -114,6 +115,13 @@ def unit_tier_stays_light(request, monkeypatch):
     had_tensorflow = "tensorflow" in sys.modules
     yield
     assert had_tensorflow or "tensorflow" not in sys.modules, "a unit test imported TensorFlow: mark it integration"
+
+
+@pytest.fixture(autouse=True)
+def heap_thawed_after():
+    """A daemon run in the test's own thread freezes the heap, as in production; the next test starts thawed."""
+    yield
+    gc.unfreeze()
 
 
 def sample_lines(n: int, start: int = 0) -> list[str]:
