@@ -509,8 +509,8 @@ class Pipeline:
         slots = np.array(parsed.slots, dtype=np.int64)
         readings = parsed.value_rows()[:, self.target_index]
         truth = readings.astype(np.float32)
-        times = np.array(parsed.timestamps, dtype=np.float64)
-        offsets = np.array([records[i].offset for i in parsed.index], dtype=np.int64)
+        index, times, aware = parsed.columns()
+        offsets = np.array([records[i].offset for i in index.tolist()], dtype=np.int64)
         made = np.full((4,) + truth.shape, np.nan, dtype=np.float32)  # what each reading's window yielded, if any
         made[:, window_of] = predictions
         order = np.argsort(slots, kind="stable")
@@ -549,7 +549,7 @@ class Pipeline:
         self.model_errors.add(error)
         self.baseline_errors.add(baseline_error)
         self.health.add(slots[rows], error, baseline_error, covered)
-        self.health.aware[slots[rows]] = np.array(parsed.aware)[rows]
+        self.health.aware[slots[rows]] = aware[rows]
         if banded.any():
             self.inside.add(covered[banded])
             if self.forecaster.prediction_interval is not None:  # the live coverage steers the next intervals
