@@ -136,6 +136,7 @@ class ConfluentSource:
         self.topic, self.config, self.on_unreadable = config.input_topic, config, on_unreadable
         self._ownership = Ownership()
         self._rebalancing = False  # revoked, and the new assignment not yet come
+        self._before_revoke: Callable[[], object] | None = None
         self._consumer = _client(Consumer, {
             **client_config(config, client_id),
             "group.id": group_id or config.group_id,
@@ -155,23 +156,32 @@ class ConfluentSource:
         self._consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
                                  on_lost=self._on_revoke)
 
+    calls_before_revoke = True
+
     def _on_revoke(self, consumer, partitions) -> None:
+        if self._before_revoke is not None:
+            self._before_revoke()  # librdkafka's callbacks run inside poll(), on this thread: commits work here
         self._ownership.revoked.update(p.partition for p in partitions)
         self._rebalancing = True
 
     def _on_assign(self, consumer, partitions) -> None:
         self._rebalancing = False  # librdkafka assigns them once this returns
 
-    def poll(self, timeout_s: float, max_records: int | None = None) -> list[_Record]:
+    def poll(self, timeout_s: float, max_records: int | None = None,
+             before_revoke: Callable[[], object] | None = None) -> list[_Record]:
         """The next batch, oldest first within each partition; a record that cannot be read is counted and skipped
-        (it stays in the topic)."""
-        # consume() would wait out its timeout for a full batch: wait for the first message only, then take
-        # what is already fetched
-        first = self._consumer.poll(timeout_s)
-        if first is None:
-            return []
-        more = (max_records or 10_000) - 1
-        messages = [first, *(self._consumer.consume(num_messages=more, timeout=0) if more > 0 else ())]
+        (it stays in the topic). ``before_revoke`` is called in a rebalance before partitions go."""
+        self._before_revoke = before_revoke
+        try:
+            # consume() would wait out its timeout for a full batch: wait for the first message only, then take
+            # what is already fetched
+            first = self._consumer.poll(timeout_s)
+            if first is None:
+                return []
+            more = (max_records or 10_000) - 1
+            messages = [first, *(self._consumer.consume(num_messages=more, timeout=0) if more > 0 else ())]
+        finally:
+            self._before_revoke = None  # close() revokes too: by then nothing is in hand
         batch = []
         for message in messages:
             error = message.error()

@@ -81,7 +81,9 @@ class KafkaSource:
         ), "consumer", config)
         self._consumer.subscribe([config.input_topic], listener=_Revocations(self._ownership.revoked))
 
-    def poll(self, timeout_s: float, max_records: int | None = None) -> list:
+    calls_before_revoke = False  # kafka-python 3.0 forbids blocking calls (a commit) in its rebalance listener
+
+    def poll(self, timeout_s: float, max_records: int | None = None, before_revoke=None) -> list:
         """The next batch of at most ``max_records`` records, oldest first within each partition.
 
         A record kafka-python cannot decode is skipped (see :func:`_poll`) and

@@ -40,7 +40,7 @@ from .seams import Clock, Forecaster, Offsets, Record, Sink
 from .shadow import Shadow, in_sample
 from .window import SensorWindows
 
-__all__ = ["Pipeline", "Stopped"]
+__all__ = ["Batch", "Pipeline", "Stopped"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,25 @@ class _Parsed:
         if len(self.values) != 1:
             self.values[:] = [np.concatenate(self.values)]
         return self.values[0]
+
+
+@dataclass
+class Batch:
+    """A poll batch between :meth:`Pipeline.begin` and :meth:`Pipeline.finish`: its records, what was parsed of
+    them, and the futures of its forecasts (and its shadow forecasts)."""
+
+    records: Sequence[Record]
+    parsed: _Parsed
+    forecasts: list = field(default_factory=list)
+    shadowed: list = field(default_factory=list)
+
+    @functools.cached_property
+    def offsets(self) -> Offsets:
+        """``{(topic, partition): next offset}`` past the batch's records."""
+        offsets: Offsets = {}
+        for r in self.records:
+            offsets[(r.topic, r.partition)] = max(offsets.get((r.topic, r.partition), 0), r.offset + 1)
+        return offsets
 
 
 class Stopped(Exception):
@@ -150,6 +169,7 @@ class Pipeline:
         self._invalid_log = _RateLimitedLog("invalid messages", clock)
         self._stale_log = _RateLimitedLog("stale readings", clock)
         self._batch = np.empty((0, forecaster.sequence_length - 1, len(features)), dtype=np.float32)
+        self._spare = self._batch
 
     def refill(self, partition: int, records: Iterable[Record], evictions: Sequence[tuple[int, int]] = ()) -> int:
         """Refill ``partition``'s windows from readings whose forecasts were already published: nothing is
@@ -282,33 +302,47 @@ class Pipeline:
         self.pending.forget_intervals()
 
     def process(self, records: Sequence[Record]) -> Offsets:
-        """Handle one poll batch; return ``{(topic, partition): next offset}`` to commit.
+        """Handle one poll batch; return ``{(topic, partition): next offset}`` to commit."""
+        return self.finish(self.begin(records))
+
+    def begin(self, records: Sequence[Record]) -> Batch:
+        """Parse ``records``, add their readings to the windows and start forecasting the full ones.
 
         The batch is parsed in chunks; each chunk's windows go to the model as
         soon as they are cut, so the model computes while the next chunk is
-        parsed and the forecasts before it are encoded and sent.
+        parsed. One more batch may begin before this one is finished: its
+        windows are cut into the other of two buffers.
         """
-        parsed, forecasts, shadowed = _Parsed(), [], []
+        self._batch, self._spare = self._spare, self._batch
+        batch = Batch(records, _Parsed())
+        parsed = batch.parsed
         for lo in range(0, len(records), CHUNK):
             first = len(parsed.window_of)
             self._ingest(records, lo, min(len(records), lo + CHUNK), parsed)
             if len(parsed.window_of) > first:
                 windows = self._batch[first:len(parsed.window_of)]
-                forecasts.append((first, self.runner.forecast_async(self.forecaster, windows)))
+                batch.forecasts.append((first, self.runner.forecast_async(self.forecaster, windows)))
                 if self.shadow is not None:
-                    shadowed.append(self._shadow_forecasts(parsed, first, windows))
-        predictions = self._publish(records, parsed, forecasts)
-        candidate = self._shadow_predictions(len(parsed.window_of), shadowed)
+                    batch.shadowed.append(self._shadow_forecasts(parsed, first, windows))
+        return batch
+
+    def finish(self, batch: Batch) -> Offsets:
+        """Publish the batch's forecasts and dead letters, score its readings; return
+        ``{(topic, partition): next offset}``, safe to commit: every record it published is acknowledged.
+
+        Batches finish in the order they began; the model and the shadow
+        candidate stay those they began with (the daemon changes them between batches).
+        """
+        records, parsed = batch.records, batch.parsed
+        predictions = self._publish(records, parsed, batch.forecasts)
+        candidate = self._shadow_predictions(len(parsed.window_of), batch.shadowed)
         events = self._score(records, parsed, predictions, candidate)
         events += self._gap_events(records, parsed)
         if events and self.anomaly_topic and not self.sink.publish(events, self.stop):
             raise Stopped()
         self.metrics.batch_size.observe(len(records))
         self.metrics.active_sensors.set(len(self.windows))
-        offsets: Offsets = {}
-        for r in records:
-            offsets[(r.topic, r.partition)] = max(offsets.get((r.topic, r.partition), 0), r.offset + 1)
-        return offsets
+        return batch.offsets
 
     def _ingest(self, records, lo: int, hi: int, parsed: "_Parsed", replay: bool = False) -> None:
         """Parse ``records[lo:hi]`` into ``parsed`` and add the accepted readings to their sensors' windows.
@@ -594,8 +628,8 @@ class Pipeline:
         both = scored & np.isfinite(forecast_c).all(axis=1)
         if both.any():
             seen = truth[both].astype(np.float64)
-            shadow.score(forecast_c[both] - seen, forecast[both] - seen, baseline[both] - seen)
-            self.metrics.shadow_scored.inc(int(both.sum()))
+            self.metrics.shadow_scored.inc(shadow.score(forecast_c[both] - seen, forecast[both] - seen,
+                                                        baseline[both] - seen))
 
     def _anomaly_events(self, records: Sequence[Record], parsed: _Parsed, anomalous: np.ndarray, readings: np.ndarray,
                         made_at: np.ndarray, made_from: np.ndarray, forecasts: np.ndarray, lower: np.ndarray,

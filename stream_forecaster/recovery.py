@@ -237,38 +237,57 @@ class Recovery:
             if not state.marks or now - state.marks[-1][0] >= self.idle_ttl / MARKS_PER_TTL:
                 state.marks.append((now, offset))
 
-    def commit(self) -> bool:
-        """Checkpoint and commit each partition read further (or whose windows changed) since its last commit.
+    def prepare(self, ahead: Offsets | None = None) -> dict[int, Checkpoint]:
+        """The checkpoint of each partition read further (or whose windows changed) since its last commit, as its
+        windows stand now: read up to its processed offset, or up to ``ahead``'s (batches added to the windows,
+        their forecasts not yet acknowledged). Writes the snapshots that are due.
 
-        A failed commit is tried again on the next call: an idle partition would
-        never commit again, and a clean stop would repeat its batch.
+        Taken when the windows hold exactly what the checkpoint's offset says;
+        :meth:`commit` commits it once those batches are processed.
         """
-        due = {p: (s, s.processed) for p, s in self.partitions.items() if s.processed is not None
+        read = {p: s.processed for p, s in self.partitions.items() if s.processed is not None}
+        read.update((p, offset) for (_, p), offset in (ahead or {}).items() if p in self.partitions)
+        due = {p: (s, read[p]) for p, s in self.partitions.items() if p in read
                and not (s.refilling or s.checking)
-               and (s.dirty or s.committed is None or s.processed != s.committed.committed)}
+               and (s.dirty or s.committed is None or read[p] != s.committed.committed)}
         if not due:
-            return True
+            return {}
         starts = self.pipeline.windows.refill_starts(list(due))
         made, now = {}, self.clock()
-        for partition, (state, processed) in due.items():
+        for partition, (state, offset) in due.items():
             if (self.checkpoints is not None and self.snapshot_interval
                     and now - state.snapshot_time >= self.snapshot_interval):
                 state.snapshot_time = now
-                snapshot = self.checkpoints.write_snapshot(partition, processed, self.pipeline.snapshot(partition))
+                snapshot = self.checkpoints.write_snapshot(partition, offset, self.pipeline.snapshot(partition))
                 state.snapshot = snapshot or state.snapshot
-            start = min(starts.get(partition, processed), processed)
+            start = min(starts.get(partition, offset), offset)
             # kept while a refill may need them: one from the oldest window reading, or one from the snapshot
             after = state.snapshot["at"] if state.snapshot else start
             state.evictions = [e for e in state.evictions if e[1] > start or e[0] >= after][-MAX_EVICTIONS:]
-            made[partition] = Checkpoint(processed, start, tuple(state.evictions), state.snapshot)
+            made[partition] = Checkpoint(offset, start, tuple(state.evictions), state.snapshot)
+        return made
+
+    def commit(self, prepared: dict[int, Checkpoint] | None = None) -> bool:
+        """Checkpoint and commit ``prepared`` (:meth:`prepare`'s, its batches now processed), or else each
+        partition read further (or whose windows changed) since its last commit.
+
+        Without ``prepared``, the windows must hold nothing past the processed
+        offsets. A failed commit is tried again on the next call: an idle
+        partition would never commit again, and a clean stop would repeat its batch.
+        """
+        made = self.prepare() if prepared is None else {
+            p: c for p, c in prepared.items() if p in self.partitions
+            and c.committed == self.partitions[p].processed and c != self.partitions[p].committed}
+        if not made:
+            return True
         if self.checkpoints is not None:
-            written = {p: c.encode(due[p][0].committed) for p, c in made.items()}
+            written = {p: c.encode(self.partitions[p].committed) for p, c in made.items()}
             if not self.checkpoints.write(written, self.stop):
                 return False
         if not self.source.commit({(self.topic, p): c.committed for p, c in made.items()}):
             return False
         for partition, checkpoint in made.items():
-            state = due[partition][0]
+            state = self.partitions[partition]
             state.committed, state.dirty = checkpoint, False
         return True
 

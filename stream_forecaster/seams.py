@@ -55,8 +55,18 @@ class Record(Protocol):
 class Source(Protocol):
     """The input topic as one member of a consumer group sees it."""
 
-    def poll(self, timeout_s: float, max_records: int | None = None) -> Sequence[Record]:
-        """The next batch, oldest first within each partition; empty after ``timeout_s`` without one."""
+    #: whether :meth:`poll` calls ``before_revoke`` in a rebalance, before it gives partitions up: only then may a
+    #: batch be read before the one before it is committed
+    calls_before_revoke: bool
+
+    def poll(self, timeout_s: float, max_records: int | None = None,
+             before_revoke: Callable[[], object] | None = None) -> Sequence[Record]:
+        """The next batch, oldest first within each partition; empty after ``timeout_s`` without one.
+
+        Where :attr:`calls_before_revoke`, ``before_revoke`` is called inside
+        the poll before partitions are revoked, so work in hand is finished and
+        committed while they are still this member's.
+        """
 
     def rewind(self, records: Sequence[Record]) -> None:
         """Hand ``records`` out again from the next poll on (those of partitions still assigned)."""

@@ -2,8 +2,9 @@
 
 Shaped like huey's consumer: ``initialize`` / ``loop`` / ``shutdown`` around one
 stop event. Signal handlers only set that event; the loop checks it between
-batches, so SIGTERM finishes the batch in hand, publishes and commits it, and
-exits 0 within about one poll timeout plus one batch.
+batches, so SIGTERM finishes the batches in hand (one, or two where a batch
+begins before the one before it is committed), publishes and commits them, and
+exits 0 within about one poll timeout plus two batches.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .config import Config
 from .errors import BrokerUnavailable
 from .inference import InferenceRunner
 from .metrics import CollectorRegistry, Metrics, MetricsServer, new_registry
-from .pipeline import CHUNK, Pipeline, Stopped
+from .pipeline import CHUNK, Batch, Pipeline, Stopped
 from .recovery import Recovery
 from .seams import Checkpoints, Clock, Forecaster, Sink, Source, Wait
 from .state_topic import StateTopic, ensure_compacted
@@ -106,6 +107,11 @@ class ModelWatcher:
             changes, self._candidate = self._candidate, []
         return (True, changes[-1]) if changes else (False, None)
 
+    def has_news(self) -> bool:
+        """A new model or a change of shadow candidate waits to be taken."""
+        with self._lock:
+            return self._ready is not None or bool(self._candidate)
+
     def take(self) -> Forecaster | None:
         """The loaded new forecaster, once, or None."""
         with self._lock:
@@ -164,6 +170,9 @@ class Daemon:
         self.pipeline: Pipeline | None = None
         self.recovery: Recovery | None = None
         self.batch_limit = min(500, config.kafka.max_poll_records)  # grows once batches are timed
+        self._in_hand: tuple[Batch, dict, float] | None = None  # begun, not finished: batch, checkpoints, start
+        self._begun: Batch | None = None  # the last batch begun, whose readings are in the windows
+        self._finished: tuple[Batch | None, dict] = (None, {})  # the last batch finished, and its checkpoints
         self.watcher: ModelWatcher | None = None
         self.server: MetricsServer | None = None
         # computed on the loop's thread (the Kafka consumer is not thread-safe), read by the endpoint's
@@ -288,25 +297,43 @@ class Daemon:
         return None
 
     def loop(self) -> None:
+        """Poll, begin the batch, finish the one before, commit it; until stopped.
+
+        Where the source can finish work before a rebalance takes its
+        partitions (``calls_before_revoke``), a batch begins before the one
+        before it is finished, so the model computes while the loop publishes,
+        commits and polls. A model comes or goes only between batches: the one
+        in hand is finished first.
+        """
         source, pipeline, recovery, metrics = self.source, self.pipeline, self.recovery, self.metrics
         if source is None or pipeline is None or recovery is None or metrics is None:
             raise RuntimeError("Daemon.loop() runs after initialize()")
+        overlap = source.calls_before_revoke
+        hook = (self._finish_in_hand,) if overlap else ()
         next_gauges = next_eviction = 0.0
         next_health = self.clock() + self.config.metrics.health_interval
         while not self.stop.is_set():
-            self._swap_if_ready(pipeline, metrics)
-            self._shadow_if_changed(pipeline, metrics)
+            if self._model_news(pipeline):
+                if not self._finish_in_hand():
+                    return
+                self._decide_on_shadow(pipeline, metrics)
+                self._swap_if_ready(pipeline, metrics)
+                self._shadow_if_changed(pipeline, metrics)
             try:
-                records = source.poll(POLL_TIMEOUT_S, self.batch_limit)
+                records = source.poll(0.0 if self._in_hand else POLL_TIMEOUT_S, self.batch_limit, *hook)
             except Exception as exc:  # kafka-python raises on some broker faults; they pass, the loop must not
                 log.warning("poll failed (%s: %s); retrying", type(exc).__name__, exc)
                 self._note_readiness(False)
+                if not self._finish_in_hand():
+                    return
                 self.wait(self.retry_s)
                 continue
             metrics.last_poll.set_to_current_time()  # after it answered: a poll failing for ever is stuck too
             try:
                 recovery.take_changes()
                 self._note_readiness(recovery.ready())  # not ready from before a refill starts
+                if recovery.refilling() and not self._finish_in_hand():
+                    return
                 recovery.refill()
                 self._note_readiness(recovery.ready())
             except Exception as exc:  # noqa: BLE001 (a broker call failed midway; what is left is tried again)
@@ -319,22 +346,26 @@ class Daemon:
             if self.stop.is_set():
                 # a refill cut short by the stop left windows without their latest readings
                 break
+            began = None
             if records:
+                held = self._in_hand[0].offsets if self._in_hand else {}
                 started = time.monotonic()
-                try:
-                    offsets = pipeline.process(records)
-                except Stopped:
-                    log.warning("stopping before the last batch was acknowledged; it is not committed "
-                                "and will be read again")
-                    return
-                recovery.processed(offsets)
-                self._size_batches(len(records), time.monotonic() - started)
-                self._decide_on_shadow(pipeline, metrics)
+                batch = self._begun = pipeline.begin(records)
+                began = (batch, recovery.prepare({**held, **batch.offsets}), started)
+            if not self._finish_in_hand():
+                return
+            self._in_hand = began
+            if not overlap and not self._finish_in_hand():
+                return
             now = self.clock()
             if now >= next_eviction:
+                # evictions change the windows the next checkpoint describes: only with no batch in hand
+                if not self._finish_in_hand():
+                    return
                 recovery.evict()
                 next_eviction = now + max(1.0, self.config.window.idle_ttl / 10)
-            recovery.commit()
+            if self._in_hand is None:
+                recovery.commit()  # one refused earlier, or an eviction's
             self._note_readiness(recovery.ready())
             if now >= next_gauges:
                 self._update_gauges(source, metrics)
@@ -342,6 +373,32 @@ class Daemon:
             if now >= next_health:
                 self._report_health(pipeline)
                 next_health = now + self.config.metrics.health_interval
+        self._finish_in_hand()
+
+    def _model_news(self, pipeline: Pipeline) -> bool:
+        """A new model to serve, a shadow candidate to start or stop, or the shadow's verdict is in."""
+        shadow = pipeline.shadow
+        return ((self.watcher is not None and self.watcher.has_news())
+                or (shadow is not None and shadow.verdict() is not None))
+
+    def _finish_in_hand(self) -> bool:
+        """Finish the batch in hand, if any (publish, score), and commit it; False if the stop came before its
+        forecasts were acknowledged (it is not committed, and is read again)."""
+        held, self._in_hand = self._in_hand, None
+        if held is None:
+            return True
+        assert self.pipeline is not None and self.recovery is not None
+        batch, prepared, started = held
+        try:
+            offsets = self.pipeline.finish(batch)
+        except Stopped:
+            log.warning("stopping before the last batch was acknowledged; it is not committed and will be read again")
+            return False
+        self.recovery.processed(offsets)
+        self.recovery.commit(prepared)
+        self._finished = (batch, prepared)
+        self._size_batches(len(batch.records), time.monotonic() - started)
+        return True
 
     def _size_batches(self, n: int, seconds: float) -> None:
         """Keep a batch's handling time within a quarter of ``max_poll_interval_ms``.
@@ -436,7 +493,10 @@ class Daemon:
     def shutdown(self) -> None:
         if self.source is not None:
             if self.recovery is not None:
-                self.recovery.commit()  # a commit refused earlier: what was published must not be repeated
+                # a commit refused earlier: what was published must not be repeated. The windows may hold a
+                # batch not finished: then the checkpoints taken when the last one finished was begun
+                finished, prepared = self._finished
+                self.recovery.commit(prepared if self._begun is not finished else None)
             self.source.close()
         if self.sink is not None:
             self.sink.close()

@@ -40,12 +40,16 @@ class Shadow:
         # sums over the compared readings of the metric's terms: candidate, serving model, persistence
         self._sums = np.zeros(3)
 
-    def score(self, candidate: np.ndarray, serving: np.ndarray, persistence: np.ndarray) -> None:
-        """Errors ``[n, targets]`` of the three on the same readings."""
+    def score(self, candidate: np.ndarray, serving: np.ndarray, persistence: np.ndarray) -> int:
+        """Errors ``[n, targets]`` of the three on the same readings; returns how many counted: none once the
+        verdict is in (the daemon takes it between batches, and the next batch may have begun by then)."""
+        if self.scored >= self.needed:
+            return 0
         self.errors.add(candidate)
         terms = np.square if self.metric == "rmse" else np.abs
         self._sums += [float(terms(e).sum()) for e in (candidate, serving, persistence)]
         self.scored += len(candidate)
+        return len(candidate)
 
     def figures(self) -> tuple[float, float, float]:
         """The metric of the candidate, the serving model and persistence over the compared readings."""

@@ -64,7 +64,9 @@ class ListSource:
         assigned = {r.partition for b in self.batches for r in b} or {0}
         self._changes: tuple[set[int], set[int], set[int]] = (set(), assigned, set())
 
-    def poll(self, timeout_s: float, max_records: int | None = None) -> list:
+    calls_before_revoke = True  # it never revokes
+
+    def poll(self, timeout_s: float, max_records: int | None = None, before_revoke=None) -> list:
         if self.batches:
             return self.batches.pop(0)
         if self._stop is not None:
@@ -155,9 +157,25 @@ class LogSource:
         self.topic, self.batch, self._stop = topic, batch, stop_when_done
         self.positions = {p: topic.commits.get(p, 0) for p in range(len(topic.logs))}
         self._changes: tuple[set[int], set[int], set[int]] = (set(), set(self.positions), set())
+        self._revoking: set[int] = set()
         self.closed = False
 
-    def poll(self, timeout_s: float, max_records: int | None = None) -> list:
+    calls_before_revoke = True
+
+    def revoke(self, partitions: set[int]) -> None:
+        """Revoke ``partitions`` in the next poll, as a rebalance would: ``before_revoke`` first, then they are
+        lost, and the poll hands out nothing."""
+        self._revoking |= partitions
+
+    def poll(self, timeout_s: float, max_records: int | None = None, before_revoke=None) -> list:
+        if self._revoking:
+            if before_revoke is not None:
+                before_revoke()
+            lost, self._revoking = self._revoking, set()
+            for partition in lost:
+                del self.positions[partition]
+            self._changes = (self._changes[0] | lost, self._changes[1] - lost, self._changes[2])
+            return []
         limit = min(self.batch, max_records or self.batch)
         for partition, position in self.positions.items():
             records = self.topic.logs[partition][position:position + limit]
@@ -182,13 +200,16 @@ class LogSource:
         yield from self.topic.logs[partition][start:end]
 
     def commit(self, offsets: Offsets) -> bool:
+        if any(partition not in self.positions for _, partition in offsets):
+            return False  # the group refuses a commit for a partition the member no longer has
         for (_, partition), offset in offsets.items():
             self.topic.commits[partition] = offset
         return True
 
     def rewind(self, records) -> None:
         for r in records:
-            self.positions[r.partition] = min(self.positions[r.partition], r.offset)
+            if r.partition in self.positions:
+                self.positions[r.partition] = min(self.positions[r.partition], r.offset)
 
     def lag(self):
         return sum(len(self.topic.logs[p]) - o for p, o in self.positions.items())

@@ -73,3 +73,33 @@ def test_a_restarted_daemon_refills_its_windows_and_forecasts_the_next_reading_a
     daemon, sink, _ = run(tmp_path, topic, StubForecaster(["power"], ["power"], L))
     assert sorted(json.loads(r.value)["sensor"] for r in sink.records) == sorted(SENSORS)
     assert daemon.metrics.registry.get_sample_value("stream_forecaster_rebuilt_readings_total") > 0
+
+
+class RevokedAtPoll(LogSource):
+    """Revokes partition 0 in its ``at``-th poll, when the batch before is still in hand."""
+
+    def __init__(self, topic: MemoryTopic, stop: threading.Event, at: int):
+        super().__init__(topic, stop_when_done=stop)
+        self.polls, self.at, self.handed_out = 0, at, 0
+
+    def poll(self, timeout_s, max_records=None, before_revoke=None):
+        self.polls += 1
+        if self.polls == self.at:
+            self.handed_out = self.positions[0]
+            self.revoke({0})
+        return super().poll(timeout_s, max_records, before_revoke)
+
+
+def test_a_batch_in_hand_is_published_and_committed_before_its_partition_is_revoked(tmp_path):
+    topic = MemoryTopic("readings", partitions=2)
+    append(topic, range(150))  # partition 0: meter-a and meter-c, 300 readings, handed out 100 a poll
+    stop, sink = threading.Event(), ListSink()
+    source = RevokedAtPoll(topic, stop, at=3)
+    daemon = Daemon(config(tmp_path), source=source, sink=sink, stop=stop, checkpoints=topic.checkpoints,
+                    forecaster=StubForecaster(["power"], ["power"], L))
+    assert daemon.run() == 0
+    assert source.handed_out == 200
+    assert topic.commits[0] == 200  # the commit came before the revocation: the group refuses one after it
+    from_partition_0 = [json.loads(r.value)["sensor"] for r in sink.records if r.key in (b"meter-a", b"meter-c")]
+    assert len(from_partition_0) == 2 * (100 - (L - 1) + 1)  # each sensor's 100 readings: every full window, once
+    assert topic.commits[1] == len(topic.logs[1])

@@ -331,7 +331,7 @@ class FailingSource(ListSource):
         super().__init__([], stop_when_done=None)
         self.polls, self.stop = 0, stop
 
-    def poll(self, timeout_s, max_records=None):
+    def poll(self, timeout_s, max_records=None, before_revoke=None):
         self.polls += 1
         if self.polls >= 3:
             self.stop.set()
