@@ -18,7 +18,16 @@ import threading
 import time
 from typing import Callable, Iterator, NamedTuple, Sequence
 
-from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    OFFSET_INVALID,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from .config import KafkaConfig
@@ -203,6 +212,11 @@ class ConfluentSource:
         for partition, offset in first_offsets(records).items():
             if partition in owned:
                 self._consumer.seek(TopicPartition(self.topic, partition, offset))
+
+    def seek(self, partition: int, offset: int | None) -> None:
+        if offset is None:
+            offset = OFFSET_BEGINNING if self.config.auto_offset_reset == "earliest" else OFFSET_END
+        self._consumer.seek(TopicPartition(self.topic, partition, offset))
 
     def take_changes(self) -> tuple[set[int], set[int], set[int]]:
         """Partitions ``(lost, gained, regained)`` since the last call (see :class:`.seams.Ownership`).

@@ -99,6 +99,15 @@ class KafkaSource:
             if partition in owned:
                 self._consumer.seek(TopicPartition(self.topic, partition), offset)
 
+    def seek(self, partition: int, offset: int | None) -> None:
+        tp = TopicPartition(self.topic, partition)
+        if offset is not None:
+            self._consumer.seek(tp, offset)
+        elif self.config.auto_offset_reset == "earliest":
+            self._consumer.seek_to_beginning(tp)
+        else:
+            self._consumer.seek_to_end(tp)
+
     def take_changes(self) -> tuple[set[int], set[int], set[int]]:
         """Partitions ``(lost, gained, regained)`` since the last call (see :class:`.seams.Ownership`).
 

@@ -101,6 +101,7 @@ class PartitionState:
 
     refilling: bool = True  # its windows must be refilled before its readings count
     checking: bool = False  # regained in a rebalance: still ours only if nothing was re-read
+    moved: bool = False  # regained, but the group's committed offset is not where this member read to
     processed: int | None = None  # next offset after the last reading handled
     committed: Checkpoint | None = None  # the last checkpoint committed
     dirty: bool = False  # the windows changed since the last commit (an eviction)
@@ -144,8 +145,9 @@ class Recovery:
             state.checking = not state.refilling
         self.metrics.rebuilding.set(self.refilling())
 
-    def refill(self) -> None:
-        """Check the regained partitions and refill those that need it.
+    def refill(self) -> set[int]:
+        """Check the regained partitions and refill those that need it; return the partitions the source was moved
+        back to the group's committed offset (the poll's records of those come again: drop them).
 
         The broker calls may fail midway (a coordinator moving): what is not
         done yet stays marked for the next call.
@@ -153,21 +155,30 @@ class Recovery:
         for partition, state in sorted(self.partitions.items()):
             if state.checking:
                 # still ours only if the group will not make us re-read: committed must be where we are
-                state.refilling = self.source.committed(partition) != state.processed
+                state.refilling = state.moved = self.source.committed(partition) != state.processed
                 state.checking = False
         self.metrics.rebuilding.set(self.refilling())
+        moved = set()
         for partition, state in sorted(self.partitions.items()):
             if state.refilling:
                 if self.stop.is_set():
                     break  # the rest stay to be refilled; the loop stops without reading them
-                self._refill(partition, state)
+                if self._refill(partition, state):
+                    moved.add(partition)
+        return moved
 
     def refilling(self) -> int:
         return sum(s.refilling or s.checking for s in self.partitions.values())
 
-    def _refill(self, partition: int, state: PartitionState) -> None:
+    def _refill(self, partition: int, state: PartitionState) -> bool:
         """Refill the windows of ``partition`` as its checkpoint says: from the latest snapshot and the readings
-        after it, or from the oldest reading a window held."""
+        after it, or from the oldest reading a window held; True if the source was moved to where it ends.
+
+        A regained partition keeps its position in kafka-python, the offset this
+        member read to: where the group's committed offset is elsewhere (another
+        member's, or none after the broker lost its offsets), the source is moved
+        there, so no reading between the two is skipped.
+        """
         # whatever is there (a stale window, an earlier attempt cut short) would be counted twice
         self.pipeline.drop_partitions({partition})
         state.processed = state.committed = state.snapshot = None
@@ -187,13 +198,17 @@ class Recovery:
             log.info("partition %d: windows refilled from %s%d readings (offsets %d-%d) in %.2f s", partition,
                      "a snapshot and " if snapshot else "", n, start, end - 1, time.monotonic() - started)
             if self.stop.is_set():
-                return  # cut short: refilled again, from scratch, by whoever reads it next
+                return False  # cut short: refilled again, from scratch, by whoever reads it next
             state.processed, state.committed, state.snapshot = end, checkpoint, snapshot
             state.evictions = list(checkpoint.evictions)
             state.marks.append((self.clock(), end))
             state.snapshot_time = self.clock()
+        moved, state.moved = state.moved, False
+        if moved:
+            self.source.seek(partition, end)
         state.refilling = False
         self.metrics.rebuilding.set(self.refilling())
+        return moved
 
     def _restore(self, partition: int, snapshot: dict) -> bool:
         data = self.checkpoints.read_snapshot(partition, snapshot) if self.checkpoints is not None else None

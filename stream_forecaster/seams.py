@@ -71,6 +71,9 @@ class Source(Protocol):
     def rewind(self, records: Sequence[Record]) -> None:
         """Hand ``records`` out again from the next poll on (those of partitions still assigned)."""
 
+    def seek(self, partition: int, offset: int | None) -> None:
+        """Read ``partition`` from ``offset`` on from the next poll (None: where ``kafka.auto_offset_reset`` says)."""
+
     def take_changes(self) -> tuple[set[int], set[int], set[int]]:
         """Partitions ``(lost, gained, regained)`` since the last call."""
 

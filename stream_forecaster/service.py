@@ -334,7 +334,9 @@ class Daemon:
                 self._note_readiness(recovery.ready())  # not ready from before a refill starts
                 if recovery.refilling() and not self._finish_in_hand():
                     return
-                recovery.refill()
+                moved = recovery.refill()
+                if moved:  # read from where the group committed: these come again
+                    records = [r for r in records if r.partition not in moved]
                 self._note_readiness(recovery.ready())
             except Exception as exc:  # noqa: BLE001 (a broker call failed midway; what is left is tried again)
                 log.warning("handling the new partitions failed (%s: %s); their readings are read again in %.0f s",

@@ -58,6 +58,7 @@ class ListSource:
         self.batches = [list(b) for b in batches]
         self._log = sorted({(r.partition, r.offset): r for b in self.batches for r in b}.items())
         self.commits: list[dict] = []
+        self.seeks: list[tuple[int, int | None]] = []
         self.refuse_commits = refuse_commits
         self.closed = False
         self._stop = stop_when_done
@@ -83,6 +84,9 @@ class ListSource:
     def rewind(self, records) -> None:
         if records:
             self.batches.insert(0, list(records))
+
+    def seek(self, partition: int, offset: int | None) -> None:
+        self.seeks.append((partition, offset))  # the batches are handed out as given
 
     def lag(self):
         return sum(len(b) for b in self.batches)
@@ -167,6 +171,12 @@ class LogSource:
         lost, and the poll hands out nothing."""
         self._revoking |= partitions
 
+    def regain(self, partitions: set[int]) -> None:
+        """Report ``partitions`` regained at the next :meth:`take_changes`, as after a rebalance that left them
+        here; their positions stay where they are, as kafka-python keeps them."""
+        lost, gained, regained = self._changes
+        self._changes = (lost, gained, regained | partitions)
+
     def poll(self, timeout_s: float, max_records: int | None = None, before_revoke=None) -> list:
         if self._revoking:
             if before_revoke is not None:
@@ -198,6 +208,10 @@ class LogSource:
 
     def read_range(self, partition: int, start: int, end: int, stop: threading.Event) -> Iterator[FakeRecord]:
         yield from self.topic.logs[partition][start:end]
+
+    def seek(self, partition: int, offset: int | None) -> None:
+        if partition in self.positions:
+            self.positions[partition] = 0 if offset is None else offset
 
     def commit(self, offsets: Offsets) -> bool:
         if any(partition not in self.positions for _, partition in offsets):

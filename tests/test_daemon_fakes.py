@@ -103,3 +103,41 @@ def test_a_batch_in_hand_is_published_and_committed_before_its_partition_is_revo
     from_partition_0 = [json.loads(r.value)["sensor"] for r in sink.records if r.key in (b"meter-a", b"meter-c")]
     assert len(from_partition_0) == 2 * (100 - (L - 1) + 1)  # each sensor's 100 readings: every full window, once
     assert topic.commits[1] == len(topic.logs[1])
+
+
+class LosesItsLog(LogSource):
+    """Once everything is read, the broker loses the log and the group's offsets (as the development broker does
+    when it restarts) and receives ``minutes`` of new readings; the member regains its partitions at the positions
+    it had read to, as kafka-python keeps them, and its poll hands out what lies after those."""
+
+    def __init__(self, topic: MemoryTopic, stop: threading.Event, minutes: range):
+        super().__init__(topic)
+        self.stop, self.minutes, self.empty_polls = stop, minutes, 0
+
+    def poll(self, timeout_s, max_records=None, before_revoke=None):
+        records = super().poll(timeout_s, max_records, before_revoke)
+        if records:
+            return records
+        self.empty_polls += 1
+        if self.empty_polls == 3:
+            self.stop.set()
+        if self.empty_polls != 2:  # the first: the daemon finishes and commits the batch in hand
+            return []
+        self.topic.logs = [[] for _ in self.topic.logs]
+        self.topic.commits.clear()
+        append(self.topic, self.minutes)
+        self.regain(set(self.positions))
+        return super().poll(timeout_s, max_records, before_revoke)
+
+
+def test_a_partition_regained_where_the_group_committed_elsewhere_is_read_from_the_committed_offset(tmp_path):
+    topic = MemoryTopic("readings", partitions=2)
+    append(topic, range(20))
+    stop, sink = threading.Event(), ListSink()
+    daemon = Daemon(config(tmp_path), source=LosesItsLog(topic, stop, range(20, 50)), sink=sink, stop=stop,
+                    checkpoints=topic.checkpoints, forecaster=StubForecaster(["power"], ["power"], L))
+    assert daemon.run() == 0
+    after = [p for p in map(json.loads, (r.value for r in sink.records)) if p["timestamp"] >= "2026-01-01T00:21"]
+    # nothing committed any more: the new log from its start, each sensor's window filled anew from it
+    assert len(after) == len(SENSORS) * (30 - (L - 1) + 1)
+    assert topic.commits == {0: len(topic.logs[0]), 1: len(topic.logs[1])}
