@@ -140,6 +140,8 @@ def _records_between(config: KafkaConfig, client_id: str, topic: str, partition:
 class ConfluentSource:
     """The input topic, read in a consumer group with manual commits."""
 
+    calls_before_revoke = True
+
     def __init__(self, config: KafkaConfig, group_id: str | None = None, client_id: str = "stream-forecaster",
                  on_unreadable: Callable[[], None] | None = None):
         self.topic, self.config, self.on_unreadable = config.input_topic, config, on_unreadable
@@ -164,8 +166,6 @@ class ConfluentSource:
             raise
         self._consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
                                  on_lost=self._on_revoke)
-
-    calls_before_revoke = True
 
     def _on_revoke(self, consumer, partitions) -> None:
         if self._before_revoke is not None:

@@ -60,6 +60,8 @@ class _Revocations(ConsumerRebalanceListener):
 class KafkaSource:
     """The input topic, read in a consumer group with manual commits."""
 
+    calls_before_revoke = False  # kafka-python 3.0 forbids blocking calls (a commit) in its rebalance listener
+
     def __init__(self, config: KafkaConfig, group_id: str | None = None, client_id: str = "stream-forecaster",
                  on_unreadable=None):
         self.topic = config.input_topic
@@ -80,8 +82,6 @@ class KafkaSource:
             **client_settings(config, client_id),
         ), "consumer", config)
         self._consumer.subscribe([config.input_topic], listener=_Revocations(self._ownership.revoked))
-
-    calls_before_revoke = False  # kafka-python 3.0 forbids blocking calls (a commit) in its rebalance listener
 
     def poll(self, timeout_s: float, max_records: int | None = None, before_revoke=None) -> list:
         """The next batch of at most ``max_records`` records, oldest first within each partition.

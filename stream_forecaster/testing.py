@@ -53,6 +53,8 @@ class ListSource:
     with nothing committed; :meth:`read_range` reads the batches' records as a log.
     """
 
+    calls_before_revoke = True  # it never revokes
+
     def __init__(self, batches: Sequence[Sequence[FakeRecord]], stop_when_done: threading.Event | None = None,
                  refuse_commits: int = 0):
         self.batches = [list(b) for b in batches]
@@ -64,8 +66,6 @@ class ListSource:
         self._stop = stop_when_done
         assigned = {r.partition for b in self.batches for r in b} or {0}
         self._changes: tuple[set[int], set[int], set[int]] = (set(), assigned, set())
-
-    calls_before_revoke = True  # it never revokes
 
     def poll(self, timeout_s: float, max_records: int | None = None, before_revoke=None) -> list:
         if self.batches:
@@ -157,14 +157,14 @@ class LogSource:
     """A group member reading a :class:`MemoryTopic` from its committed offsets, ``batch`` records a poll; sets
     ``stop_when_done`` once it has handed out everything (a clean stop at the end of the log)."""
 
+    calls_before_revoke = True
+
     def __init__(self, topic: MemoryTopic, stop_when_done: threading.Event | None = None, batch: int = 100):
         self.topic, self.batch, self._stop = topic, batch, stop_when_done
         self.positions = {p: topic.commits.get(p, 0) for p in range(len(topic.logs))}
         self._changes: tuple[set[int], set[int], set[int]] = (set(), set(self.positions), set())
         self._revoking: set[int] = set()
         self.closed = False
-
-    calls_before_revoke = True
 
     def revoke(self, partitions: set[int]) -> None:
         """Revoke ``partitions`` in the next poll, as a rebalance would: ``before_revoke`` first, then they are
