@@ -170,6 +170,7 @@ class Pipeline:
         self._stale_log = _RateLimitedLog("stale readings", clock)
         self._batch = np.empty((0, forecaster.sequence_length - 1, len(features)), dtype=np.float32)
         self._spare = self._batch
+        self._unfinished = 0  # batches begun whose forecasts are not all in: the model may still read their windows
 
     def refill(self, partition: int, records: Iterable[Record], evictions: Sequence[tuple[int, int]] = ()) -> int:
         """Refill ``partition``'s windows from readings whose forecasts were already published: nothing is
@@ -311,9 +312,11 @@ class Pipeline:
         The batch is parsed in chunks; each chunk's windows go to the model as
         soon as they are cut, so the model computes while the next chunk is
         parsed. One more batch may begin before this one is finished: its
-        windows are cut into the other of two buffers.
+        windows are cut into the other of two buffers, allocated only then.
         """
-        self._batch, self._spare = self._spare, self._batch
+        if self._unfinished:
+            self._batch, self._spare = self._spare, self._batch
+        self._unfinished += 1
         batch = Batch(records, _Parsed())
         parsed = batch.parsed
         for lo in range(0, len(records), CHUNK):
@@ -335,6 +338,7 @@ class Pipeline:
         """
         records, parsed = batch.records, batch.parsed
         predictions = self._publish(records, parsed, batch.forecasts)
+        self._unfinished -= 1
         candidate = self._shadow_predictions(len(parsed.window_of), batch.shadowed)
         events = self._score(records, parsed, predictions, candidate)
         events += self._gap_events(records, parsed)

@@ -60,7 +60,6 @@ class ListSource:
         self.batches = [list(b) for b in batches]
         self._log = sorted({(r.partition, r.offset): r for b in self.batches for r in b}.items())
         self.commits: list[dict] = []
-        self.seeks: list[tuple[int, int | None]] = []
         self.refuse_commits = refuse_commits
         self.closed = False
         self._stop = stop_when_done
@@ -86,7 +85,7 @@ class ListSource:
             self.batches.insert(0, list(records))
 
     def seek(self, partition: int, offset: int | None) -> None:
-        self.seeks.append((partition, offset))  # the batches are handed out as given
+        pass  # never called: it regains no partition, and its batches are handed out as given
 
     def lag(self):
         return sum(len(b) for b in self.batches)
