@@ -300,10 +300,10 @@ class Daemon:
         """Poll, begin the batch, finish the one before, commit it; until stopped.
 
         Where the source can finish work before a rebalance takes its
-        partitions (``calls_before_revoke``), a batch begins before the one
-        before it is finished, so the model computes while the loop publishes,
-        commits and polls. A model comes or goes only between batches: the one
-        in hand is finished first.
+        partitions (``calls_before_revoke``) and readings wait, a batch begins
+        before the one before it is finished, so the model computes while the
+        loop publishes, commits and polls. A model comes or goes only between
+        batches: the one in hand is finished first.
         """
         source, pipeline, recovery, metrics = self.source, self.pipeline, self.recovery, self.metrics
         if source is None or pipeline is None or recovery is None or metrics is None:
@@ -357,7 +357,9 @@ class Daemon:
             if not self._finish_in_hand():
                 return
             self._in_hand = began
-            if not overlap and not self._finish_in_hand():
+            # kept in hand only while readings wait, where the overlap pays: caught up, its forecasts would wait for
+            # the next poll's readings
+            if not (overlap and source.lag()) and not self._finish_in_hand():
                 return
             now = self.clock()
             if now >= next_eviction:

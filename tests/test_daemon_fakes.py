@@ -141,3 +141,34 @@ def test_a_partition_regained_where_the_group_committed_elsewhere_is_read_from_t
     # nothing committed any more: the new log from its start, each sensor's window filled anew from it
     assert len(after) == len(SENSORS) * (30 - (L - 1) + 1)
     assert topic.commits == {0: len(topic.logs[0]), 1: len(topic.logs[1])}
+
+
+class Live(LogSource):
+    """A caught-up member of a live topic: before each poll one more minute of readings arrives, so nothing waits
+    behind the batch a poll hands out. Notes, at each poll, what had been committed and published."""
+
+    def __init__(self, topic: MemoryTopic, stop: threading.Event, minutes: range, sink: ListSink):
+        super().__init__(topic)
+        self.stop, self.minutes, self.sink, self.seen = stop, iter(minutes), sink, []
+
+    def poll(self, timeout_s, max_records=None, before_revoke=None):
+        self.seen.append((self.topic.commits.get(0, 0), len(self.sink.records)))
+        minute = next(self.minutes, None)
+        if minute is None:
+            self.stop.set()
+            return []
+        for s, sensor in enumerate(SENSORS):  # all in one partition: one poll hands out the whole minute
+            value = json.dumps({"timestamp": f"2026-01-01T00:{minute:02d}:00", "values": {"power": reading(s, minute)}})
+            self.topic.append(0, sensor.encode(), value.encode())
+        return super().poll(timeout_s, max_records, before_revoke)
+
+
+def test_a_batch_with_no_readings_waiting_behind_it_is_published_and_committed_before_the_next_poll(tmp_path):
+    topic, stop, sink = MemoryTopic("readings", partitions=1), threading.Event(), ListSink()
+    source = Live(topic, stop, range(10), sink)
+    daemon = Daemon(config(tmp_path), source=source, sink=sink, stop=stop, checkpoints=topic.checkpoints,
+                    forecaster=StubForecaster(["power"], ["power"], L))
+    assert daemon.run() == 0
+    # before poll k, the k - 1 minutes read so far: all committed, every full window among them forecast
+    full = [len(SENSORS) * max(0, minutes - (L - 1) + 1) for minutes in range(11)]
+    assert source.seen == [(len(SENSORS) * minutes, full[minutes]) for minutes in range(11)]
