@@ -359,7 +359,7 @@ class Daemon:
             self._in_hand = began
             # kept in hand only while readings wait, where the overlap pays: caught up, its forecasts would wait for
             # the next poll's readings
-            if not (overlap and source.lag()) and not self._finish_in_hand():
+            if not (overlap and self._readings_wait(source)) and not self._finish_in_hand():
                 return
             now = self.clock()
             if now >= next_eviction:
@@ -483,6 +483,14 @@ class Daemon:
         records = pipeline.health_report(time.time())
         if records and self.sink is not None and not self.sink.publish(records, self.stop):
             log.info("stopping before the sensors' health was acknowledged; the next daemon writes it again")
+
+    @staticmethod
+    def _readings_wait(source: Source) -> bool:
+        """Whether readings wait behind the batch just polled; no while the lag is unknown."""
+        try:
+            return bool(source.lag())
+        except Exception:  # noqa: BLE001 (the batch is then finished at once; the lag gauge logs the trouble)
+            return False
 
     @staticmethod
     def _update_gauges(source: Source, metrics: Metrics) -> None:
