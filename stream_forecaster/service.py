@@ -329,6 +329,8 @@ class Daemon:
                 self.wait(self.retry_s)
                 continue
             metrics.last_poll.set_to_current_time()  # after it answered: a poll failing for ever is stuck too
+            # read now, before readings that arrive while this batch is handled count as a backlog
+            backlog = overlap and self._readings_wait(source)
             try:
                 recovery.take_changes()
                 self._note_readiness(recovery.ready())  # not ready from before a refill starts
@@ -359,7 +361,7 @@ class Daemon:
             self._in_hand = began
             # kept in hand only while readings wait, where the overlap pays: caught up, its forecasts would wait for
             # the next poll's readings
-            if not (overlap and self._readings_wait(source)) and not self._finish_in_hand():
+            if not backlog and not self._finish_in_hand():
                 return
             now = self.clock()
             if now >= next_eviction:
@@ -486,7 +488,7 @@ class Daemon:
 
     @staticmethod
     def _readings_wait(source: Source) -> bool:
-        """Whether readings wait behind the batch just polled; no while the lag is unknown."""
+        """Whether readings wait behind the batch just polled (a backlog); no while the lag is unknown."""
         try:
             return bool(source.lag())
         except Exception:  # noqa: BLE001 (the batch is then finished at once; the lag gauge logs the trouble)
