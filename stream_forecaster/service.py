@@ -330,7 +330,7 @@ class Daemon:
                 continue
             metrics.last_poll.set_to_current_time()  # after it answered: a poll failing for ever is stuck too
             # read now, before readings that arrive while this batch is handled count as a backlog
-            backlog = overlap and self._readings_wait(source)
+            backlog = overlap and bool(records) and self._readings_wait(source)
             try:
                 recovery.take_changes()
                 self._note_readiness(recovery.ready())  # not ready from before a refill starts
