@@ -317,7 +317,8 @@ class Forecaster:
         # One traced graph for any batch size: no per-call retracing, no model.predict overhead.
         self._graph = tf.function(lambda x: self.model(x, training=False), input_signature=[spec])
         # XLA fuses each LSTM step's kernels: 1.4x (large batches) to 3x (one window) the plain graph on CPU.
-        # It compiles once per batch shape, so batches are cut into a few shapes (see inference.compiled_pieces).
+        # It compiles once per batch shape, so batches are cut into a few shapes, the last call padded
+        # (see inference.compiled_pieces).
         self._xla = tf.function(lambda x: self.model(x, training=False), input_signature=[spec],
                                 jit_compile=True) if jit_compile else None
 
@@ -346,7 +347,10 @@ class Forecaster:
         out = np.empty((len(windows), len(self.targets)), dtype=np.float32)
         start = 0
         for size in self.calls(len(windows)):
-            out[start:start + size] = self._call(inputs[start:start + size])
+            chunk = inputs[start:start + size]
+            if len(chunk) < size:  # the last call, padded to its compiled shape
+                chunk = np.concatenate([chunk, np.zeros((size - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+            out[start:start + size] = self._call(chunk)[:len(out) - start]
             start += size
         if self._last is None:  # a level model of targets it does not read (global normalisation only)
             assert target_scaler is not None

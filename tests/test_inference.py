@@ -12,20 +12,37 @@ from stream_forecaster.inference import CALL_COST, MAX_CHUNK, InferenceRunner, b
 from stream_forecaster.testing import StubForecaster
 
 
+def _cheapest_costs(largest: int) -> list[int]:
+    """The least cost of calls covering n windows, for every n up to ``largest``, by dynamic programming."""
+    shapes, best = batch_shapes(MAX_CHUNK), [0]
+    for n in range(1, largest + 1):
+        best.append(min(s + CALL_COST + best[max(0, n - s)] for s in shapes))
+    return best
+
+
+CHEAPEST = _cheapest_costs(3 * MAX_CHUNK + 5)
+
+
 @given(st.integers(min_value=0, max_value=3 * MAX_CHUNK + 5))
-def test_batches_are_cut_into_few_shapes_without_padding(n):
+def test_batches_are_cut_into_the_cheapest_calls_of_a_few_shapes(n):
     pieces = compiled_pieces(n)
-    assert sum(pieces) == n
     assert set(pieces) <= set(batch_shapes(MAX_CHUNK)) and len(batch_shapes(MAX_CHUNK)) <= 7
     assert pieces == sorted(pieces, reverse=True)
+    assert sum(pieces) >= n and (n == 0 or sum(pieces) - pieces[-1] < n)  # only the last call holds padding
+    assert sum(size + CALL_COST for size in pieces) == CHEAPEST[n]
     assert all(pieces.count(p) < 4 for p in pieces if p < MAX_CHUNK)
+
+
+def test_a_few_windows_take_one_padded_call_rather_than_many_exact_ones():
+    assert compiled_pieces(15) == [16]  # not 4 + 4 + 4 + 1 + 1 + 1
+    assert compiled_pieces(5) == [4, 1]  # padding 11 windows would cost more than a second call
 
 
 @given(st.integers(min_value=0, max_value=2 * MAX_CHUNK), st.integers(min_value=1, max_value=8))
 def test_a_batch_is_shared_among_the_threads_in_runs_of_whole_calls(n, threads):
     pieces = compiled_pieces(n)
     parts = share(pieces, threads)
-    assert sum(parts) == n and len(parts) <= threads and (n == 0 or all(parts))
+    assert sum(parts) == sum(pieces) and len(parts) <= threads and (n == 0 or all(parts))
     bounds, run = set(), 0
     for size in pieces:
         run += size
