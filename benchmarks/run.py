@@ -3,7 +3,8 @@
     python benchmarks/run.py [--quick] [--json FILE] [--large]
 
 --quick shortens every measurement (a few minutes in all); --json also writes the
-figures under the keys model_ceiling_windows_per_s, naive_windows_per_s,
+figures under the keys model_ceiling_windows_per_s (the better of two measurements, before and after the
+end-to-end runs: model_ceiling_before_and_after), naive_windows_per_s,
 e2e_predictions_per_s_by_client (client -> sensor count -> figure; e2e_cpu_us_per_prediction_by_client:
 where the CPU went, daemon main thread, its other threads and the broker; e2e_predictions_per_s and
 e2e_cpu_us_per_prediction: the default client's), latency_p50_ms_by_client, latency_p99_ms_by_client
@@ -81,21 +82,15 @@ def main() -> None:
     figures: dict = {}
     rows = []
 
+    # the ceiling is measured before and after the end-to-end runs, and the better of the two counts: the VM's
+    # speed drifts, and a ratio to a ceiling caught in a slow moment would flatter the daemon
     arrangements = throughput.ceilings(forecaster, seconds=1.0 if q else 3.0)
-    rates = {(how, batch): rate for how, by_batch in arrangements.items() for batch, rate in by_batch.items()}
-    best = max(rates, key=rates.get)
-    figures["model_ceiling_windows_per_s"] = rates[best]
-    figures["model_ceiling_by_arrangement"] = {how: max(by.values()) for how, by in arrangements.items()}
-    rows.append(("model-only ceiling (compiled, batched)", f"{rates[best]:,.0f} windows/s at batch {best[1]}, "
-                                                            f"{best[0]} (the best of "
-                                                            + ", ".join(f"{how}: {max(by.values()):,.0f}"
-                                                                        for how, by in arrangements.items()) + ")"))
     figures["naive_windows_per_s"] = naive(forecaster, 30 if q else 200)
-    rows.append(("model.predict per message (the tutorials)", f"{figures['naive_windows_per_s']:,.0f} windows/s"))
 
     counts = [1, 1000] + ([100_000] if args.large else [])
     by_client: dict = {}
     cpu_by_client: dict = {}
+    runs = []
     with __import__("tempfile").TemporaryDirectory() as tmp, DevBroker() as broker:
         store = ModelStore(Path(tmp) / "models")
         store.publish(forecaster.save)
@@ -108,12 +103,30 @@ def main() -> None:
                                           client)
                 by_client.setdefault(client, {})[str(sensors)] = r["predictions_per_s"]
                 cpu_by_client.setdefault(client, {})[str(sensors)] = r["cpu_us_per_prediction"]
-                rows.append((f"end to end, {client}, {sensors:,} sensors",
-                             f"{r['readings_per_s']:,.0f} readings/s in, {r['predictions_per_s']:,.0f} predictions/s "
-                             f"out, {100 * r['predictions_per_s'] / figures['model_ceiling_windows_per_s']:.0f} % "
-                             "of the ceiling"))
-                rows.append(("", throughput.cpu_breakdown(r["cpu_us_per_prediction"],
-                                                          figures["model_ceiling_windows_per_s"])))
+                runs.append((client, sensors, r))
+    after = throughput.ceilings(forecaster, seconds=1.0 if q else 3.0)
+    figures["model_ceiling_before_and_after"] = [max(max(by.values()) for by in m.values())
+                                                 for m in (arrangements, after)]
+    for how, by_batch in after.items():
+        for batch, rate in by_batch.items():
+            arrangements[how][batch] = max(arrangements[how][batch], rate)
+
+    rates = {(how, batch): rate for how, by_batch in arrangements.items() for batch, rate in by_batch.items()}
+    best = max(rates, key=rates.get)
+    figures["model_ceiling_windows_per_s"] = rates[best]
+    figures["model_ceiling_by_arrangement"] = {how: max(by.values()) for how, by in arrangements.items()}
+    rows.append(("model-only ceiling (compiled, batched)", f"{rates[best]:,.0f} windows/s at batch {best[1]}, "
+                                                            f"{best[0]} (the best of "
+                                                            + ", ".join(f"{how}: {max(by.values()):,.0f}"
+                                                                        for how, by in arrangements.items())
+                                                            + "; before and after the end-to-end runs)"))
+    rows.append(("model.predict per message (the tutorials)", f"{figures['naive_windows_per_s']:,.0f} windows/s"))
+    for client, sensors, r in runs:
+        rows.append((f"end to end, {client}, {sensors:,} sensors",
+                     f"{r['readings_per_s']:,.0f} readings/s in, {r['predictions_per_s']:,.0f} predictions/s "
+                     f"out, {100 * r['predictions_per_s'] / figures['model_ceiling_windows_per_s']:.0f} % "
+                     "of the ceiling"))
+        rows.append(("", throughput.cpu_breakdown(r["cpu_us_per_prediction"], figures["model_ceiling_windows_per_s"])))
     figures["e2e_predictions_per_s_by_client"] = by_client
     figures["e2e_cpu_us_per_prediction_by_client"] = cpu_by_client
     figures["e2e_predictions_per_s"] = by_client["kafka-python"]  # the default client's, as before
