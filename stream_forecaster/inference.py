@@ -45,8 +45,9 @@ CALL_COST = 7  # a compiled call's fixed cost (its Python, its dispatch), in win
 
 
 def compiled_pieces(n: int) -> list[int]:
-    """Batch shapes, largest first, whose calls forecast ``n`` windows at the least cost (CALL_COST a call, one a
-    window computed): the last call may be padded. 15 windows take one call of 16, not six calls."""
+    """Batch shapes, largest first, whose calls forecast ``n`` windows at the least cost, counting CALL_COST for
+    each call and one for each window it computes: the last call may be padded. 15 windows take one call of 16,
+    not six calls."""
     return [MAX_CHUNK] * (n // MAX_CHUNK) + list(_cover(n % MAX_CHUNK)[1])
 
 
