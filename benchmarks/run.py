@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -91,7 +92,7 @@ def main() -> None:
     by_client: dict = {}
     cpu_by_client: dict = {}
     runs = []
-    with __import__("tempfile").TemporaryDirectory() as tmp, DevBroker() as broker:
+    with tempfile.TemporaryDirectory() as tmp, DevBroker() as broker:
         store = ModelStore(Path(tmp) / "models")
         store.publish(forecaster.save)
         for client in CLIENTS:
