@@ -247,7 +247,7 @@ class KafkaSink:
         # max_request_size: a dead letter carries up to max_message_bytes and its headers
         # delivery_timeout_ms: a record not acknowledged within 30 s fails and this sink's retries (and a new
         # producer) take over, as with librdkafka; at kafka-python's default two minutes a request lost with a
-        # restarted broker held the loop that long in silence (kafka-python wants linger + request timeout below it)
+        # restarted broker could hold the loop that long in silence (linger + request timeout must stay below it)
         return connect(lambda: KafkaProducer(acks="all", enable_idempotence=True, linger_ms=5, max_block_ms=5000,
                                               request_timeout_ms=25_000, delivery_timeout_ms=30_000,
                                               batch_size=256 * 1024, partitioner=KeyPartitioner(),
