@@ -61,12 +61,12 @@ class SensorWindows:
     """Ring buffers of the last ``size`` accepted readings of each sensor, with the offsets they were read at.
 
     The readings live in preallocated blocks ``[block, size, width]`` (about
-    ``block_bytes`` each), one more whenever the slots run out: appending a reading writes
-    one row in place, no per-reading allocation, O(1) whatever the window
-    length, and unused room is at most one block (a single doubling array left
-    a third of it empty at 100,000 sensors). Each reading's input offset is kept
-    beside it: the oldest offset still inside a partition's windows is where a
-    refill of that partition must start (:meth:`refill_starts`).
+    ``block_bytes`` each), one more whenever the slots run out: appending a
+    reading writes one row in place, no per-reading allocation, O(1) whatever
+    the window length, and unused room is at most one block (a single doubling
+    array left a third of it empty at 100,000 sensors). Each reading's input
+    offset is kept beside it: the oldest offset still inside a partition's
+    windows is where a refill of that partition must start (:meth:`refill_starts`).
     """
 
     def __init__(self, size: int, width: int, capacity: int = 1024, block_bytes: int = 2**20):
