@@ -245,11 +245,7 @@ class KafkaSink:
         # batch_size: a poll batch's forecasts go out in a few large requests (each new batch wakes the
         # sender thread, which cost 9 % of the daemon at the 16 KiB default)
         # max_request_size: a dead letter carries up to max_message_bytes and its headers
-        # delivery_timeout_ms: a record not acknowledged within 30 s fails and this sink's retries (and a new
-        # producer) take over, as with librdkafka; at kafka-python's default two minutes a request lost with a
-        # restarted broker could hold the loop that long in silence (linger + request timeout must stay below it)
         return connect(lambda: KafkaProducer(acks="all", enable_idempotence=True, linger_ms=5, max_block_ms=5000,
-                                              request_timeout_ms=25_000, delivery_timeout_ms=30_000,
                                               batch_size=256 * 1024, partitioner=KeyPartitioner(),
                                               max_request_size=max(1 << 20, self._config.max_message_bytes + 65536),
                                               **client_settings(self._config, self._client_id)), "producer",
