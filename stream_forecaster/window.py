@@ -61,20 +61,20 @@ class SensorWindows:
     """Ring buffers of the last ``size`` accepted readings of each sensor, with the offsets they were read at.
 
     The readings live in preallocated blocks ``[block, size, width]`` (about
-    ``block_bytes`` each), one more whenever the slots run out: appending a
-    reading writes one row in place, no per-reading allocation, O(1) whatever
-    the window length, and unused room is at most one block (a single doubling
-    array left a third of it empty at 100,000 sensors). Each reading's input
-    offset is kept beside it: the oldest offset still inside a partition's
-    windows is where a refill of that partition must start (:meth:`refill_starts`).
+    1 MiB each), one more whenever the slots run out: appending a reading writes
+    one row in place, no per-reading allocation, O(1) whatever the window
+    length, and unused room is at most one block (a single doubling array left
+    a third of it empty at 100,000 sensors). Each reading's input offset is kept
+    beside it: the oldest offset still inside a partition's windows is where a
+    refill of that partition must start (:meth:`refill_starts`).
     """
 
-    def __init__(self, size: int, width: int, capacity: int = 1024, block_bytes: int = 2**20):
+    def __init__(self, size: int, width: int, capacity: int = 1024):
         self.size, self.width = size, width
         self.slots: dict[str, int] = {}
         self._sensors: list[str | None] = []  # slot -> sensor, None when free
         self._free: list[int] = []
-        self._block = max(1, min(4096, block_bytes // (size * width * 4)))  # slots per block of rows
+        self._block = max(1, min(4096, 2**20 // (size * width * 4)))  # slots per block of rows
         self._blocks: list[np.ndarray] = []
         self._head = np.zeros(capacity, dtype=np.int16)  # next row to write (size <= 10,000)
         self._count = np.zeros(capacity, dtype=np.int16)  # rows held, at most size
@@ -202,14 +202,8 @@ class SensorWindows:
             steps = rank[rows, None] - np.arange(size - 1, -1, -1)
             from_batch = order[first[group[rows], None] + np.maximum(steps, 0)]
             from_ring = n + group[rows, None] * size + (head[group[rows], None] + steps) % size
-            source = np.empty((n + len(unique) * size, self.width), dtype=np.float32)
-            source[:n] = values
-            self._rings(unique, out=source[n:].reshape(len(unique), size, self.width))
-            # each row moved whole, as one item of its bytes: a few times faster than indexing by rows. The
-            # indices are in range: "clip" skips take's checked copy through a buffer
-            row = np.dtype((np.void, self.width * source.itemsize))
-            np.take(source.view(row)[:, 0], np.where(steps >= 0, from_batch, from_ring),
-                    out=out[:len(rows)].view(row)[..., 0], mode="clip")
+            source = np.concatenate([values, self._rings(unique).reshape(-1, self.width)])
+            out[:len(rows)] = source[np.where(steps >= 0, from_batch, from_ring)]
         kept = rank >= taken[group] - size  # a sensor's last `size` readings stay in its ring
         kept_slots, kept_rows = slots[kept], (head[group] + rank)[kept] % size
         blocks, within = np.divmod(kept_slots, self._block)
@@ -227,14 +221,13 @@ class SensorWindows:
             self.times[timed_slots] = timestamps[timed][newest]
         return full
 
-    def _rings(self, slots: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """The rows of ascending ``slots``' rings as stored ``[slots, size, width]``, copied into ``out`` (or a
-        new array)."""
+    def _rings(self, slots: np.ndarray) -> np.ndarray:
+        """The rows of ``slots``' rings as stored ``[slots, size, width]`` (a copy)."""
         blocks, within = np.divmod(slots, self._block)
-        rings = np.empty((len(slots), self.size, self.width), dtype=np.float32) if out is None else out
+        rings = np.empty((len(slots), self.size, self.width), dtype=np.float32)
         for b in np.unique(blocks).tolist():
-            lo, hi = np.searchsorted(blocks, [b, b + 1]).tolist()  # ascending slots: each block's are one run
-            np.take(self._blocks[b], within[lo:hi], axis=0, out=rings[lo:hi], mode="clip")
+            here = blocks == b
+            rings[here] = self._blocks[b][within[here]]
         return rings
 
     def full(self, slots: np.ndarray) -> np.ndarray:
